@@ -1,0 +1,181 @@
+"""The ``dnnmod`` command line: verbs on nouns (``dnnmod data prepare``, ``dnnmod train``).
+
+Snakemake rules call these commands; nothing in the workflow runs inline Python. Errors caused
+by input print one line naming the problem and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, DnnmodError
+
+log = logging.getLogger("dnnmod")
+
+
+def _json_arg(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    if args.what == "datasets":
+        from .data import DATASETS
+
+        names = DATASETS
+    else:
+        from .models import ARCHITECTURES
+
+        names = ARCHITECTURES
+    print("\n".join(sorted(names)))
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from .data import prepare
+
+    spec = dict(args.spec)
+    local_dir = spec.pop("local_dir", None)
+    path = prepare(args.dataset, Path(args.root), mirror=spec.pop("mirror", None),
+                   files=spec.pop("files", None),
+                   local_dir=Path(local_dir) if local_dir else None,
+                   options=spec.pop("options", None))
+    if spec:
+        raise ConfigError(f"datasets.{args.dataset}: unknown keys {sorted(spec)}")
+    log.info("prepared %s", path)
+
+
+def cmd_data_split(args: argparse.Namespace) -> None:
+    from .data import make_splits
+
+    path = make_splits(Path(args.root), args.dataset, args.seed, args.validation_fraction)
+    log.info("wrote %s", path)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .devices import select_device
+
+    claim = select_device(args.device)  # before torch initialises CUDA
+    import torch
+
+    from .data import load_dataset
+    from .model_io import save_model
+    from .models import build_model
+    from .train import Recipe, accuracy, train
+
+    recipe = Recipe.from_dict(args.recipe)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(claim.device == "cpu", warn_only=True)
+    data = load_dataset(Path(args.data_root), args.dataset, args.seed, device=claim.device)
+    torch.manual_seed(args.seed)  # initial weights depend on the seed only
+    model = build_model(args.arch, data.num_classes, args.width, **args.options)
+    run_config = {"arch": args.arch, "dataset": args.dataset, "width": args.width,
+                  "options": args.options}
+    result = train(model, data, recipe, seed=args.seed, device=claim.device,
+                   checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+                   run_config=run_config, mixed_precision=not args.no_amp)
+    metrics = {split: accuracy(result.model, getattr(data, split))
+               for split in ("train", "val", "test")}
+    log.info("test accuracy %.2f%% (selected epoch %d)", metrics["test"], result.selected_epoch)
+    save_model(args.out, result.model, {
+        "arch": args.arch, "model": args.model_name or args.arch, "dataset": args.dataset,
+        "num_classes": data.num_classes, "class_names": data.class_names,
+        "width": args.width, "options": args.options, "training": "st",
+        "input_shape": list(data.test.images.shape[1:]), "seed": args.seed,
+        "recipe": recipe.to_dict(), "selected_epoch": result.selected_epoch,
+        "metrics": {f"{split}_accuracy": value for split, value in metrics.items()},
+        "history": [vars(record) for record in result.history],
+        "wall_seconds": result.wall_seconds, "device": _device_name(claim.device),
+        "torch_version": torch.__version__,
+    })
+    if args.checkpoint:  # the final artifact is committed: resume state has served its purpose
+        Path(args.checkpoint).unlink(missing_ok=True)
+    claim.release()
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"cuda:{os.environ.get('CUDA_VISIBLE_DEVICES', '?')} {torch.cuda.get_device_name()}"
+    return "cpu"
+
+
+def cmd_table_base_models(args: argparse.Namespace) -> None:
+    from .tables import base_model_table, write_table
+
+    table = base_model_table([Path(p) for p in args.models])
+    write_table(table, Path(args.out), title="E1 base models")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dnnmod", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="command", required=True)
+
+    listing = verbs.add_parser("list", help="list registered datasets or model architectures")
+    listing.add_argument("what", choices=["datasets", "models"])
+    listing.set_defaults(func=cmd_list)
+
+    data = verbs.add_parser("data", help="prepare datasets and splits").add_subparsers(
+        dest="data_command", required=True)
+    prepare = data.add_parser("prepare", help="download (or generate), verify and convert")
+    prepare.add_argument("--dataset", required=True)
+    prepare.add_argument("--root", default="data", help="data directory (default: data)")
+    prepare.add_argument("--spec", type=_json_arg, default={},
+                         help="JSON: mirror, files {name: {url, md5}}, local_dir, options")
+    prepare.set_defaults(func=cmd_data_prepare)
+    split = data.add_parser("split", help="seeded train/validation split of the training set")
+    split.add_argument("--dataset", required=True)
+    split.add_argument("--root", default="data")
+    split.add_argument("--seed", type=int, required=True)
+    split.add_argument("--validation-fraction", type=float, default=0.2)
+    split.set_defaults(func=cmd_data_split)
+
+    train = verbs.add_parser("train", help="train a base model (standard training)")
+    train.add_argument("--dataset", required=True)
+    train.add_argument("--arch", required=True, help="architecture (dnnmod list models)")
+    train.add_argument("--model-name", help="name recorded in metadata (default: arch)")
+    train.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    train.add_argument("--options", type=_json_arg, default={},
+                       help="JSON architecture options, e.g. '{\"batch_norm\": false}'")
+    train.add_argument("--recipe", type=_json_arg, required=True, help="JSON training recipe")
+    train.add_argument("--seed", type=int, required=True)
+    train.add_argument("--data-root", default="data")
+    train.add_argument("--out", required=True, help="weights path (*.safetensors)")
+    train.add_argument("--checkpoint", help="resumable checkpoint path (kept across restarts)")
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    train.add_argument("--no-amp", action="store_true", help="disable CUDA mixed precision")
+    train.set_defaults(func=cmd_train)
+
+    table = verbs.add_parser("table", help="build result tables").add_subparsers(
+        dest="table_command", required=True)
+    base = table.add_parser("base-models", help="E1: base-model accuracy and training time")
+    base.add_argument("--models", nargs="+", required=True, help="model weights paths")
+    base.add_argument("--out", required=True, help="CSV path (.md rendering written beside)")
+    base.set_defaults(func=cmd_table_base_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except DnnmodError as err:
+        print(f"dnnmod: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Checks of a study configuration that a JSON schema cannot express.
+
+The schema (workflow/schemas/config.schema.yaml) fixes types and shapes; here every name a
+study refers to must resolve: datasets and architectures must be registered, base models must
+name a configured model, dataset and recipe. Errors name the config key at fault.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ConfigError, UnknownNameError
+from .train import Recipe
+
+
+def expand_base_models(config: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """(dataset, model) → recipe name for every base model of the study."""
+    expanded: dict[tuple[str, str], str] = {}
+    for position, entry in enumerate(config["base_models"]):
+        for model in entry["models"]:
+            key = (entry["dataset"], model)
+            if key in expanded:
+                raise ConfigError(f"base_models[{position}]: {model} on {entry['dataset']} "
+                                  "is listed twice")
+            expanded[key] = entry["recipe"]
+    return expanded
+
+
+def check_study_config(config: dict[str, Any]) -> None:
+    from .data import DATASETS
+    from .models import ARCHITECTURES
+
+    for name in config["datasets"]:
+        if name not in DATASETS:
+            raise ConfigError(f"datasets.{name}: {UnknownNameError('dataset', name, DATASETS)}")
+    for name, entry in config["models"].items():
+        if entry["arch"] not in ARCHITECTURES:
+            raise ConfigError(
+                f"models.{name}.arch: {UnknownNameError('model', entry['arch'], ARCHITECTURES)}")
+    for name, values in config["recipes"].items():
+        try:
+            Recipe.from_dict(values)
+        except ConfigError as err:
+            raise ConfigError(f"recipes.{name}: {err}") from None
+    for position, entry in enumerate(config["base_models"]):
+        where = f"base_models[{position}]"
+        if entry["dataset"] not in config["datasets"]:
+            raise ConfigError(f"{where}.dataset: {entry['dataset']!r} has no entry under "
+                              f"datasets (configured: {sorted(config['datasets'])})")
+        if entry["recipe"] not in config["recipes"]:
+            raise ConfigError(f"{where}.recipe: {entry['recipe']!r} is not defined under "
+                              f"recipes (defined: {sorted(config['recipes'])})")
+        for model in entry["models"]:
+            if model not in config["models"]:
+                raise ConfigError(f"{where}.models: {model!r} is not defined under models "
+                                  f"(defined: {sorted(config['models'])})")
+    expand_base_models(config)

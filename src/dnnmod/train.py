@@ -1,0 +1,290 @@
+"""Standard training (ST) of a base model, resumable, deterministic on the CPU.
+
+The loop reads top to bottom: data tensors live on the device for the whole run, every epoch
+draws its shuffling and augmentation from a generator seeded by (seed, epoch) so that a resumed
+run replays exactly the epochs an uninterrupted run would, and a checkpoint holding everything
+needed to resume (weights, optimizer, schedule, scaler, history, best weights) is written
+atomically after every epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .artifacts import atomic_write, config_hash
+from .errors import ArtifactError, ConfigError
+
+log = logging.getLogger(__name__)
+
+AUGMENTATIONS = ("crop", "flip")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train: the papers' recipes are instances of this, written in config files.
+
+    ``selection`` picks the final weights: ``last`` epoch, or ``best_val`` (highest validation
+    accuracy; with ``patience`` it also stops after that many epochs without improvement).
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    augmentation: tuple[str, ...] = ()
+    selection: str = "last"
+    patience: int | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Recipe:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"recipe: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(values)
+        for key in ("milestones", "augmentation"):
+            if key in values:
+                values[key] = tuple(values[key])
+        recipe = cls(**values)
+        recipe.validate()
+        return recipe
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.optimizer in ("sgd", "adam"), "optimizer must be 'sgd' or 'adam'"),
+            (self.schedule in ("cosine", "step", "constant"),
+             "schedule must be 'cosine', 'step' or 'constant'"),
+            (set(self.augmentation) <= set(AUGMENTATIONS),
+             f"augmentation entries must be among {AUGMENTATIONS}"),
+            (self.selection in ("last", "best_val"), "selection must be 'last' or 'best_val'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"recipe: {message} (got {asdict(self)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["milestones"] = list(self.milestones)
+        values["augmentation"] = list(self.augmentation)
+        return values
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    lr: float
+    train_loss: float
+    train_accuracy: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    selected_epoch: int
+    history: list[EpochRecord] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # One independent stream per epoch: resuming at epoch e needs no RNG state from e - 1.
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def augment(x: torch.Tensor, augmentation: Sequence[str],
+            generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop (zero padding, per-sample offsets) and horizontal flip, on the batch's device."""
+    batch, _, height, width = x.shape
+    if "crop" in augmentation:
+        padded = nn.functional.pad(x, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(x.device)
+        rows = (dy[:, None] + torch.arange(height, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(width, device=x.device))[:, None, None, :]
+        samples = torch.arange(batch, device=x.device)[:, None, None, None]
+        channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[samples, channels, rows, cols]
+    if "flip" in augmentation:
+        flip = (torch.rand(batch, generator=generator) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def _make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                           nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+
+
+def _make_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe):
+    if recipe.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+    if recipe.schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(recipe.milestones),
+                                                    recipe.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images, batch_size: int = 512) -> torch.Tensor:
+    """Logits of ``model`` on an ImageSet, in eval mode, batched, on the images' device."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(images)),
+                             device=images.labels.device)
+        x, _ = images.float_batch(index)
+        outputs.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(outputs)
+
+
+def accuracy(model: nn.Module, images, batch_size: int = 512) -> float:
+    """Top-1 accuracy in percent."""
+    logits = predict(model, images, batch_size)
+    return 100.0 * (logits.argmax(1) == images.labels).float().mean().item()
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it belongs to this exact run, else None (start afresh)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file: never trust it, never crash on it
+        log.warning("ignoring unreadable checkpoint %s (%s); starting from epoch 0", path, err)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("checkpoint %s belongs to another run configuration; starting from epoch 0",
+                    path)
+        return None
+    return state
+
+
+def train(model: nn.Module, data, recipe: Recipe, *, seed: int, device: str = "cpu",
+          checkpoint: Path | None = None, run_config: dict[str, Any] | None = None,
+          mixed_precision: bool = True, progress: bool | None = None) -> TrainResult:
+    """Train ``model`` on ``data.train`` with ``recipe``, selecting on ``data.val``.
+
+    ``checkpoint`` is rewritten after every epoch; if it exists and was written by the same
+    ``run_config`` + recipe + seed, training resumes after its last epoch. Mixed precision
+    (float16 autocast with loss scaling) and channels-last apply on CUDA only.
+    """
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    on_cuda = torch.device(device).type == "cuda"
+    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    optimizer = _make_optimizer(model, recipe)
+    schedule = _make_schedule(optimizer, recipe)
+    scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and mixed_precision)
+    fingerprint = config_hash({"run": run_config or {}, "recipe": recipe.to_dict(), "seed": seed})
+
+    history: list[EpochRecord] = []
+    best_accuracy, best_epoch, best_state = -math.inf, -1, None
+    start_epoch, earlier_seconds = 0, 0.0
+    state = _load_checkpoint(checkpoint, fingerprint) if checkpoint else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        history = [EpochRecord(**record) for record in state["history"]]
+        best_accuracy, best_epoch = state["best_accuracy"], state["best_epoch"]
+        best_state = state["best_model"]
+        start_epoch = state["epoch"] + 1
+        earlier_seconds = state["wall_seconds"]
+        log.info("resuming from %s after epoch %d", checkpoint, state["epoch"] + 1)
+
+    train_set, loss_fn = data.train, nn.CrossEntropyLoss()
+    # disable=None: a progress bar with ETA on a terminal, silent in logs and CI.
+    bar = tqdm(total=recipe.epochs, initial=start_epoch, unit="epoch", desc="train",
+               disable=None if progress is None else not progress)
+    for epoch in range(start_epoch, recipe.epochs):
+        if recipe.patience is not None and epoch - best_epoch > recipe.patience:
+            log.info("early stop after epoch %d: no validation gain for %d epochs", epoch,
+                     recipe.patience)
+            break
+        epoch_started = time.monotonic()
+        generator = _epoch_generator(seed, epoch)
+        torch.manual_seed(seed * 1_000_003 + epoch)  # dropout draws from the global stream
+        order = torch.randperm(len(train_set), generator=generator).to(train_set.labels.device)
+        model.train()
+        loss_sum = correct = seen = 0.0
+        lr = optimizer.param_groups[0]["lr"]
+        for start in range(0, len(order), recipe.batch_size):
+            x, y = train_set.float_batch(order[start:start + recipe.batch_size])
+            x = augment(x, recipe.augmentation, generator).contiguous(
+                memory_format=memory_format)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=scaler.is_enabled()):
+                logits = model(x)
+                loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        schedule.step()
+        val_accuracy = accuracy(model, data.val)
+        record = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen,
+                             train_accuracy=100.0 * correct / seen, val_accuracy=val_accuracy,
+                             seconds=time.monotonic() - epoch_started)
+        history.append(record)
+        if val_accuracy > best_accuracy:
+            best_accuracy, best_epoch = val_accuracy, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in
+                          model.state_dict().items()}
+        log.info("epoch %d/%d loss %.4f train %.2f%% val %.2f%% (%.1f s)", record.epoch,
+                 recipe.epochs, record.train_loss, record.train_accuracy, val_accuracy,
+                 record.seconds)
+        if checkpoint:
+            _save_checkpoint(checkpoint, {
+                "fingerprint": fingerprint, "epoch": epoch,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                "history": [asdict(r) for r in history], "best_accuracy": best_accuracy,
+                "best_epoch": best_epoch, "best_model": best_state,
+                "wall_seconds": earlier_seconds + time.monotonic() - started,
+            })
+        bar.set_postfix(loss=f"{record.train_loss:.3f}", val=f"{val_accuracy:.1f}%")
+        bar.update(1)
+    bar.close()
+
+    if recipe.selection == "best_val" and best_state is not None:
+        model.load_state_dict(best_state)
+        selected = best_epoch + 1
+    else:
+        selected = history[-1].epoch if history else 0
+    model.to(memory_format=torch.contiguous_format)
+    return TrainResult(model=model, selected_epoch=selected, history=history,
+                       wall_seconds=earlier_seconds + time.monotonic() - started)
