@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from dnnmod.data import load_dataset, make_splits, prepare
+from dnnmod.data import DatasetSplits, load_dataset, make_splits, prepare
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +17,10 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits(data_root):
     return load_dataset(data_root, "digits", seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_digits(digits):
+    """A few hundred digits: enough to train for a test, small enough to take a second."""
+    return DatasetSplits(train=digits.train.take(range(320)), val=digits.val.take(range(160)),
+                         test=digits.test.take(range(160)), meta=digits.meta)

@@ -27,8 +27,8 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_after_interruption_gives_the_same_weights(digits, tmp_path, monkeypatch):
-    reference = train(_fresh_model(), digits, RECIPE, seed=3, checkpoint=tmp_path / "a.pt",
+def test_resume_after_interruption_gives_the_same_weights(small_digits, tmp_path, monkeypatch):
+    reference = train(_fresh_model(), small_digits, RECIPE, seed=3, checkpoint=tmp_path / "a.pt",
                       progress=False)
 
     save = training._save_checkpoint
@@ -40,10 +40,10 @@ def test_resume_after_interruption_gives_the_same_weights(digits, tmp_path, monk
 
     monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
-        train(_fresh_model(), digits, RECIPE, seed=3, checkpoint=tmp_path / "b.pt",
+        train(_fresh_model(), small_digits, RECIPE, seed=3, checkpoint=tmp_path / "b.pt",
               progress=False)
     monkeypatch.undo()
-    resumed = train(_fresh_model(seed=99), digits, RECIPE, seed=3, checkpoint=tmp_path / "b.pt",
+    resumed = train(_fresh_model(seed=99), small_digits, RECIPE, seed=3, checkpoint=tmp_path / "b.pt",
                     progress=False)
 
     assert [r.epoch for r in resumed.history] == [1, 2, 3]
@@ -53,33 +53,33 @@ def test_resume_after_interruption_gives_the_same_weights(digits, tmp_path, monk
     assert [r.val_accuracy for r in resumed.history] == [r.val_accuracy for r in reference.history]
 
 
-def test_same_seed_same_weights_other_seed_differs(digits):
+def test_same_seed_same_weights_other_seed_differs(small_digits):
     recipe = Recipe.from_dict({"epochs": 1, "batch_size": 128, "lr": 0.05})
-    first = train(_fresh_model(), digits, recipe, seed=1, progress=False).model.state_dict()
-    again = train(_fresh_model(), digits, recipe, seed=1, progress=False).model.state_dict()
-    other = train(_fresh_model(), digits, recipe, seed=2, progress=False).model.state_dict()
+    first = train(_fresh_model(), small_digits, recipe, seed=1, progress=False).model.state_dict()
+    again = train(_fresh_model(), small_digits, recipe, seed=1, progress=False).model.state_dict()
+    other = train(_fresh_model(), small_digits, recipe, seed=2, progress=False).model.state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
-def test_checkpoint_of_another_run_is_not_resumed(digits, tmp_path, caplog):
+def test_checkpoint_of_another_run_is_not_resumed(small_digits, tmp_path, caplog):
     checkpoint = tmp_path / "run.pt"
     recipe = Recipe.from_dict({"epochs": 1, "batch_size": 128, "lr": 0.05})
-    train(_fresh_model(), digits, recipe, seed=1, checkpoint=checkpoint, progress=False)
+    train(_fresh_model(), small_digits, recipe, seed=1, checkpoint=checkpoint, progress=False)
     longer = Recipe.from_dict({"epochs": 2, "batch_size": 128, "lr": 0.05})
     with caplog.at_level("WARNING"):
-        result = train(_fresh_model(), digits, longer, seed=1, checkpoint=checkpoint,
+        result = train(_fresh_model(), small_digits, longer, seed=1, checkpoint=checkpoint,
                        progress=False)
     assert "another run configuration" in caplog.text
     assert [r.epoch for r in result.history] == [1, 2]
 
 
-def test_torn_checkpoint_is_ignored(digits, tmp_path, caplog):
+def test_torn_checkpoint_is_ignored(small_digits, tmp_path, caplog):
     checkpoint = tmp_path / "torn.pt"
     checkpoint.write_bytes(b"PK\x03\x04 not a whole checkpoint")
     recipe = Recipe.from_dict({"epochs": 1, "batch_size": 128, "lr": 0.05})
     with caplog.at_level("WARNING"):
-        result = train(_fresh_model(), digits, recipe, seed=1, checkpoint=checkpoint,
+        result = train(_fresh_model(), small_digits, recipe, seed=1, checkpoint=checkpoint,
                        progress=False)
     assert "unreadable checkpoint" in caplog.text
     assert len(result.history) == 1

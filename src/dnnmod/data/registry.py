@@ -1,0 +1,287 @@
+"""The dataset registry, ``prepare`` (download + parse + save) and seeded train/val splits.
+
+Layout under the data root, per dataset ``name``::
+
+    name/raw/...                     downloaded files, kept so a rerun needs no network
+    name/images.safetensors          uint8 train_images (N,3,H,W), int64 train_labels,
+                                     test_images, test_labels
+    name/meta.json                   classes, image size, per-channel mean/std, provenance
+    name/splits/seed{S}.safetensors  int64 train_index, val_index into the official train set
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..artifacts import load_tensors, save_tensors, write_json
+from ..errors import ArtifactError, ChecksumError, ConfigError, UnknownNameError
+from .download import fetch, md5_bytes, md5_file, mirror_url
+from .formats import (
+    ParsedDataset,
+    gunzip,
+    parse_cifar10,
+    parse_cifar100,
+    parse_fashion_mnist,
+    parse_svhn,
+    parse_tinyimagenet,
+)
+from .synthetic import SHAPES_DEFAULTS, make_digits, make_shapes
+
+PREPARE_COMMAND = "dnnmod data prepare --dataset {name}"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One published file. ``md5_of_content``: the md5 is of the gunzipped content, so a
+    recompressed copy (as Debian ships Fashion-MNIST) verifies too."""
+
+    filename: str
+    url: str
+    md5: str
+    md5_of_content: bool = False
+
+    def verify(self, path: Path) -> None:
+        actual = md5_bytes(gunzip(path)) if self.md5_of_content else md5_file(path)
+        if actual != self.md5:
+            what = "decompressed content" if self.md5_of_content else "file"
+            raise ChecksumError(
+                f"{path}: md5 of the {what} is {actual}, expected {self.md5} ({self.filename})")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    num_classes: int
+    image_size: int
+    source: str  # "download", "sklearn" or "generated"
+    files: Mapping[str, RemoteFile] = field(default_factory=dict)
+    parse: Callable[[dict[str, Path]], ParsedDataset] | None = None
+    generate: Callable[..., ParsedDataset] | None = None
+    default_options: Mapping[str, Any] = field(default_factory=dict)
+    local_dir: Path | None = None  # offline copy used when present
+    transform: str = "none"
+
+
+def _remote(url: str, md5: str, **kwargs) -> RemoteFile:
+    return RemoteFile(url.rsplit("/", 1)[-1], url, md5, **kwargs)
+
+
+_FASHION_BASE = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
+    DatasetSpec("cifar10", 10, 32, "download", {"archive": _remote(
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a")}, parse_cifar10),
+    DatasetSpec("cifar100", 100, 32, "download", {"archive": _remote(
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85")}, parse_cifar100, transform="fine labels"),
+    DatasetSpec("svhn", 10, 32, "download", {
+        "train": _remote("http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
+                         "e26dedcc434d2e4c54c9b2d4a06d8373"),
+        "test": _remote("http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
+                        "eb5a983be6a315427106f1b82d2da7d1"),
+    }, parse_svhn, transform="label 10 -> 0"),
+    DatasetSpec("tinyimagenet", 200, 64, "download", {"archive": _remote(
+        "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+        "90528d7ca1a48142e341f4ef8d21d0de")}, parse_tinyimagenet,
+        transform="JPEG decoded to RGB; labelled val/ set is the test set"),
+    DatasetSpec("fashion_mnist", 10, 32, "download", {
+        key: _remote(_FASHION_BASE + filename, md5, md5_of_content=True)
+        for key, filename, md5 in [
+            ("train_images", "train-images-idx3-ubyte.gz", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+            ("train_labels", "train-labels-idx1-ubyte.gz", "9018921c3c673c538a1fc5bad174d6f9"),
+            ("test_images", "t10k-images-idx3-ubyte.gz", "8181f5470baa50b63fa0f6fddb340f0a"),
+            ("test_labels", "t10k-labels-idx1-ubyte.gz", "15d484375f8d13e6eb1aabb0c3f46965"),
+        ]}, parse_fashion_mnist, local_dir=Path("/usr/share/datasets/fashion-mnist"),
+        transform="28x28 grey zero-padded 2 px each side to 32x32, replicated to 3 channels"),
+    DatasetSpec("digits", 10, 32, "sklearn", generate=make_digits,
+                transform="8x8 values 0..16 -> 4x4 blocks, x255/16, 3 channels; "
+                          "stratified 80/20 train/test split, seed 0"),
+    DatasetSpec("shapes", 10, 32, "generated", generate=make_shapes,
+                default_options=SHAPES_DEFAULTS),
+]}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise UnknownNameError("dataset", name, DATASETS) from None
+
+
+def images_path(root: Path, name: str) -> Path:
+    """The prepared tensors of ``name``; ArtifactError naming the command if missing."""
+    get_spec(name)
+    path = Path(root) / name / "images.safetensors"
+    if not path.is_file():
+        raise ArtifactError(f"{path}: dataset {name!r} is not prepared; run "
+                            f"`{PREPARE_COMMAND.format(name=name)}` (dnnmod.data.prepare)")
+    return path
+
+
+def prepare(name: str, root: Path, *, mirror: str | None = None,
+            files: Mapping[str, Mapping[str, str]] | None = None, local_dir: Path | None = None,
+            options: Mapping[str, Any] | None = None, progress: bool | None = None) -> Path:
+    """Download (or generate), verify, parse and save dataset ``name``; return its directory.
+
+    ``files`` overrides ``url``/``md5`` per file, keyed by the spec's file key (``archive``,
+    ``train``, ``test_images``...) or file name. ``mirror`` replaces the base of every URL.
+    Files found in ``local_dir`` (or the spec's offline directory) are verified and used
+    without network. ``options`` are generator options (shapes: train_count, test_count,
+    seed). Embedded datasets (digits, shapes) ignore ``mirror`` and ``local_dir``.
+    """
+    spec = get_spec(name)
+    out_dir = Path(root) / name
+    if spec.source == "download":
+        if options:
+            raise ConfigError(f"dataset {name!r} takes no options; got {sorted(options)}")
+        paths, provenance = _obtain_files(spec, out_dir / "raw", mirror, files or {},
+                                          local_dir, progress)
+        parsed = spec.parse(paths)
+        source = {"kind": "files", "files": provenance}  # each entry has a url or a path
+    else:
+        if files:  # mirror and local_dir may be global settings: they do not apply here
+            raise ConfigError(f"dataset {name!r} is {spec.source}: it has no files to override")
+        unknown = set(options or {}) - set(spec.default_options)
+        if unknown:
+            raise ConfigError(f"dataset {name!r}: unknown options {sorted(unknown)}; "
+                              f"known: {sorted(spec.default_options)}")
+        used = {**spec.default_options, **(options or {})}
+        parsed = spec.generate(**used)
+        source = {"kind": spec.source, "options": used}
+    _check(spec, parsed)
+    tensors = {key: torch.from_numpy(np.ascontiguousarray(getattr(parsed, key)))
+               for key in ("train_images", "train_labels", "test_images", "test_labels")}
+    save_tensors(out_dir / "images.safetensors", tensors, metadata={"dataset": name})
+    mean, std = channel_stats(parsed.train_images)
+    write_json(out_dir / "meta.json", {
+        "name": name,
+        "num_classes": spec.num_classes,
+        "class_names": list(parsed.class_names),
+        "image_size": spec.image_size,
+        "channels_mean": mean,
+        "channels_std": std,
+        "source": source,
+        "transform": spec.transform,
+        "counts": {"train": len(parsed.train_labels), "test": len(parsed.test_labels)},
+    })
+    return out_dir
+
+
+def _obtain_files(spec: DatasetSpec, raw_dir: Path, mirror: str | None,
+                  overrides: Mapping[str, Mapping[str, str]], local_dir: Path | None,
+                  progress: bool | None) -> tuple[dict[str, Path], dict[str, dict]]:
+    by_name = {remote.filename: key for key, remote in spec.files.items()}
+    unknown = set(overrides) - set(spec.files) - set(by_name)
+    if unknown:
+        raise ConfigError(f"dataset {spec.name!r}: unknown files {sorted(unknown)} in overrides; "
+                          f"known: {sorted(spec.files)}")
+    paths, provenance = {}, {}
+    for key, remote in spec.files.items():
+        override = {**overrides.get(remote.filename, {}), **overrides.get(key, {})}
+        if set(override) - {"url", "md5"}:
+            raise ConfigError(f"dataset {spec.name!r}, file {key!r}: only url and md5 can be "
+                              f"overridden; got {sorted(override)}")
+        remote = dataclasses.replace(remote, **override)
+        url = mirror_url(remote.url, mirror) if mirror else remote.url
+        local = _find_local(local_dir, remote.filename) or _find_local(spec.local_dir,
+                                                                      remote.filename)
+        if local_dir is not None and local is None:
+            raise ArtifactError(f"{local_dir}: no {remote.filename} for dataset {spec.name!r}")
+        if local is not None:
+            remote.verify(local)
+            paths[key] = local
+            provenance[key] = {"path": str(local), "md5": remote.md5}
+            continue
+        dest = raw_dir / remote.filename
+        # Content checksums are verified here so that a bad file is deleted, not kept.
+        fetch(url, dest, None if remote.md5_of_content else remote.md5, progress=progress)
+        if remote.md5_of_content:
+            try:
+                remote.verify(dest)
+            except (ChecksumError, ArtifactError):
+                dest.unlink(missing_ok=True)
+                raise
+        paths[key] = dest
+        provenance[key] = {"url": url, "md5": remote.md5}
+    return paths, provenance
+
+
+def _find_local(directory: Path | None, filename: str) -> Path | None:
+    """``filename`` in ``directory``, also under its compressed or decompressed name."""
+    if directory is None:
+        return None
+    stem = filename.removesuffix(".gz")
+    for candidate in (filename, stem, stem + ".gz"):
+        if (Path(directory) / candidate).is_file():
+            return Path(directory) / candidate
+    return None
+
+
+def _check(spec: DatasetSpec, parsed: ParsedDataset) -> None:
+    size = spec.image_size
+    for split in ("train", "test"):
+        images, labels = getattr(parsed, f"{split}_images"), getattr(parsed, f"{split}_labels")
+        if images.dtype != np.uint8 or images.shape[1:] != (3, size, size):
+            raise ArtifactError(f"{spec.name} {split}: images {images.dtype} {images.shape}, "
+                                f"expected uint8 (N, 3, {size}, {size})")
+        if labels.shape != images.shape[:1] or labels.min(initial=0) < 0 \
+                or labels.max(initial=0) >= spec.num_classes:
+            raise ArtifactError(f"{spec.name} {split}: labels outside 0..{spec.num_classes - 1} "
+                                "or not one per image")
+    if len(parsed.class_names) != spec.num_classes:
+        raise ArtifactError(f"{spec.name}: {len(parsed.class_names)} class names, "
+                            f"expected {spec.num_classes}")
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Exact per-channel mean and std of uint8 images (N, C, H, W) in [0, 1], via histograms
+    (no float copy of the whole set)."""
+    values = np.arange(256) / 255.0
+    means, stds = [], []
+    for channel in range(images.shape[1]):
+        counts = np.bincount(images[:, channel].ravel(), minlength=256)
+        mean = float(counts @ values / counts.sum())
+        means.append(mean)
+        stds.append(float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum())))
+    return means, stds
+
+
+def split_path(root: Path, name: str, seed: int) -> Path:
+    return Path(root) / name / "splits" / f"seed{seed}.safetensors"
+
+
+def make_splits(root: Path, name: str, seed: int, validation_fraction: float = 0.2) -> Path:
+    """Split the official train set into train/val, stratified by class and seeded; return the
+    split file. Each class gives ``round(fraction * count)`` images to validation."""
+    if not 0 < validation_fraction < 1:
+        raise ConfigError(f"validation_fraction must be in (0, 1); got {validation_fraction}")
+    labels = load_tensors(images_path(root, name))["train_labels"].numpy()
+    return _write_splits(split_path(root, name, seed), name, labels, seed, validation_fraction)
+
+
+def labels_fingerprint(labels: np.ndarray) -> str:
+    """Identifies the training labels a split was drawn from (a re-prepare invalidates it)."""
+    return md5_bytes(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+
+
+def _write_splits(path: Path, name: str, labels: np.ndarray, seed: int,
+                  validation_fraction: float) -> Path:
+    rng = np.random.default_rng(seed)
+    val = [rng.permutation(np.flatnonzero(labels == c))[:round(validation_fraction * n)]
+           for c, n in zip(*np.unique(labels, return_counts=True), strict=True)]
+    val_index = np.sort(np.concatenate(val))
+    train_index = np.setdiff1d(np.arange(len(labels)), val_index)
+    save_tensors(path, {"train_index": torch.from_numpy(train_index).long(),
+                        "val_index": torch.from_numpy(val_index).long()},
+                 metadata={"dataset": name, "seed": str(seed),
+                           "validation_fraction": str(validation_fraction),
+                           "train_labels_md5": labels_fingerprint(labels), "stratified": "true"})
+    return path
