@@ -43,8 +43,8 @@ def test_resume_after_interruption_gives_the_same_weights(small_digits, tmp_path
         train(_fresh_model(), small_digits, RECIPE, seed=3, checkpoint=tmp_path / "b.pt",
               progress=False)
     monkeypatch.undo()
-    resumed = train(_fresh_model(seed=99), small_digits, RECIPE, seed=3, checkpoint=tmp_path / "b.pt",
-                    progress=False)
+    resumed = train(_fresh_model(seed=99), small_digits, RECIPE, seed=3,
+                    checkpoint=tmp_path / "b.pt", progress=False)
 
     assert [r.epoch for r in resumed.history] == [1, 2, 3]
     assert resumed.selected_epoch == reference.selected_epoch

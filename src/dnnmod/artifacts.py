@@ -70,7 +70,8 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
         save_file(flat, str(tmp), metadata=dict(metadata) if metadata else None)
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_tensors(path: str | os.PathLike,
+                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found")

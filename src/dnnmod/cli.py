@@ -109,10 +109,16 @@ def _device_name(device: str) -> str:
 
 
 def cmd_table_base_models(args: argparse.Namespace) -> None:
+    from .artifacts import write_json
     from .tables import base_model_table, write_table
 
     table = base_model_table([Path(p) for p in args.models])
     write_table(table, Path(args.out), title="E1 base models")
+    if args.metrics:
+        write_json(args.metrics, {
+            f"{row.dataset}/{row.model}/{row.training}/seed{row.seed}": {
+                "test_accuracy": row.test_accuracy, "train_seconds": row.train_seconds}
+            for row in table.itertuples()})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     base = table.add_parser("base-models", help="E1: base-model accuracy and training time")
     base.add_argument("--models", nargs="+", required=True, help="model weights paths")
     base.add_argument("--out", required=True, help="CSV path (.md rendering written beside)")
+    base.add_argument("--metrics", help="JSON path for DVC metrics (test accuracy, time)")
     base.set_defaults(func=cmd_table_base_models)
     return parser
 

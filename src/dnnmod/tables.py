@@ -16,7 +16,7 @@ from .artifacts import atomic_write, read_json
 
 
 def published() -> pd.DataFrame:
-    with resources.files("dnnmod.reference").joinpath("published.csv").open() as handle:
+    with resources.files("dnnmod").joinpath("reference", "published.csv").open() as handle:
         return pd.read_csv(handle, dtype={"setting": str}, keep_default_na=False,
                            na_values={"value": [""]})
 

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .artifacts import atomic_write, config_hash
-from .errors import ArtifactError, ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -39,4 +39,7 @@ def base_model_weights():
 
 
 def all_outputs():
-    return [f"{RESULTS}/tables/e1_base_models.csv"]
+    return [
+        f"{RESULTS}/tables/e1_base_models.csv",
+        f"{RESULTS}/metrics/e1_base_models.json",
+    ]

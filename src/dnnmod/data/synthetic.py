@@ -74,14 +74,14 @@ def _shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def _render(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Render one image per label; all random draws happen up front, in a fixed order."""
     n = len(labels)
-    radius = rng.uniform(6.0, 13.0, n)
+    radius = rng.uniform(8.0, 14.0, n)
     centre = rng.uniform(-1, 1, (n, 2)) * (SIZE / 2 - radius[:, None] * 0.8) + SIZE / 2
     angle = rng.uniform(-np.pi, np.pi, n)
     tilt = rng.uniform(-np.pi / 9, np.pi / 9, n)
     foreground = rng.uniform(0, 1, (n, 3))
     # Background channels differ from the shape's by 0.3..0.7 (mod 1): always visible.
     background = (foreground + rng.uniform(0.3, 0.7, (n, 3))) % 1.0
-    noise = 0.08 * rng.standard_normal((n, 3, SIZE, SIZE), dtype=np.float32)
+    noise = 0.04 * rng.standard_normal((n, 3, SIZE, SIZE), dtype=np.float32)
 
     grid = np.arange(SIZE) + 0.5
     x, y = grid[None, None, :], grid[None, :, None]
