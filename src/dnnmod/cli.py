@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-root", default="data")
     train.add_argument("--out", required=True, help="weights path (*.safetensors)")
     train.add_argument("--checkpoint", help="resumable checkpoint path (kept across restarts)")
-    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--device", default=os.environ.get("DNNMOD_DEVICE", "auto"),
+                       choices=["auto", "cpu", "cuda"],
+                       help="default: $DNNMOD_DEVICE, else auto (a free GPU slot, else CPU)")
     train.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     train.add_argument("--no-amp", action="store_true", help="disable CUDA mixed precision")
     train.set_defaults(func=cmd_train)

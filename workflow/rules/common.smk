@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 from dnnmod.config import check_study_config, expand_base_models
 
@@ -10,6 +12,9 @@ RESULTS = f"results/{STUDY}"
 DATA = config["data"]["root"]
 SEEDS = config["seeds"]
 BASE_MODELS = expand_base_models(config)
+# Where jobs run is machine-specific: handed to jobs through the environment, never as a
+# rule parameter, so moving between a laptop and a GPU server does not trigger retraining.
+os.environ.update(DNNMOD_DEVICE=config["device"])
 
 
 wildcard_constraints:
@@ -24,6 +29,12 @@ def model_entry(wildcards):
 
 def recipe_of(wildcards):
     return config["recipes"][BASE_MODELS[(wildcards.dataset, wildcards.model)]]
+
+
+def data_root(path):
+    """The data root of a data/<dataset>/<file> or data/<dataset>/splits/<file> path."""
+    path = Path(path)
+    return str(path.parents[2] if path.parent.name == "splits" else path.parents[1])
 
 
 def as_json(value):

@@ -2,14 +2,17 @@ rule prepare_dataset:
     output:
         images=f"{DATA}/{{dataset}}/images.safetensors",
         meta=f"{DATA}/{{dataset}}/meta.json",
-    params:
-        spec=lambda wc: as_json(config["datasets"][wc.dataset]),
     log:
         f"{RESULTS}/logs/data/{{dataset}}/prepare.log",
     benchmark:
         f"{RESULTS}/benchmarks/data/{{dataset}}/prepare.tsv"
+    conda:
+        "../../environment.yml"
+    params:
+        root=lambda wc, output: data_root(output.meta),
+        spec=lambda wc: as_json(config["datasets"][wc.dataset]),
     shell:
-        "dnnmod data prepare --dataset {wildcards.dataset} --root {DATA} "
+        "dnnmod data prepare --dataset {wildcards.dataset} --root {params.root} "
         "--spec {params.spec:q} 2> {log}"
 
 
@@ -18,12 +21,16 @@ rule split_dataset:
         rules.prepare_dataset.output.images,
     output:
         f"{DATA}/{{dataset}}/splits/seed{{seed}}.safetensors",
-    params:
-        validation_fraction=config["data"]["validation_fraction"],
     log:
         f"{RESULTS}/logs/data/{{dataset}}/split_seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/data/{{dataset}}/split_seed{{seed}}.tsv"
+    conda:
+        "../../environment.yml"
+    params:
+        root=lambda wc, input: data_root(input[0]),
+        validation_fraction=config["data"]["validation_fraction"],
     shell:
-        "dnnmod data split --dataset {wildcards.dataset} --root {DATA} --seed {wildcards.seed} "
+        "dnnmod data split --dataset {wildcards.dataset} --root {params.root} "
+        "--seed {wildcards.seed} "
         "--validation-fraction {params.validation_fraction} 2> {log}"

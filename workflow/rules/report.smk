@@ -13,6 +13,8 @@ rule table_base_models:
         f"{RESULTS}/logs/report/e1_base_models.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e1_base_models.tsv"
+    conda:
+        "../../environment.yml"
     shell:
         "dnnmod table base-models --models {input} --out {output.csv} "
         "--metrics {output.metrics} 2> {log}"

@@ -5,25 +5,28 @@ rule train_base_model:
     output:
         weights=f"{RESULTS}/models/{{dataset}}/{{model}}/st/seed{{seed}}/model.safetensors",
         meta=f"{RESULTS}/models/{{dataset}}/{{model}}/st/seed{{seed}}/model.json",
+    log:
+        f"{RESULTS}/logs/train/{{dataset}}/{{model}}/st/seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{dataset}}/{{model}}/st/seed{{seed}}.tsv"
+    conda:
+        "../../environment.yml"
+    threads: config["threads"]["train"]
+    resources:
+        gpu=1,
+        runtime=config["resources"]["train"]["runtime"],
+        mem_mb=config["resources"]["train"]["mem_mb"],
     params:
+        data_root=lambda wc, input: data_root(input.images),
         arch=lambda wc: model_entry(wc)["arch"],
         width=lambda wc: model_entry(wc).get("width", 1.0),
         options=lambda wc: as_json(model_entry(wc).get("options", {})),
         recipe=lambda wc: as_json(recipe_of(wc)),
         # Outside the declared outputs: Snakemake does not delete it when a killed job reruns.
         checkpoint=f"{RESULTS}/resume/models/{{dataset}}/{{model}}/st/seed{{seed}}.pt",
-    threads: config["threads"]["train"]
-    resources:
-        gpu=1,
-        runtime=config["resources"]["train"]["runtime"],
-        mem_mb=config["resources"]["train"]["mem_mb"],
-    log:
-        f"{RESULTS}/logs/train/{{dataset}}/{{model}}/st/seed{{seed}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/train/{{dataset}}/{{model}}/st/seed{{seed}}.tsv"
     shell:
         "dnnmod train --dataset {wildcards.dataset} --model-name {wildcards.model} "
         "--arch {params.arch} --width {params.width} --options {params.options:q} "
-        "--recipe {params.recipe:q} --seed {wildcards.seed} --data-root {DATA} "
-        "--threads {threads} --device {config[device]} "
+        "--recipe {params.recipe:q} --seed {wildcards.seed} --data-root {params.data_root} "
+        "--threads {threads} "
         "--checkpoint {params.checkpoint} --out {output.weights} 2> {log}"

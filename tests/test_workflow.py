@@ -1,0 +1,112 @@
+"""The Snakemake workflow for real: a tiny study end to end, config validation, dry runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "study": "tiny",
+    "seeds": [0],
+    "device": "cpu",
+    "datasets": {"digits": {}},
+    "models": {"simcnn": {"arch": "simcnn", "width": 0.0625}},
+    "recipes": {"tiny": {"epochs": 1, "batch_size": 128, "lr": 0.05}},
+    "base_models": [{"dataset": "digits", "models": ["simcnn"], "recipe": "tiny"}],
+    "threads": {"train": 1},
+}
+
+
+def snakemake(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # Snakemake reports errors on stdout or stderr depending on where they arise: read both.
+    return subprocess.run([str(BIN / "snakemake"), *args], cwd=project, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A fresh copy of the workflow, as a user's clone would hold it."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "Snakefile", root)
+    for folder in ("workflow", "config"):
+        shutil.copytree(REPO / folder, root / folder)
+    return root
+
+
+def write_config(project: Path, config: dict, name: str = "tiny.yaml") -> str:
+    (project / "config" / name).write_text(yaml.safe_dump(config))
+    return f"config/{name}"
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_end_to_end(project):
+    configfile = write_config(project, TINY)
+    run = snakemake(project, "--cores", "2", "--configfile", configfile)
+    assert run.returncode == 0, run.stdout[-3000:]
+
+    model_dir = project / "results/tiny/models/digits/simcnn/st/seed0"
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["arch"] == "simcnn" and meta["seed"] == 0 and len(meta["history"]) == 1
+    assert (model_dir / "model.safetensors").stat().st_size > 0
+    assert (project / "data/digits/splits/seed0.safetensors").is_file()
+    table = (project / "results/tiny/tables/e1_base_models.csv").read_text().splitlines()
+    assert table[0].startswith("training,model,arch,dataset") and len(table) == 2
+    metrics = json.loads((project / "results/tiny/metrics/e1_base_models.json").read_text())
+    assert set(metrics) == {"digits/simcnn/st/seed0"}
+    for kind in ("logs", "benchmarks"):
+        assert (project / f"results/tiny/{kind}/train/digits/simcnn/st").is_dir()
+    assert not (project / "results/tiny/resume/models/digits/simcnn/st/seed0.pt").exists()
+
+    again = snakemake(project, "--cores", "2", "--configfile", configfile)
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout
+
+
+def test_config_that_breaks_the_schema_fails_before_any_job(project):
+    configfile = write_config(project, {**TINY, "seeds": "zero"})
+    run = snakemake(project, "-n", "--configfile", configfile)
+    assert run.returncode != 0
+    assert "seeds" in run.stdout and "is not of type 'array'" in run.stdout
+    assert not (project / "results").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"datasets": {"imagenet": {}}}, "datasets.imagenet: unknown dataset 'imagenet'"),
+    ({"models": {"simcnn": {"arch": "alexnet"}}}, "models.simcnn.arch: unknown model 'alexnet'"),
+    ({"base_models": [{"dataset": "digits", "models": ["vgg"], "recipe": "tiny"}]},
+     "base_models[0].models: 'vgg' is not defined under models"),
+    ({"recipes": {"tiny": {"epochs": 1, "batch_size": 8, "lr": 0.1, "schedule": "cosine",
+                           "augmentation": ["crop"], "selection": "best"}}},
+     "selection"),
+])
+def test_unresolvable_names_are_reported_with_their_key(project, change, message):
+    configfile = write_config(project, {**TINY, **change})
+    run = snakemake(project, "-n", "--configfile", configfile)
+    assert run.returncode != 0
+    assert message in run.stdout
+
+
+@pytest.mark.parametrize("configfile", ["config/demo.yaml", "config/medium.yaml",
+                                        "config/config.yaml"])
+def test_every_shipped_config_builds_its_dag(configfile):
+    run = snakemake(REPO, "-n", "--configfile", configfile, "--directory", str(REPO))
+    assert run.returncode == 0, run.stdout[-3000:]
+
+
+def test_slurm_profile_dry_run(project):
+    run = snakemake(project, "-n", "--profile", "workflow/profiles/slurm")
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "train_base_model" in run.stdout
