@@ -83,6 +83,15 @@ def test_config_that_breaks_the_schema_fails_before_any_job(project):
     assert not (project / "results").exists()
 
 
+def test_a_study_config_replaces_the_paper_config(project):
+    # Without "threads", the schema default (2) applies, not config/config.yaml's 4.
+    configfile = write_config(project, {k: v for k, v in TINY.items() if k != "threads"})
+    run = snakemake(project, "-n", "--cores", "8", "--configfile", configfile)
+    assert run.returncode == 0, run.stdout[-3000:]
+    train_job = run.stdout[run.stdout.index("rule train_base_model"):]
+    assert "threads: 2" in train_job.split("\n\n")[0]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"datasets": {"imagenet": {}}}, "datasets.imagenet: unknown dataset 'imagenet'"),
     ({"models": {"simcnn": {"arch": "alexnet"}}}, "models.simcnn.arch: unknown model 'alexnet'"),

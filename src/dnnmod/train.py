@@ -34,7 +34,8 @@ class Recipe:
     """How to train: the papers' recipes are instances of this, written in config files.
 
     ``selection`` picks the final weights: ``last`` epoch, or ``best_val`` (highest validation
-    accuracy; with ``patience`` it also stops after that many epochs without improvement).
+    accuracy). ``patience``, when set, stops training after that many epochs without a new best
+    validation accuracy, whatever the selection.
     """
 
     epochs: int
