@@ -156,6 +156,7 @@ def test_train_command_writes_weights_and_metadata(data_root, tmp_path, capsys):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["arch"] == "simcnn" and meta["dataset"] == "digits" and meta["seed"] == 0
     assert meta["device"] == "cpu" and len(meta["history"]) == 2
+    assert len(meta["config_hash"]) == 16 and meta["wall_seconds"] > 0
     assert 0 <= meta["metrics"]["test_accuracy"] <= 100
     assert not (tmp_path / "ck.pt").exists()  # a finished run drops its resume state
     assert not list(out.parent.glob("*.tmp"))

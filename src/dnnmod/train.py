@@ -103,6 +103,7 @@ class EpochRecord:
 class TrainResult:
     model: nn.Module
     selected_epoch: int
+    config_hash: str  # of run config + recipe + seed: identifies the run, keys its checkpoint
     history: list[EpochRecord] = field(default_factory=list)
     wall_seconds: float = 0.0
 
@@ -287,5 +288,6 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int, device: str = "c
     else:
         selected = history[-1].epoch if history else 0
     model.to(memory_format=torch.contiguous_format)
-    return TrainResult(model=model, selected_epoch=selected, history=history,
+    return TrainResult(model=model, selected_epoch=selected, config_hash=fingerprint,
+                       history=history,
                        wall_seconds=earlier_seconds + time.monotonic() - started)
