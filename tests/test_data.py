@@ -370,6 +370,28 @@ def test_prepare_fashion_mnist_pads_to_32_and_checks_decompressed_md5(server, tm
     assert torch.equal(images[:, 1, 2:30, 2:30], torch.from_numpy(original.copy()))
 
 
+def test_system_offline_copy_that_does_not_verify_is_passed_over(server, tmp_path,
+                                                                  monkeypatch, caplog):
+    import dataclasses
+
+    from dnnmod.data import DATASETS
+
+    stale = tmp_path / "system"
+    stale.mkdir()
+    contents = fashion_idx()
+    overrides = {}
+    for key, filename in FASHION_FILES.items():
+        (stale / filename).write_bytes(gzip.compress(b"another release"))
+        serve(server, filename, gzip.compress(contents[key]))
+        overrides[key] = {"md5": md5(contents[key])}
+    monkeypatch.setitem(DATASETS, "fashion_mnist",
+                        dataclasses.replace(DATASETS["fashion_mnist"], local_dir=stale))
+    with caplog.at_level("WARNING"):
+        out = prepare("fashion_mnist", tmp_path / "data", mirror=server.base, files=overrides)
+    assert "not using the offline copy" in caplog.text
+    assert read_json(out / "meta.json")["counts"] == {"train": 30, "test": 10}
+
+
 def test_fashion_mnist_from_local_dir_with_recompressed_files(server, tmp_path):
     contents = fashion_idx()
     local = tmp_path / "debian"

@@ -40,7 +40,8 @@ def project(tmp_path):
     """A fresh copy of the workflow, as a user's clone would hold it."""
     root = tmp_path / "project"
     root.mkdir()
-    shutil.copy(REPO / "Snakefile", root)
+    for file in ("Snakefile", "environment.yml"):
+        shutil.copy(REPO / file, root)
     for folder in ("workflow", "config"):
         shutil.copytree(REPO / folder, root / folder)
     return root

@@ -12,6 +12,7 @@ Layout under the data root, per dataset ``name``::
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from .formats import (
     parse_tinyimagenet,
 )
 from .synthetic import SHAPES_DEFAULTS, make_digits, make_shapes
+
+log = logging.getLogger(__name__)
 
 PREPARE_COMMAND = "dnnmod data prepare --dataset {name}"
 
@@ -191,12 +194,15 @@ def _obtain_files(spec: DatasetSpec, raw_dir: Path, mirror: str | None,
                               f"overridden; got {sorted(override)}")
         remote = dataclasses.replace(remote, **override)
         url = mirror_url(remote.url, mirror) if mirror else remote.url
-        local = _find_local(local_dir, remote.filename) or _find_local(spec.local_dir,
-                                                                      remote.filename)
-        if local_dir is not None and local is None:
-            raise ArtifactError(f"{local_dir}: no {remote.filename} for dataset {spec.name!r}")
-        if local is not None:
+        if local_dir is not None:  # a directory the user named must hold the right content
+            local = _find_local(local_dir, remote.filename)
+            if local is None:
+                raise ArtifactError(f"{local_dir}: no {remote.filename} for dataset "
+                                    f"{spec.name!r}")
             remote.verify(local)
+        else:
+            local = _verified_offline_copy(spec, remote)
+        if local is not None:
             paths[key] = local
             provenance[key] = {"path": str(local), "md5": remote.md5}
             continue
@@ -212,6 +218,23 @@ def _obtain_files(spec: DatasetSpec, raw_dir: Path, mirror: str | None,
         paths[key] = dest
         provenance[key] = {"url": url, "md5": remote.md5}
     return paths, provenance
+
+
+def _verified_offline_copy(spec: DatasetSpec, remote: RemoteFile) -> Path | None:
+    """The file from the spec's system-wide offline directory when it verifies, else None.
+
+    A system copy is a convenience: one that does not match (another release, or checksums
+    overridden in config) is passed over for the download, with a log line saying so.
+    """
+    local = _find_local(spec.local_dir, remote.filename)
+    if local is None:
+        return None
+    try:
+        remote.verify(local)
+    except (ChecksumError, ArtifactError) as err:
+        log.warning("not using the offline copy: %s; downloading instead", err)
+        return None
+    return local
 
 
 def _find_local(directory: Path | None, filename: str) -> Path | None:
