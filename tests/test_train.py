@@ -31,14 +31,14 @@ def test_resume_after_interruption_gives_the_same_weights(small_digits, tmp_path
     reference = train(_fresh_model(), small_digits, RECIPE, seed=3, checkpoint=tmp_path / "a.pt",
                       progress=False)
 
-    save = training._save_checkpoint
+    save = training.save_checkpoint
 
     def save_then_die(path, state):
         save(path, state)
         if state["epoch"] == 1:
             raise Interrupted
 
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
         train(_fresh_model(), small_digits, RECIPE, seed=3, checkpoint=tmp_path / "b.pt",
               progress=False)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .artifacts import atomic_write, config_hash
+from .artifacts import config_hash
+from .checkpoint import epoch_generator, load_checkpoint, save_checkpoint
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,6 @@ class TrainResult:
     wall_seconds: float = 0.0
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    # One independent stream per epoch: resuming at epoch e needs no RNG state from e - 1.
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
 def augment(x: torch.Tensor, augmentation: Sequence[str],
             generator: torch.Generator, padding: int = 4) -> torch.Tensor:
     """Random crop (zero padding, per-sample offsets) and horizontal flip, on the batch's device."""
@@ -170,27 +166,6 @@ def accuracy(model: nn.Module, images, batch_size: int = 512) -> float:
     return 100.0 * (logits.argmax(1) == images.labels).float().mean().item()
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_write(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it belongs to this exact run, else None (start afresh)."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a torn or foreign file: never trust it, never crash on it
-        log.warning("ignoring unreadable checkpoint %s (%s); starting from epoch 0", path, err)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        log.warning("checkpoint %s belongs to another run configuration; starting from epoch 0",
-                    path)
-        return None
-    return state
-
-
 def train(model: nn.Module, data, recipe: Recipe, *, seed: int, device: str = "cpu",
           checkpoint: Path | None = None, run_config: dict[str, Any] | None = None,
           mixed_precision: bool = True, progress: bool | None = None) -> TrainResult:
@@ -213,7 +188,7 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int, device: str = "c
     history: list[EpochRecord] = []
     best_accuracy, best_epoch, best_state = -math.inf, -1, None
     start_epoch, earlier_seconds = 0, 0.0
-    state = _load_checkpoint(checkpoint, fingerprint) if checkpoint else None
+    state = load_checkpoint(checkpoint, fingerprint)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -236,8 +211,7 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int, device: str = "c
                      recipe.patience)
             break
         epoch_started = time.monotonic()
-        generator = _epoch_generator(seed, epoch)
-        torch.manual_seed(seed * 1_000_003 + epoch)  # dropout draws from the global stream
+        generator = epoch_generator(seed, epoch)
         order = torch.randperm(len(train_set), generator=generator).to(train_set.labels.device)
         model.train()
         loss_sum = correct = seen = 0.0
@@ -270,7 +244,7 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int, device: str = "c
                  recipe.epochs, record.train_loss, record.train_accuracy, val_accuracy,
                  record.seconds)
         if checkpoint:
-            _save_checkpoint(checkpoint, {
+            save_checkpoint(checkpoint, {
                 "fingerprint": fingerprint, "epoch": epoch,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
