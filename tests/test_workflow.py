@@ -23,6 +23,9 @@ TINY = {
     "models": {"simcnn": {"arch": "simcnn", "width": 0.0625}},
     "recipes": {"tiny": {"epochs": 1, "batch_size": 128, "lr": 0.05}},
     "base_models": [{"dataset": "digits", "models": ["simcnn"], "recipe": "tiny"}],
+    "approaches": {"gradsplitter": {"init_head_epochs": 1, "rounds": 1, "mask_epochs": 1,
+                                    "head_epochs": 0, "max_train_samples": 128}},
+    "modularize": [{"approach": "gradsplitter", "dataset": "digits", "models": ["simcnn"]}],
     "threads": {"train": 1},
 }
 
@@ -71,6 +74,15 @@ def test_tiny_study_runs_end_to_end(project):
         assert (project / f"results/tiny/{kind}/train/digits/simcnn/st").is_dir()
     assert not (project / "results/tiny/resume/models/digits/simcnn/st/seed0.pt").exists()
 
+    modules = project / "results/tiny/modules/digits/simcnn/gradsplitter/seed0"
+    assert json.loads((modules / "modules.json").read_text())["approach"] == "gradsplitter"
+    module_metrics = json.loads((modules / "metrics.json").read_text())
+    assert 0 < module_metrics["krr"] <= 1 and len(module_metrics["modules"]) == 10
+    e2 = (project / "results/tiny/tables/e2_modularization.csv").read_text().splitlines()
+    assert e2[0].startswith("approach,model,arch,dataset,seed") and len(e2) == 2
+    for suffix in ("png", "pdf"):
+        assert (project / f"results/tiny/figures/e2_accuracy_vs_krr.{suffix}").stat().st_size
+
     again = snakemake(project, "--cores", "2", "--configfile", configfile)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout
@@ -98,6 +110,12 @@ def test_a_study_config_replaces_the_paper_config(project):
     ({"models": {"simcnn": {"arch": "alexnet"}}}, "models.simcnn.arch: unknown model 'alexnet'"),
     ({"base_models": [{"dataset": "digits", "models": ["vgg"], "recipe": "tiny"}]},
      "base_models[0].models: 'vgg' is not defined under models"),
+    ({"modularize": [{"approach": "netsplitter", "dataset": "digits", "models": ["simcnn"]}]},
+     "modularize[0].approach: unknown approach 'netsplitter'"),
+    ({"approaches": {"gradsplitter": {"alfa": 0.2}}},
+     "approaches.gradsplitter: unknown keys ['alfa']"),
+    ({"modularize": [{"approach": "gradsplitter", "dataset": "digits", "models": ["vgg16"]}]},
+     "modularize[0]: vgg16 on digits is not a base model"),
     ({"recipes": {"tiny": {"epochs": 1, "batch_size": 8, "lr": 0.1, "schedule": "cosine",
                            "augmentation": ["crop"], "selection": "best"}}},
      "selection"),

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from .devices import select_device
 from .errors import ConfigError, DnnmodError
 
 log = logging.getLogger("dnnmod")
@@ -59,8 +60,6 @@ def cmd_data_split(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .devices import select_device
-
     claim = select_device(args.device)  # before torch initialises CUDA
     import torch
 
@@ -101,6 +100,58 @@ def cmd_train(args: argparse.Namespace) -> None:
     claim.release()
 
 
+def cmd_modularize(args: argparse.Namespace) -> None:
+    from .approaches import get_approach, resolve_config
+
+    approach = get_approach(args.approach)  # fail on a bad name before loading anything
+    config = resolve_config(args.approach, args.config)
+    claim = select_device(args.device)
+    import torch
+
+    from .data import load_dataset
+    from .model_io import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(claim.device == "cpu", warn_only=True)
+    model, meta = load_model(args.model, device=claim.device)
+    data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
+    modules = approach.modularize(model, meta, data, config, seed=args.seed, device=claim.device,
+                                  checkpoint=Path(args.checkpoint) if args.checkpoint else None)
+    modules.provenance["device"] = _device_name(claim.device)
+    modules.save(args.out)
+    if args.checkpoint:
+        Path(args.checkpoint).unlink(missing_ok=True)
+    log.info("%s: %d modules in %.1f s", args.approach, len(modules),
+             modules.provenance["wall_seconds"])
+    claim.release()
+
+
+def cmd_evaluate_modules(args: argparse.Namespace) -> None:
+    claim = select_device(args.device)
+    from .artifacts import write_json
+    from .data import load_dataset
+    from .metrics import evaluate
+    from .model_io import load_model
+    from .moduleset import ModuleSet
+
+    model, meta = load_model(args.model, device=claim.device)
+    modules = ModuleSet.load(args.modules, base=meta)
+    data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
+    result = evaluate(model, modules, data.test, meta["metrics"]["test_accuracy"])
+    write_json(args.out, {
+        "approach": modules.approach, "model": meta["model"], "arch": meta["arch"],
+        "dataset": meta["dataset"], "seed": modules.provenance.get("seed", meta["seed"]),
+        "train_seconds": meta["wall_seconds"],
+        "modularize_seconds": modules.provenance["wall_seconds"],
+        "device": modules.provenance.get("device", ""), **result,
+    })
+    log.info("%s on %s/%s: composed %.2f%% (base %.2f%%), KRR %.3f", modules.approach,
+             meta["dataset"], meta["model"], result["composed_accuracy"],
+             result["base_accuracy"], result["krr"])
+    claim.release()
+
+
 def _device_name(device: str) -> str:
     import torch
 
@@ -119,6 +170,29 @@ def cmd_table_base_models(args: argparse.Namespace) -> None:
         write_json(args.metrics, {
             f"{row.dataset}/{row.model}/{row.training}/seed{row.seed}": {
                 "test_accuracy": row.test_accuracy, "train_seconds": row.train_seconds}
+            for row in table.itertuples()})
+
+
+def _device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=os.environ.get("DNNMOD_DEVICE", "auto"),
+                        choices=["auto", "cpu", "cuda"],
+                        help="default: $DNNMOD_DEVICE, else auto (a free GPU slot, else CPU)")
+
+
+def cmd_table_modularization(args: argparse.Namespace) -> None:
+    from .artifacts import write_json
+    from .tables import accuracy_vs_krr_figure, modularization_table, write_table
+
+    table = modularization_table([Path(p) for p in args.metrics])
+    write_table(table, Path(args.out), title="E2 modularization")
+    if args.figure:
+        accuracy_vs_krr_figure(table, Path(args.figure))
+    if args.summary:
+        write_json(args.summary, {
+            f"{row.dataset}/{row.model}/{row.approach}/seed{row.seed}": {
+                "composed_accuracy": row.composed_accuracy,
+                "accuracy_loss_pp": row.accuracy_loss_pp, "krr": row.krr,
+                "module_size": row.module_size}
             for row in table.itertuples()})
 
 
@@ -158,12 +232,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-root", default="data")
     train.add_argument("--out", required=True, help="weights path (*.safetensors)")
     train.add_argument("--checkpoint", help="resumable checkpoint path (kept across restarts)")
-    train.add_argument("--device", default=os.environ.get("DNNMOD_DEVICE", "auto"),
-                       choices=["auto", "cpu", "cuda"],
-                       help="default: $DNNMOD_DEVICE, else auto (a free GPU slot, else CPU)")
+    _device_argument(train)
     train.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     train.add_argument("--no-amp", action="store_true", help="disable CUDA mixed precision")
     train.set_defaults(func=cmd_train)
+
+    modularize = verbs.add_parser("modularize", help="decompose a trained model into modules")
+    modularize.add_argument("--approach", required=True, help="e.g. gradsplitter")
+    modularize.add_argument("--model", required=True, help="base model weights (*.safetensors)")
+    modularize.add_argument("--config", type=_json_arg, default={},
+                            help="JSON hyperparameters overriding the approach's defaults")
+    modularize.add_argument("--seed", type=int, required=True)
+    modularize.add_argument("--data-root", default="data")
+    modularize.add_argument("--out", required=True, help="module set path (*.safetensors)")
+    modularize.add_argument("--checkpoint", help="resumable state (kept across restarts)")
+    modularize.add_argument("--threads", type=int, help="CPU threads for torch")
+    _device_argument(modularize)
+    modularize.set_defaults(func=cmd_modularize)
+
+    evaluate = verbs.add_parser("evaluate-modules",
+                                help="shared metrics of a module set on the test split")
+    evaluate.add_argument("--modules", required=True, help="module set (*.safetensors)")
+    evaluate.add_argument("--model", required=True, help="its base model (*.safetensors)")
+    evaluate.add_argument("--data-root", default="data")
+    evaluate.add_argument("--out", required=True, help="metrics JSON path")
+    _device_argument(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate_modules)
 
     table = verbs.add_parser("table", help="build result tables").add_subparsers(
         dest="table_command", required=True)
@@ -172,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--out", required=True, help="CSV path (.md rendering written beside)")
     base.add_argument("--metrics", help="JSON path for DVC metrics (test accuracy, time)")
     base.set_defaults(func=cmd_table_base_models)
+    e2 = table.add_parser("modularization", help="E2: module quality and cost per approach")
+    e2.add_argument("--metrics", nargs="+", required=True, help="evaluate-modules JSON files")
+    e2.add_argument("--out", required=True, help="CSV path (.md rendering written beside)")
+    e2.add_argument("--figure", help="accuracy-vs-KRR scatter (PNG; a PDF is written beside)")
+    e2.add_argument("--summary", help="JSON path for DVC metrics")
+    e2.set_defaults(func=cmd_table_modularization)
     return parser
 
 

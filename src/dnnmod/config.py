@@ -26,7 +26,14 @@ def expand_base_models(config: dict[str, Any]) -> dict[tuple[str, str], str]:
     return expanded
 
 
+def expand_modularizations(config: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(approach, dataset, model) for every module set the study makes."""
+    return [(entry["approach"], entry["dataset"], model)
+            for entry in config.get("modularize", []) for model in entry["models"]]
+
+
 def check_study_config(config: dict[str, Any]) -> None:
+    from .approaches import APPROACHES, resolve_config
     from .data import DATASETS
     from .models import ARCHITECTURES
 
@@ -54,4 +61,18 @@ def check_study_config(config: dict[str, Any]) -> None:
             if model not in config["models"]:
                 raise ConfigError(f"{where}.models: {model!r} is not defined under models "
                                   f"(defined: {sorted(config['models'])})")
-    expand_base_models(config)
+    base_models = expand_base_models(config)
+    for name, values in config.get("approaches", {}).items():
+        if name not in APPROACHES:
+            raise ConfigError(f"approaches.{name}: "
+                              f"{UnknownNameError('approach', name, APPROACHES)}")
+        resolve_config(name, values)
+    for position, entry in enumerate(config.get("modularize", [])):
+        where = f"modularize[{position}]"
+        if entry["approach"] not in APPROACHES:
+            raise ConfigError(f"{where}.approach: "
+                              f"{UnknownNameError('approach', entry['approach'], APPROACHES)}")
+        for model in entry["models"]:
+            if (entry["dataset"], model) not in base_models:
+                raise ConfigError(f"{where}: {model} on {entry['dataset']} is not a base model "
+                                  "of this study (add it under base_models)")

@@ -73,3 +73,75 @@ def write_table(table: pd.DataFrame, csv_path: Path, title: str) -> None:
     markdown = f"# {title}\n\n{table.to_markdown(index=False, floatfmt='.2f')}\n"
     with atomic_write(csv_path.with_suffix(".md")) as tmp:
         tmp.write_text(markdown)
+
+
+# E2 columns with a published counterpart: (our column, published metric, scale to our unit).
+E2_PUBLISHED = [
+    ("composed_accuracy", "top1_pct", 1.0),
+    ("accuracy_loss_pp", "accuracy_loss_pp", 1.0),
+    ("krr", "krr_pct", 0.01),
+    ("module_size", "module_size_fraction_params", 1.0),
+    ("overlap", "module_overlap_fraction_params", 1.0),
+]
+E2_COLUMNS = ["approach", "model", "arch", "dataset", "seed", "base_accuracy",
+              "composed_accuracy", "accuracy_loss_pp", "krr", "module_size", "flops_fraction",
+              "overlap", "mean_precision", "mean_recall", "mean_f1", "train_seconds",
+              "modularize_seconds", "seconds", "device"]
+
+
+def modularization_table(metrics_paths: list[Path]) -> pd.DataFrame:
+    """E2: one row per (approach, model, dataset, seed) with published values beside.
+
+    A published value is taken for the same architecture and dataset when the paper reports
+    one, else the approach's headline figure (its source says so).
+    """
+    reference = published()
+    rows = []
+    for path in metrics_paths:
+        metrics = read_json(path)
+        row = {column: metrics.get(column) for column in E2_COLUMNS if column != "seconds"}
+        row["seconds"] = metrics["train_seconds"] + metrics["modularize_seconds"]
+        sources = set()
+        for column, metric, scale in E2_PUBLISHED:
+            value, source = published_value(reference, model=metrics["arch"],
+                                            dataset=metrics["dataset"],
+                                            approach=metrics["approach"], metric=metric)
+            if value is None:
+                value, source = published_value(reference, model="", dataset="",
+                                                approach=metrics["approach"], metric=metric)
+                source = f"{source} (headline)" if source else ""
+            row[f"published_{column}"] = value * scale if value is not None else None
+            sources |= {source} - {""}
+        row["published_source"] = "; ".join(sorted(sources))
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["dataset", "model", "approach", "seed"],
+                                          ignore_index=True)
+
+
+def accuracy_vs_krr_figure(table: pd.DataFrame, path: Path) -> None:
+    """Scatter of composed accuracy against KRR, one point per (approach, model, dataset);
+    written as ``path`` (PNG) and the same name with ``.pdf``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = table.groupby(["approach", "model", "dataset"], as_index=False)[
+        ["krr", "composed_accuracy"]].mean()
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    for approach, points in means.groupby("approach"):
+        axes.scatter(100 * points.krr, points.composed_accuracy, label=approach, s=40)
+        for point in points.itertuples():
+            axes.annotate(f"{point.model}/{point.dataset}", (100 * point.krr,
+                          point.composed_accuracy), fontsize=7, xytext=(4, 2),
+                          textcoords="offset points")
+    axes.set_xlabel("kernel retention rate (%)")
+    axes.set_ylabel("composed test accuracy (%)")
+    axes.set_title("Modularization: accuracy vs kernels kept")
+    axes.legend(title="approach")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    for target in (path, path.with_suffix(".pdf")):
+        with atomic_write(target) as tmp:
+            figure.savefig(tmp, format=target.suffix.lstrip("."))
+    plt.close(figure)

@@ -1,0 +1,218 @@
+"""GradSplitter (Qi et al., TOSEM 2023): modules found by gradient descent on kernel masks.
+
+Each module has one real-valued score per kernel, initialised to 1; the forward pass uses the
+binary mask 1[score > 0] and the backward pass lets the gradient through, clipped to [-1, 1].
+The base model is frozen (eval mode). Module m reads the masked model's N logits through its
+own head (ReLU → Linear(N→10) → ReLU → Linear(10→1) → sigmoid) whose output is its score; the
+loss is the cross-entropy over the N module scores used as logits plus α times the mean of all
+binary masks. Schedule: head-only epochs (Adam 0.01), then rounds of [mask+head epochs with α,
+head-only epochs], each phase with a fresh Adam. All N modules run in one batched masked pass.
+
+Selection (the authors chose by hand from logs; here automatic): the epoch whose composed
+validation accuracy is less than ``max_loss_pp`` below the base model's with the fewest kept
+kernels, else the epoch with the best composed validation accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..artifacts import config_hash
+from ..checkpoint import epoch_generator, load_checkpoint, save_checkpoint
+from ..heads import LogitMLPHead
+from ..masking import ensure_nonempty, masked_logits
+from ..metrics import composed_accuracy, module_scores
+from ..moduleset import ModuleSet, base_identity
+from ..structure import trace_structure
+from ..train import accuracy
+
+NAME = "gradsplitter"
+DEFAULTS: dict[str, Any] = {
+    "alpha": 0.1,             # weight of the mask-mean penalty in modularization epochs
+    "head_hidden": 10,        # hidden units of each module's head
+    "batch_size": 64,
+    "init_head_epochs": 5,    # head-only epochs before the first round
+    "init_head_lr": 0.01,
+    "rounds": 20,             # rounds of [mask_epochs | head_epochs]
+    "mask_epochs": 5,
+    "head_epochs": 2,
+    "lr": 0.001,              # Adam learning rate of heads after the initial phase
+    "mask_lr": 0.001,         # Adam learning rate of the kernel scores
+    "max_loss_pp": 1.0,       # selection: largest accepted validation accuracy loss (pp)
+    "max_train_samples": None,  # a seeded subset of the training split (None: all of it)
+}
+
+log = logging.getLogger(__name__)
+
+
+class _BinaryMask(torch.autograd.Function):
+    """1[score > 0] forward; the gradient passes straight through, clipped to [-1, 1]."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        return (scores > 0).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clamp(-1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Phase:
+    kind: str  # "head": heads only, masks fixed; "mask": kernel scores and heads
+    epochs: int
+    lr: float  # of the heads
+    alpha: float
+    mask_lr: float = 0.0  # of the kernel scores, in "mask" phases
+
+
+def schedule(config: dict[str, Any]) -> list[Phase]:
+    phases = [Phase("head", config["init_head_epochs"], config["init_head_lr"], 0.0)]
+    for _ in range(config["rounds"]):
+        phases += [Phase("mask", config["mask_epochs"], config["lr"], config["alpha"],
+                         config["mask_lr"]),
+                   Phase("head", config["head_epochs"], config["lr"], 0.0)]
+    return [phase for phase in phases if phase.epochs > 0]
+
+
+def _training_subset(data, config: dict[str, Any], seed: int):
+    limit = config["max_train_samples"]
+    if limit is None or limit >= len(data.train):
+        return data.train
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+    return data.train.take(order[:limit].sort().values.to(data.train.labels.device))
+
+
+def _module_set(model_meta, structure, masks, head, provenance=None) -> ModuleSet:
+    return ModuleSet(approach=NAME, classes=list(head.classes), masks=masks, head=head,
+                     combination="argmax", base=base_identity(model_meta),
+                     structure=structure, provenance=provenance or {})
+
+
+def modularize(model: nn.Module, base_meta: dict[str, Any], data, config: dict[str, Any], *,
+               seed: int, device: str = "cpu", checkpoint: Path | None = None,
+               progress: bool | None = None) -> ModuleSet:
+    started = time.monotonic()
+    model = model.to(device).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    structure = trace_structure(model, (1, *data.train.images.shape[1:]))
+    classes = list(range(data.num_classes))
+    torch.manual_seed(seed)
+    scores = {group.name: torch.ones(len(classes), group.size, device=device,
+                                     requires_grad=True) for group in structure.groups}
+    head = LogitMLPHead(classes, data.num_classes, config["head_hidden"]).to(device)
+    phases = schedule(config)
+    plan = [(index, phase) for index, phase in enumerate(phases) for _ in range(phase.epochs)]
+    train_set = _training_subset(data, config, seed)
+    base_val_accuracy = accuracy(model, data.val)
+    fingerprint = config_hash({"approach": NAME, "config": config, "seed": seed,
+                               "base": base_meta.get("weights_sha256")})
+
+    history, candidates, start, earlier_seconds = [], [], 0, 0.0
+    optimizer, optimizer_phase = None, None
+    state = load_checkpoint(checkpoint, fingerprint)
+    if state is not None:
+        with torch.no_grad():
+            for name, tensor in state["scores"].items():
+                scores[name].copy_(tensor)
+        head.load_state_dict(state["head"])
+        history, candidates = state["history"], state["candidates"]
+        start, earlier_seconds = state["epoch"] + 1, state["wall_seconds"]
+        if start < len(plan) and plan[start][0] == state["phase"]:
+            optimizer, optimizer_phase = _optimizer(plan[start][1], scores, head), state["phase"]
+            optimizer.load_state_dict(state["optimizer"])
+        log.info("resuming GradSplitter from %s after epoch %d", checkpoint, start)
+
+    loss_fn = nn.CrossEntropyLoss()
+    bar = tqdm(total=len(plan), initial=start, unit="epoch", desc=NAME,
+               disable=None if progress is None else not progress)
+    for epoch in range(start, len(plan)):
+        phase_index, phase = plan[epoch]
+        if optimizer_phase != phase_index:  # a fresh Adam at every phase switch
+            optimizer, optimizer_phase = _optimizer(phase, scores, head), phase_index
+        generator = epoch_generator(seed, epoch)
+        order = torch.randperm(len(train_set), generator=generator).to(train_set.labels.device)
+        head.train()
+        loss_sum = 0.0
+        for begin in range(0, len(order), config["batch_size"]):
+            x, y = train_set.float_batch(order[begin:begin + config["batch_size"]])
+            if phase.kind == "mask":
+                masks = {name: _BinaryMask.apply(s) for name, s in scores.items()}
+                logits = masked_logits(model, structure, masks, x)
+            else:
+                with torch.no_grad():
+                    masks = {name: (s > 0).float() for name, s in scores.items()}
+                    logits = masked_logits(model, structure, masks, x)
+            loss = loss_fn(head(logits), y)
+            if phase.alpha:
+                loss = loss + phase.alpha * torch.cat([m.flatten() for m in masks.values()]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(y)
+
+        head.eval()
+        binary = ensure_nonempty({n: s.detach() for n, s in scores.items()},
+                                 {n: s.detach() for n, s in scores.items()})
+        candidate = _module_set(base_meta, structure, binary, head)
+        val_accuracy = composed_accuracy(candidate, module_scores(model, candidate, data.val),
+                                         data.val.labels)
+        kernels = int(sum(mask.sum() for mask in binary.values()))
+        record = {"epoch": epoch + 1, "phase": phase.kind, "loss": loss_sum / len(order),
+                  "val_accuracy": val_accuracy, "kernels": kernels,
+                  "krr": kernels / (structure.total_kernels * len(classes))}
+        history.append(record)
+        candidates.append({"masks": {n: m.cpu() for n, m in binary.items()},
+                           "head": {n: t.detach().cpu().clone()
+                                    for n, t in head.state_dict().items()}})
+        log.info("epoch %d/%d (%s) loss %.4f val %.2f%% KRR %.3f", epoch + 1, len(plan),
+                 phase.kind, record["loss"], val_accuracy, record["krr"])
+        if checkpoint:
+            save_checkpoint(checkpoint, {
+                "fingerprint": fingerprint, "epoch": epoch, "phase": phase_index,
+                "scores": {n: s.detach().cpu() for n, s in scores.items()},
+                "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                "history": history, "candidates": candidates,
+                "wall_seconds": earlier_seconds + time.monotonic() - started,
+            })
+        bar.set_postfix(val=f"{val_accuracy:.1f}%", krr=f"{record['krr']:.2f}")
+        bar.update(1)
+    bar.close()
+
+    chosen = select_epoch(history, base_val_accuracy, config["max_loss_pp"])
+    head.load_state_dict(candidates[chosen]["head"])
+    masks = {n: m.to(device) for n, m in candidates[chosen]["masks"].items()}
+    provenance = {
+        "config": config, "seed": seed, "selected_epoch": history[chosen]["epoch"],
+        "base_val_accuracy": base_val_accuracy, "history": history,
+        "train_samples": len(train_set),
+        "wall_seconds": earlier_seconds + time.monotonic() - started,
+    }
+    return _module_set(base_meta, structure, masks, head.cpu(), provenance)
+
+
+def select_epoch(history: list[dict[str, Any]], base_val_accuracy: float,
+                 max_loss_pp: float) -> int:
+    """Index of the epoch with the fewest kernels within ``max_loss_pp`` of the base model's
+    validation accuracy; else of the best validation accuracy."""
+    accepted = [i for i, r in enumerate(history)
+                if base_val_accuracy - r["val_accuracy"] < max_loss_pp]
+    if accepted:
+        return min(accepted, key=lambda i: (history[i]["kernels"], -history[i]["val_accuracy"]))
+    return max(range(len(history)), key=lambda i: history[i]["val_accuracy"])
+
+
+def _optimizer(phase: Phase, scores: dict[str, torch.Tensor], head: nn.Module):
+    groups = [{"params": list(head.parameters()), "lr": phase.lr}]
+    if phase.kind == "mask":
+        groups.append({"params": list(scores.values()), "lr": phase.mask_lr})
+    return torch.optim.Adam(groups)

@@ -1,0 +1,132 @@
+"""Output mappings of modules: how a module turns the base model's logits into its score.
+
+Every approach's modules run the (masked) base model; what differs is the last step. A head
+maps the logits of M modules, shape (M, batch, N), to one score per module, shape (batch, M),
+and can hand out a standalone copy for a single extracted module. Heads are registered by
+``kind`` so a module set on disk names its head and loading rebuilds it from tensors only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import ArtifactError
+
+
+class Head(nn.Module):
+    """Base class: subclasses set ``kind`` and implement forward, subset and for_module."""
+
+    kind: str = ""
+    #: score above which a module claims its class (binary metrics); None: the composed vote.
+    threshold: float | None = None
+
+    def __init__(self, classes: Sequence[int], num_outputs: int) -> None:
+        super().__init__()
+        self.classes = list(classes)
+        self.num_outputs = num_outputs
+
+    def options(self) -> dict:
+        """Constructor options that, with the tensors, rebuild this head."""
+        return {}
+
+    def subset(self, index: Sequence[int]) -> Head:
+        raise NotImplementedError
+
+    def for_module(self, position: int) -> nn.Module:
+        """A standalone head for module ``position``: (batch, N) logits → (batch,) scores."""
+        raise NotImplementedError
+
+
+class OwnLogitHead(Head):
+    """The module's score is its own class's logit (CNNSplitter; no parameters)."""
+
+    kind = "own_logit"
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        index = torch.tensor(self.classes, device=logits.device)
+        return logits[torch.arange(len(index), device=logits.device), :, index].T
+
+    def subset(self, index: Sequence[int]) -> OwnLogitHead:
+        return OwnLogitHead([self.classes[i] for i in index], self.num_outputs)
+
+    def for_module(self, position: int) -> nn.Module:
+        return _SelectLogit(self.classes[position])
+
+
+class _SelectLogit(nn.Module):
+    def __init__(self, column: int) -> None:
+        super().__init__()
+        self.column = column
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, self.column]
+
+
+class LogitMLPHead(Head):
+    """GradSplitter's head, one per module: ReLU → Linear(N→h) → ReLU → Linear(h→1) → sigmoid.
+
+    The M heads are stored stacked and evaluated with batched matrix products.
+    """
+
+    kind = "logit_mlp"
+    threshold = 0.5
+
+    def __init__(self, classes: Sequence[int], num_outputs: int, hidden: int = 10) -> None:
+        super().__init__(classes, num_outputs)
+        modules = len(self.classes)
+        # nn.Linear's default initialisation: uniform in ±1/sqrt(fan_in), weights and biases.
+        bound_in, bound_hidden = num_outputs ** -0.5, hidden ** -0.5
+        self.w1 = nn.Parameter(torch.empty(modules, num_outputs, hidden).uniform_(-bound_in,
+                                                                                  bound_in))
+        self.b1 = nn.Parameter(torch.empty(modules, hidden).uniform_(-bound_in, bound_in))
+        self.w2 = nn.Parameter(torch.empty(modules, hidden).uniform_(-bound_hidden,
+                                                                      bound_hidden))
+        self.b2 = nn.Parameter(torch.empty(modules).uniform_(-bound_hidden, bound_hidden))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(torch.bmm(torch.relu(logits), self.w1) + self.b1[:, None])
+        out = torch.einsum("mbh,mh->mb", hidden, self.w2) + self.b2[:, None]
+        return torch.sigmoid(out).T
+
+    def options(self) -> dict:
+        return {"hidden": self.w1.shape[-1]}
+
+    def subset(self, index: Sequence[int]) -> LogitMLPHead:
+        head = LogitMLPHead([self.classes[i] for i in index], self.num_outputs,
+                            self.w1.shape[-1])
+        head.load_state_dict({name: tensor[list(index)] for name, tensor in
+                              self.state_dict().items()})
+        return head
+
+    def for_module(self, position: int) -> nn.Module:
+        head = nn.Sequential(nn.ReLU(), nn.Linear(self.num_outputs, self.w1.shape[-1]),
+                             nn.ReLU(), nn.Linear(self.w1.shape[-1], 1), nn.Sigmoid(),
+                             nn.Flatten(0))
+        with torch.no_grad():
+            head[1].weight.copy_(self.w1[position].T)
+            head[1].bias.copy_(self.b1[position])
+            head[3].weight.copy_(self.w2[position][None])
+            head[3].bias.copy_(self.b2[position][None])
+        return head.eval()
+
+
+HEADS: dict[str, type[Head]] = {head.kind: head for head in (OwnLogitHead, LogitMLPHead)}
+
+
+def build_head(kind: str, classes: Sequence[int], num_outputs: int,
+               tensors: dict[str, torch.Tensor] | None = None, **options) -> Head:
+    """A head of ``kind``; with ``tensors`` (a state dict) its trained parameters."""
+    if kind not in HEADS:
+        raise ArtifactError(f"unknown module head kind {kind!r}; known: {sorted(HEADS)}")
+    head = HEADS[kind](classes, num_outputs, **options)
+    if tensors is not None:
+        expected = {name: tuple(t.shape) for name, t in head.state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in tensors.items()}
+        if expected != found:
+            raise ArtifactError(f"{kind} head tensors {found} do not fit the module set "
+                                f"(expected {expected})")
+        head.load_state_dict(tensors)
+    return head

@@ -1,0 +1,125 @@
+"""The metrics every approach is judged by, written once (specs: approaches.md, vocabulary).
+
+- composed accuracy: the module set's combined prediction on the test images, and the accuracy
+  loss against the base model on the same images, in percentage points;
+- KRR (kernel retention rate): kept kernels / prunable kernels, mean over modules;
+- module size and FLOPs: of the physically extracted module (head included), as fractions of
+  the base model, mean over modules;
+- overlap: mean pairwise Jaccard index of the modules' kept-kernel sets;
+- per-module binary precision, recall and F1 for "is it my class".
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from sklearn.metrics import precision_recall_fscore_support
+from torch import nn
+
+from .extract import count_flops, count_parameters, extract_module
+from .moduleset import ModuleSet
+from .train import accuracy as model_accuracy
+
+
+@torch.no_grad()
+def module_scores(model: nn.Module, modules: ModuleSet, images, batch_size: int = 256
+                  ) -> torch.Tensor:
+    """Scores of all modules on an ImageSet, (samples, modules), in batched masked passes."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(images)),
+                             device=images.labels.device)
+        x, _ = images.float_batch(index)
+        outputs.append(modules.scores(model, x).float())
+    return torch.cat(outputs)
+
+
+def composed_accuracy(modules: ModuleSet, scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Accuracy (%) of the composed prediction on samples of the set's classes."""
+    return 100.0 * (modules.predict(scores) == labels).float().mean().item()
+
+
+def binary_metrics(modules: ModuleSet, scores: torch.Tensor, labels: torch.Tensor
+                   ) -> list[dict[str, float]]:
+    """Precision, recall and F1 (%) of each module answering "is it my class?".
+
+    A module with a thresholded head (e.g. a sigmoid score) claims a sample above its
+    threshold; otherwise it claims the samples the composed prediction gives its class.
+    """
+    predicted = modules.predict(scores)
+    rows = []
+    for position, cls in enumerate(modules.classes):
+        if modules.head.threshold is not None:
+            claimed = scores[:, position] > modules.head.threshold
+        else:
+            claimed = predicted == cls
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            (labels == cls).cpu().numpy(), claimed.cpu().numpy(), average="binary",
+            zero_division=0)
+        rows.append({"class": cls, "precision": 100 * precision, "recall": 100 * recall,
+                     "f1": 100 * f1})
+    return rows
+
+
+def kernel_retention(modules: ModuleSet) -> list[float]:
+    """KRR of each module: kept kernels / prunable kernels."""
+    total = modules.structure.total_kernels
+    kept = sum(mask.sum(dim=1) for mask in modules.masks.values())
+    return (kept.float() / total).tolist()
+
+
+def kernel_overlap(modules: ModuleSet) -> float:
+    """Mean pairwise Jaccard index of the modules' kept-kernel sets (0 for a single module)."""
+    kept = torch.cat([mask for mask in modules.masks.values()], dim=1)
+    pairs = list(itertools.combinations(range(len(modules)), 2))
+    if not pairs:
+        return 0.0
+    jaccard = [((kept[a] & kept[b]).sum() / (kept[a] | kept[b]).sum()).item() for a, b in pairs]
+    return sum(jaccard) / len(jaccard)
+
+
+def module_costs(model: nn.Module, modules: ModuleSet) -> list[dict[str, float]]:
+    """Parameters and FLOPs of each extracted module (with its head) relative to the base."""
+    input_shape = tuple(modules.structure.input_shape)
+    base_params, base_flops = count_parameters(model), count_flops(model, input_shape)
+    rows = []
+    for position in range(len(modules)):
+        extracted = extract_module(model, modules.structure, modules.module_masks(position))
+        head = modules.head.for_module(position)
+        standalone = nn.Sequential(extracted, head)
+        rows.append({
+            "params": count_parameters(standalone),
+            "size_fraction": count_parameters(standalone) / base_params,
+            "flops_fraction": count_flops(standalone, input_shape) / base_flops,
+        })
+    return rows
+
+
+def evaluate(model: nn.Module, modules: ModuleSet, test, base_accuracy: float | None = None,
+             with_costs: bool = True) -> dict[str, Any]:
+    """Every shared metric of a module set on the ImageSet ``test`` (base-model labels)."""
+    scores = module_scores(model, modules, test)
+    if base_accuracy is None:
+        base_accuracy = model_accuracy(model, test)
+    accuracy = composed_accuracy(modules, scores, test.labels)
+    binary = binary_metrics(modules, scores, test.labels)
+    krr = kernel_retention(modules)
+    result = {
+        "base_accuracy": base_accuracy, "composed_accuracy": accuracy,
+        "accuracy_loss_pp": base_accuracy - accuracy,
+        "krr": sum(krr) / len(krr), "overlap": kernel_overlap(modules),
+        "mean_precision": sum(r["precision"] for r in binary) / len(binary),
+        "mean_recall": sum(r["recall"] for r in binary) / len(binary),
+        "mean_f1": sum(r["f1"] for r in binary) / len(binary),
+        "modules": [{**row, "krr": k} for row, k in zip(binary, krr, strict=True)],
+    }
+    if with_costs:
+        costs = module_costs(model, modules)
+        result["module_size"] = sum(c["size_fraction"] for c in costs) / len(costs)
+        result["flops_fraction"] = sum(c["flops_fraction"] for c in costs) / len(costs)
+        for row, cost in zip(result["modules"], costs, strict=True):
+            row.update(cost)
+    return result

@@ -1,0 +1,108 @@
+"""GradSplitter: the straight-through mask, the schedule, selection, a tiny run, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dnnmod.approaches.gradsplitter as gradsplitter
+from dnnmod.approaches import resolve_config
+from dnnmod.cli import main
+from dnnmod.errors import ConfigError
+from dnnmod.models import build_model
+from dnnmod.moduleset import ModuleSet
+from dnnmod.train import Recipe, train
+
+TINY = {"init_head_epochs": 1, "rounds": 1, "mask_epochs": 1, "head_epochs": 1,
+        "mask_lr": 0.05, "max_train_samples": 128}
+
+
+@pytest.fixture(scope="module")
+def trained(small_digits):
+    torch.manual_seed(0)
+    model = build_model("simcnn", 10, width=0.0625)
+    result = train(model, small_digits, Recipe(epochs=2, batch_size=64, lr=0.05), seed=0,
+                   progress=False)
+    meta = {"arch": "simcnn", "model": "simcnn", "dataset": "digits", "num_classes": 10,
+            "width": 0.0625, "options": {}, "seed": 0, "weights_sha256": "f" * 64}
+    return result.model.eval(), meta
+
+
+def test_mask_is_binary_forward_and_passes_a_clipped_gradient_back():
+    scores = torch.tensor([0.5, -0.2, 0.0, 2.0], requires_grad=True)
+    mask = gradsplitter._BinaryMask.apply(scores)
+    assert mask.tolist() == [1.0, 0.0, 0.0, 1.0]
+    (mask * torch.tensor([3.0, -5.0, 0.5, 1.0])).sum().backward()
+    assert scores.grad.tolist() == [1.0, -1.0, 0.5, 1.0]
+
+
+def test_reference_schedule():
+    phases = gradsplitter.schedule(resolve_config("gradsplitter", {}))
+    assert sum(p.epochs for p in phases) == 5 + 20 * (5 + 2)
+    assert [p.kind for p in phases[:3]] == ["head", "mask", "head"]
+    assert phases[0].lr == 0.01 and phases[1].alpha == 0.1 and phases[2].alpha == 0.0
+
+
+def test_selection_prefers_fewest_kernels_within_the_loss_threshold():
+    history = [{"val_accuracy": 95.0, "kernels": 100}, {"val_accuracy": 94.5, "kernels": 60},
+               {"val_accuracy": 93.0, "kernels": 20}]
+    assert gradsplitter.select_epoch(history, base_val_accuracy=95.2, max_loss_pp=1.0) == 1
+    assert gradsplitter.select_epoch(history, base_val_accuracy=99.0, max_loss_pp=1.0) == 0
+
+
+def test_unknown_hyperparameter_is_named():
+    with pytest.raises(ConfigError, match=r"approaches.gradsplitter: unknown keys \['lr_mask'\]"):
+        resolve_config("gradsplitter", {"lr_mask": 0.1})
+
+
+def _run(trained, data, checkpoint=None):
+    model, meta = trained
+    config = resolve_config("gradsplitter", TINY)
+    return gradsplitter.modularize(model, meta, data, config, seed=1, checkpoint=checkpoint,
+                                   progress=False)
+
+
+def test_tiny_run_returns_a_module_set(trained, small_digits, tmp_path):
+    modules = _run(trained, small_digits)
+    assert isinstance(modules, ModuleSet) and modules.classes == list(range(10))
+    assert modules.head.kind == "logit_mlp" and modules.combination == "argmax"
+    history = modules.provenance["history"]
+    assert [r["phase"] for r in history] == ["head", "mask", "head"]
+    assert modules.provenance["train_samples"] == 128
+    # Scores start at 1: only mask epochs can drop kernels.
+    assert history[0]["krr"] == 1.0 and history[1]["krr"] <= 1.0
+    modules.save(tmp_path / "m.safetensors")
+    assert ModuleSet.load(tmp_path / "m.safetensors").provenance["selected_epoch"] >= 1
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_the_same_modules(trained, small_digits, tmp_path,
+                                                          monkeypatch):
+    reference = _run(trained, small_digits, tmp_path / "a.pt")
+    save = gradsplitter.save_checkpoint
+
+    def save_then_die(path, state):
+        save(path, state)
+        if state["epoch"] == 1:
+            raise Interrupted
+
+    monkeypatch.setattr(gradsplitter, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        _run(trained, small_digits, tmp_path / "b.pt")
+    monkeypatch.undo()
+    resumed = _run(trained, small_digits, tmp_path / "b.pt")
+    assert [r["val_accuracy"] for r in resumed.provenance["history"]] == \
+        [r["val_accuracy"] for r in reference.provenance["history"]]
+    assert all(torch.equal(resumed.masks[n], reference.masks[n]) for n in reference.masks)
+    for name, tensor in reference.head.state_dict().items():
+        assert torch.equal(tensor, resumed.head.state_dict()[name])
+
+
+def test_unknown_approach_is_refused_by_the_command_line(tmp_path, capsys):
+    status = main(["modularize", "--approach", "netsplitter", "--model", "m.safetensors",
+                   "--seed", "0", "--out", str(tmp_path / "x.safetensors")])
+    assert status == 2
+    assert "unknown approach 'netsplitter'" in capsys.readouterr().err

@@ -1,0 +1,49 @@
+rule modularize:
+    input:
+        weights=f"{RESULTS}/models/{{dataset}}/{{model}}/st/seed{{seed}}/model.safetensors",
+        split=rules.split_dataset.output,
+    output:
+        modules=f"{RESULTS}/modules/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}/modules.safetensors",
+        meta=f"{RESULTS}/modules/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}/modules.json",
+    log:
+        f"{RESULTS}/logs/modularize/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/modularize/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.tsv"
+    conda:
+        "../../environment.yml"
+    threads: config["threads"]["train"]
+    resources:
+        gpu=1,
+        runtime=config["resources"]["train"]["runtime"],
+        mem_mb=config["resources"]["train"]["mem_mb"],
+    params:
+        data_root=lambda wc, input: data_root(input.split[0]),
+        config=lambda wc: as_json(config["approaches"].get(wc.approach, {})),
+        # Outside the declared outputs: Snakemake does not delete it when a killed job reruns.
+        checkpoint=f"{RESULTS}/resume/modules/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.pt",
+    shell:
+        "dnnmod modularize --approach {wildcards.approach} --model {input.weights} "
+        "--config {params.config:q} --seed {wildcards.seed} --data-root {params.data_root} "
+        "--threads {threads} --checkpoint {params.checkpoint} --out {output.modules} 2> {log}"
+
+
+rule evaluate_modules:
+    input:
+        modules=rules.modularize.output.modules,
+        weights=rules.modularize.input.weights,
+        split=rules.split_dataset.output,
+    output:
+        f"{RESULTS}/modules/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}/metrics.json",
+    log:
+        f"{RESULTS}/logs/evaluate_modules/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_modules/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.tsv"
+    conda:
+        "../../environment.yml"
+    resources:
+        gpu=1,
+    params:
+        data_root=lambda wc, input: data_root(input.split[0]),
+    shell:
+        "dnnmod evaluate-modules --modules {input.modules} --model {input.weights} "
+        "--data-root {params.data_root} --out {output} 2> {log}"
