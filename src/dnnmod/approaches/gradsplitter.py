@@ -29,7 +29,7 @@ from ..artifacts import config_hash
 from ..checkpoint import epoch_generator, load_checkpoint, save_checkpoint
 from ..heads import LogitMLPHead
 from ..masking import ensure_nonempty, masked_logits
-from ..metrics import composed_accuracy, module_scores
+from ..metrics import composed_accuracy
 from ..moduleset import ModuleSet, base_identity
 from ..structure import trace_structure
 from ..train import accuracy
@@ -133,6 +133,7 @@ def modularize(model: nn.Module, base_meta: dict[str, Any], data, config: dict[s
         log.info("resuming GradSplitter from %s after epoch %d", checkpoint, start)
 
     loss_fn = nn.CrossEntropyLoss()
+    cached_phase, train_logits, val_logits = None, None, None
     bar = tqdm(total=len(plan), initial=start, unit="epoch", desc=NAME,
                disable=None if progress is None else not progress)
     for epoch in range(start, len(plan)):
@@ -143,17 +144,22 @@ def modularize(model: nn.Module, base_meta: dict[str, Any], data, config: dict[s
         order = torch.randperm(len(train_set), generator=generator).to(train_set.labels.device)
         head.train()
         loss_sum = 0.0
+        if phase.kind == "head" and cached_phase != phase_index:
+            # Masks are fixed in a head-only phase and GradSplitter uses no augmentation, so
+            # the masked logits of every image are the same in each of the phase's epochs.
+            fixed = {name: (s > 0).float().detach() for name, s in scores.items()}
+            train_logits = _masked_logits_of(model, structure, fixed, train_set)
+            cached_phase, val_logits = phase_index, None
         for begin in range(0, len(order), config["batch_size"]):
-            x, y = train_set.float_batch(order[begin:begin + config["batch_size"]])
+            index = order[begin:begin + config["batch_size"]]
             if phase.kind == "mask":
+                x, y = train_set.float_batch(index)
                 masks = {name: _BinaryMask.apply(s) for name, s in scores.items()}
                 logits = masked_logits(model, structure, masks, x)
             else:
-                with torch.no_grad():
-                    masks = {name: (s > 0).float() for name, s in scores.items()}
-                    logits = masked_logits(model, structure, masks, x)
+                logits, y = train_logits[:, index], train_set.labels[index]
             loss = loss_fn(head(logits), y)
-            if phase.alpha:
+            if phase.kind == "mask" and phase.alpha:
                 loss = loss + phase.alpha * torch.cat([m.flatten() for m in masks.values()]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -163,9 +169,11 @@ def modularize(model: nn.Module, base_meta: dict[str, Any], data, config: dict[s
         head.eval()
         binary = ensure_nonempty({n: s.detach() for n, s in scores.items()},
                                  {n: s.detach() for n, s in scores.items()})
+        if phase.kind == "mask" or val_logits is None:
+            val_logits = _masked_logits_of(model, structure, binary, data.val)
         candidate = _module_set(base_meta, structure, binary, head)
-        val_accuracy = composed_accuracy(candidate, module_scores(model, candidate, data.val),
-                                         data.val.labels)
+        with torch.no_grad():
+            val_accuracy = composed_accuracy(candidate, head(val_logits), data.val.labels)
         kernels = int(sum(mask.sum() for mask in binary.values()))
         record = {"epoch": epoch + 1, "phase": phase.kind, "loss": loss_sum / len(order),
                   "val_accuracy": val_accuracy, "kernels": kernels,
@@ -198,6 +206,18 @@ def modularize(model: nn.Module, base_meta: dict[str, Any], data, config: dict[s
         "wall_seconds": earlier_seconds + time.monotonic() - started,
     }
     return _module_set(base_meta, structure, masks, head.cpu(), provenance)
+
+
+@torch.no_grad()
+def _masked_logits_of(model: nn.Module, structure, masks: dict[str, torch.Tensor], images,
+                      batch_size: int = 256) -> torch.Tensor:
+    """Masked logits of every module on every image of an ImageSet: (modules, images, N)."""
+    outputs = []
+    for begin in range(0, len(images), batch_size):
+        index = torch.arange(begin, min(begin + batch_size, len(images)),
+                             device=images.labels.device)
+        outputs.append(masked_logits(model, structure, masks, images.float_batch(index)[0]))
+    return torch.cat(outputs, dim=1)
 
 
 def select_epoch(history: list[dict[str, Any]], base_val_accuracy: float,
