@@ -19,15 +19,16 @@ from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 
 from .extract import count_flops, count_parameters, extract_module
+from .masking import images_per_pass
 from .moduleset import ModuleSet
 from .train import accuracy as model_accuracy
 
 
 @torch.no_grad()
-def module_scores(model: nn.Module, modules: ModuleSet, images, batch_size: int = 256
-                  ) -> torch.Tensor:
+def module_scores(model: nn.Module, modules: ModuleSet, images) -> torch.Tensor:
     """Scores of all modules on an ImageSet, (samples, modules), in batched masked passes."""
     model.eval()
+    batch_size = images_per_pass(images.labels.device, len(modules))
     outputs = []
     for start in range(0, len(images), batch_size):
         index = torch.arange(start, min(start + batch_size, len(images)),

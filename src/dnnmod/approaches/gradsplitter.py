@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..artifacts import config_hash
 from ..checkpoint import epoch_generator, load_checkpoint, save_checkpoint
 from ..heads import LogitMLPHead
-from ..masking import ensure_nonempty, masked_logits
+from ..masking import ensure_nonempty, images_per_pass, masked_logits
 from ..metrics import composed_accuracy
 from ..moduleset import ModuleSet, base_identity
 from ..structure import trace_structure
@@ -209,9 +209,10 @@ def modularize(model: nn.Module, base_meta: dict[str, Any], data, config: dict[s
 
 
 @torch.no_grad()
-def _masked_logits_of(model: nn.Module, structure, masks: dict[str, torch.Tensor], images,
-                      batch_size: int = 256) -> torch.Tensor:
+def _masked_logits_of(model: nn.Module, structure, masks: dict[str, torch.Tensor],
+                      images) -> torch.Tensor:
     """Masked logits of every module on every image of an ImageSet: (modules, images, N)."""
+    batch_size = images_per_pass(images.labels.device, next(iter(masks.values())).shape[0])
     outputs = []
     for begin in range(0, len(images), batch_size):
         index = torch.arange(begin, min(begin + batch_size, len(images)),
