@@ -169,3 +169,21 @@ def test_train_command_names_a_bad_architecture(data_root, tmp_path, capsys):
     assert status == 2
     assert "unknown model 'alexnet'" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_full_disk_is_reported_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import dnnmod.artifacts as artifacts
+
+    def no_space(_fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(artifacts.os, "fsync", no_space)
+    model = build_model("simcnn", 10, width=0.0625)
+    target = tmp_path / "m.safetensors"
+    with pytest.raises(ArtifactError, match="no space left on the device"):
+        save_model(target, model, {"arch": "simcnn", "num_classes": 10, "width": 0.0625,
+                                   "options": {}, "dataset": "digits"})
+    assert list(tmp_path.iterdir()) == []

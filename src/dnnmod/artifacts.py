@@ -9,9 +9,11 @@ step would trust. Nothing here unpickles: loading never executes code from a fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -37,6 +39,13 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            raise ArtifactError(f"{path}: no space left on the device ({free / 2**20:.0f} MiB "
+                                f"free in {path.parent}); nothing was written") from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

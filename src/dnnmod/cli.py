@@ -165,7 +165,9 @@ def cmd_table_base_models(args: argparse.Namespace) -> None:
     from .tables import base_model_table, write_table
 
     table = base_model_table([Path(p) for p in args.models])
-    write_table(table, Path(args.out), title="E1 base models")
+    write_table(table, Path(args.out), title="E1 base models",
+                keys=["dataset", "model", "training"],
+                values=["test_accuracy", "val_accuracy", "train_seconds"])
     if args.metrics:
         write_json(args.metrics, {
             f"{row.dataset}/{row.model}/{row.training}/seed{row.seed}": {
@@ -184,7 +186,10 @@ def cmd_table_modularization(args: argparse.Namespace) -> None:
     from .tables import accuracy_vs_krr_figure, modularization_table, write_table
 
     table = modularization_table([Path(p) for p in args.metrics])
-    write_table(table, Path(args.out), title="E2 modularization")
+    write_table(table, Path(args.out), title="E2 modularization",
+                keys=["dataset", "model", "approach"],
+                values=["composed_accuracy", "accuracy_loss_pp", "krr", "module_size",
+                        "flops_fraction", "overlap", "mean_f1", "seconds"])
     if args.figure:
         accuracy_vs_krr_figure(table, Path(args.figure))
     if args.summary:

@@ -58,19 +58,36 @@ def base_model_table(weights_paths: list[Path]) -> pd.DataFrame:
 
 
 def summarize_seeds(table: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
-    """Mean ± std over seeds of ``values`` for each group of ``keys``, as display strings."""
-    grouped = table.groupby(keys, sort=True)[values]
-    mean, std, count = grouped.mean(), grouped.std(ddof=1).fillna(0.0), grouped.size()
-    summary = mean.map(lambda v: f"{v:.2f}") + " ± " + std.map(lambda v: f"{v:.2f}")
-    summary["seeds"] = count
+    """Mean and sample standard deviation over seeds of ``values`` per group of ``keys``:
+    columns ``<value>_mean``, ``<value>_std`` (0 for a single seed) and ``seeds``."""
+    grouped = table.groupby(keys, sort=True)
+    summary = grouped[values].agg(["mean", "std"]).fillna(0.0)
+    summary.columns = [f"{value}_{stat}" for value, stat in summary.columns]
+    summary["seeds"] = grouped.size()
     return summary.reset_index()
 
 
-def write_table(table: pd.DataFrame, csv_path: Path, title: str) -> None:
-    """Write the tidy CSV and a Markdown rendering (``.md`` beside it), both atomically."""
-    with atomic_write(csv_path) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.4f")
-    markdown = f"# {title}\n\n{table.to_markdown(index=False, floatfmt='.2f')}\n"
+def _mean_std_view(summary: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
+    view = summary[keys].copy()
+    for value in values:
+        view[value] = [f"{m:.2f} ± {s:.2f}" for m, s in
+                       zip(summary[f"{value}_mean"], summary[f"{value}_std"], strict=True)]
+    view["seeds"] = summary["seeds"]
+    return view
+
+
+def write_table(table: pd.DataFrame, csv_path: Path, title: str, keys: list[str],
+                values: list[str]) -> None:
+    """Write the tidy per-seed CSV, its mean ± std summary over seeds (``*_summary.csv``) and
+    a Markdown rendering of both (``.md``), all atomically."""
+    summary = summarize_seeds(table, keys, values)
+    summary_path = csv_path.with_name(f"{csv_path.stem}_summary.csv")
+    for frame, path in ((table, csv_path), (summary, summary_path)):
+        with atomic_write(path) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.4f")
+    markdown = (f"# {title}\n\n## Mean ± std over seeds\n\n"
+                f"{_mean_std_view(summary, keys, values).to_markdown(index=False)}\n\n"
+                f"## Per seed\n\n{table.to_markdown(index=False, floatfmt='.2f')}\n")
     with atomic_write(csv_path.with_suffix(".md")) as tmp:
         tmp.write_text(markdown)
 

@@ -7,6 +7,7 @@ rule table_base_models:
             caption="../report/e1_base_models.rst",
             category="E1 base models",
         ),
+        summary_csv=f"{RESULTS}/tables/e1_base_models_summary.csv",
         markdown=f"{RESULTS}/tables/e1_base_models.md",
         metrics=f"{RESULTS}/metrics/e1_base_models.json",
     log:
@@ -29,6 +30,7 @@ rule table_modularization:
             caption="../report/e2_modularization.rst",
             category="E2 modularization",
         ),
+        summary_csv=f"{RESULTS}/tables/e2_modularization_summary.csv",
         markdown=f"{RESULTS}/tables/e2_modularization.md",
         figure=report(
             f"{RESULTS}/figures/e2_accuracy_vs_krr.png",

@@ -1,0 +1,299 @@
+"""The SLURM profile for real: a tiny study through a single-node Slurm cluster.
+
+The test starts its own cluster from Debian's slurm-wlm and munge, entirely under tmp_path: a
+munge key and munged on its own socket, a generated slurm.conf (no accounting database, no
+cgroups, random ports), slurmctld and slurmd, one node with two fake GPUs in partition `gpu`
+(the shipped profile's default partition). Snakemake then submits the DAG with
+`--profile workflow/profiles/slurm`, and the test checks both the study's outputs and that every
+job went through sbatch. The cluster is stopped afterwards, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")
+
+TINY = {
+    "study": "tiny",
+    "seeds": [0],
+    "device": "cpu",
+    "datasets": {"digits": {}},
+    "models": {"simcnn": {"arch": "simcnn", "width": 0.0625}},
+    "recipes": {"tiny": {"epochs": 1, "batch_size": 128, "lr": 0.05}},
+    "base_models": [{"dataset": "digits", "models": ["simcnn"], "recipe": "tiny"}],
+    "approaches": {"gradsplitter": {"init_head_epochs": 1, "rounds": 1, "mask_epochs": 1,
+                                    "head_epochs": 0, "max_train_samples": 128}},
+    "modularize": [{"approach": "gradsplitter", "dataset": "digits", "models": ["simcnn"]}],
+    "threads": {"train": 1},
+    # The schema's defaults (720 min, 16 GB) are for real training; the test node is small.
+    "resources": {"train": {"runtime": 10, "mem_mb": 1000}},
+}
+
+# Every rule but `all` (a local rule) is a SLURM job; these declare `gpu: 1`.
+SLURM_RULES = {"prepare_dataset", "split_dataset", "train_base_model", "table_base_models",
+               "modularize", "evaluate_modules", "table_modularization"}
+GPU_RULES = {"train_base_model", "modularize", "evaluate_modules"}
+
+SLURM_CONF = """\
+ClusterName=dnnmodtest
+SlurmctldHost={node}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+AuthInfo=socket={munge_socket}
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+PlugStackConfig={root}/plugstack.conf
+# No cgroups: processes are tracked through /proc, tasks are not confined.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+# No slurmdbd: `sacct` answers "accounting storage is disabled", so job status comes from
+# squeue, which shows finished jobs for MinJobAge seconds.
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=3600
+ReturnToService=2
+# Trust the node line below rather than the hardware (any CI machine registers the same node).
+SlurmdParameters=config_overrides
+GresTypes=gpu
+NodeName={node} NodeAddr=127.0.0.1 CPUs=2 RealMemory=8000 Gres=gpu:2 State=UNKNOWN
+PartitionName=gpu Nodes={node} Default=YES MaxTime=INFINITE State=UP
+"""
+
+# Slurm drops a GPU without device files; links to /dev/null are character devices it accepts.
+GRES_CONF = "AutoDetect=off\nName=gpu File={root}/dev/nvidia[0-1]\n"
+
+
+def missing_requirements() -> str | None:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "starting slurmctld/slurmd/munged for a test cluster needs root"
+    missing = [tool for tool in DAEMONS + CLIENTS if shutil.which(tool) is None]
+    if missing:
+        return (f"{', '.join(missing)} not installed "
+                "(apt-get install slurm-wlm munge; .ci/run does this)")
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Cluster:
+    """A single-node Slurm cluster whose every file lies under `root`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.node = socket.gethostname().split(".")[0]
+        self.conf = root / "slurm.conf"
+        self.bin = root / "bin"
+        # munged wants every directory above its socket searchable by all (pytest's tmp_path
+        # is private), and a Unix socket path has at most 107 bytes: a short folder of its own.
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="dnnmod-munge-"))
+        self.socket_dir.chmod(0o755)
+        self.munge_socket = self.socket_dir / "munge.socket"
+        self.munge_key = root / "munge.key"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf),
+                    "PATH": os.pathsep.join([str(self.bin), str(BIN), os.environ["PATH"]])}
+
+    def run(self, *args: str, check: bool = True, timeout: float = 30):
+        done = subprocess.run(args, env=self.env, timeout=timeout, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if check and done.returncode:
+            raise RuntimeError(f"{' '.join(args)} exited with {done.returncode}:\n"
+                               f"{done.stdout}\n{self.logs()}")
+        return done
+
+    def logs(self) -> str:
+        parts = []
+        for name in ("munged.log", "slurmctld.log", "slurmd.log"):
+            path = self.root / name
+            if path.exists():
+                parts.append(f"--- {name} (tail)\n" + "\n".join(
+                    path.read_text(errors="replace").splitlines()[-25:]))
+        return "\n".join(parts)
+
+    def start(self) -> None:
+        root = self.root
+        for folder in ("state", "spool", "dev", "bin"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        self.munge_key.write_bytes(os.urandom(1024))
+        self.munge_key.chmod(0o400)
+        self.run("munged", f"--key-file={self.munge_key}", f"--socket={self.munge_socket}",
+                 f"--pid-file={root / 'munged.pid'}", f"--log-file={root / 'munged.log'}",
+                 f"--seed-file={root / 'munged.seed'}")
+        for index in range(2):
+            (root / "dev" / f"nvidia{index}").symlink_to("/dev/null")
+        (root / "plugstack.conf").write_text("")
+        (root / "gres.conf").write_text(GRES_CONF.format(root=root))
+        ctld_port = free_port()
+        slurmd_port = free_port()
+        while slurmd_port == ctld_port:
+            slurmd_port = free_port()
+        self.conf.write_text(SLURM_CONF.format(
+            node=self.node, root=root, munge_socket=self.munge_socket,
+            ctld_port=ctld_port, slurmd_port=slurmd_port))
+        # snakemake-executor-plugin-slurm-jobstep clears every SLURM_* variable but the job's
+        # identity before its nested `srun`, SLURM_CONF included. A real cluster's srun finds
+        # /etc/slurm/slurm.conf (or its controller through DNS); this one must be told again.
+        srun = self.bin / "srun"
+        srun.write_text(f'#!/bin/sh\nSLURM_CONF={self.conf}\nexport SLURM_CONF\n'
+                        f'exec {shutil.which("srun")} "$@"\n')
+        srun.chmod(0o755)
+        self.run("slurmctld", "-f", str(self.conf))
+        self.run("slurmd", "-f", str(self.conf), "-N", self.node)
+        self.wait_until_idle()
+
+    def wait_until_idle(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            query = self.run("sinfo", "-h", "-N", "-n", self.node, "-o", "%t", check=False)
+            state = query.stdout.strip()
+            if query.returncode == 0 and state == "idle":
+                return
+            time.sleep(1)
+        raise RuntimeError(f"node {self.node} not idle after {timeout}s (state "
+                           f"{state!r})\n{self.logs()}")
+
+    def job(self, job_id: str) -> str:
+        return self.run("scontrol", "-o", "show", "job", job_id).stdout
+
+    def stop(self) -> None:
+        if self.conf.exists():
+            queued = self.run("squeue", "-h", "-o", "%i", check=False, timeout=10).stdout.split()
+            if queued:
+                self.run("scancel", *queued, check=False, timeout=10)
+            # Stops slurmctld and, through it, slurmd.
+            self.run("scontrol", "shutdown", check=False, timeout=10)
+        # slurmd and slurmctld are given time to finish their shutdown; munged is just ended.
+        for name, marker, grace in (("slurmd", self.conf, 15), ("slurmctld", self.conf, 15),
+                                    ("munged", self.munge_key, 0)):
+            self.end(self.root / f"{name}.pid", str(marker), grace)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    @staticmethod
+    def end(pid_file: Path, marker: str, grace: float) -> None:
+        """Ends the daemon named by pid_file if it is still ours (its command line names this
+        cluster's config or key): waits `grace` seconds, then SIGTERM, then SIGKILL."""
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+
+        def ours() -> bool:
+            try:
+                return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                return False
+
+        for sig, wait in ((None, grace), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            if sig is not None and ours():
+                os.kill(pid, sig)
+            deadline = time.monotonic() + wait
+            while ours() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not ours():
+                return
+
+
+@pytest.fixture
+def slurm_cluster(tmp_path):
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster(tmp_path / "slurm")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A fresh copy of the workflow, as a user's clone would hold it."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for file in ("Snakefile", "environment.yml"):
+        shutil.copy(REPO / file, root)
+    for folder in ("workflow", "config"):
+        shutil.copytree(REPO / folder, root / folder)
+    (root / "config" / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    return root
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_through_slurm(slurm_cluster, project, tmp_path):
+    env = {**slurm_cluster.env, "DNNMOD_GPU_POOL": str(tmp_path / "gpu-pool")}
+    # Command-line additions for the test cluster only; the shipped profile is used as is
+    # (its default partition `gpu` exists here):
+    #   squeue as status command: without slurmdbd `sacct` fails, and the plugin picks sacct
+    #     whenever the binary is installed;
+    #   a 2 s first status check instead of 40 s, so the test takes minutes, not ten;
+    #   no account: this cluster has none (and no sacctmgr to guess one from);
+    #   keep the SLURM logs of successful jobs, to check them below.
+    run = subprocess.run(
+        [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm",
+         "--configfile", "config/tiny.yaml",
+         "--slurm-status-command", "squeue",
+         "--slurm-init-seconds-before-status-checks", "2",
+         "--slurm-no-account", "--slurm-keep-successful-logs"],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + "\n" + slurm_cluster.logs()
+
+    # The study's outputs, as in a local run.
+    model = json.loads((project / "results/tiny/models/digits/simcnn/st/seed0/model.json")
+                       .read_text())
+    assert model["arch"] == "simcnn" and len(model["history"]) == 1
+    modules = project / "results/tiny/modules/digits/simcnn/gradsplitter/seed0"
+    metrics = json.loads((modules / "metrics.json").read_text())
+    assert 0 < metrics["krr"] <= 1 and len(metrics["modules"]) == 10
+    e1 = (project / "results/tiny/tables/e1_base_models.csv").read_text().splitlines()
+    e2 = (project / "results/tiny/tables/e2_modularization.csv").read_text().splitlines()
+    assert len(e1) == 2 and len(e2) == 2
+
+    # Every job went through sbatch: one SLURM job id per rule, completed, with its log.
+    submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)", run.stdout)
+    jobs = {re.search(r"/rule_(\w+)/", log).group(1): (job_id, Path(log))
+            for job_id, log in submitted}
+    assert set(jobs) == SLURM_RULES, run.stdout[-4000:]
+    assert len({job_id for job_id, _ in jobs.values()}) == len(SLURM_RULES)
+    for rule, (job_id, log) in jobs.items():
+        info = slurm_cluster.job(job_id)
+        assert "JobState=COMPLETED" in info, info
+        assert "Partition=gpu" in info, info
+        assert log.is_file() and f"rule {rule}:" in log.read_text(), log
+        # `gpu: 1` became a GPU request that the node's gres satisfied.
+        assert ("gpu:1" in info) == (rule in GPU_RULES), info
