@@ -95,3 +95,40 @@ def test_killed_runs_resume_training_and_module_search(tmp_path):
     model, meta = load_model(project / MODEL.format(seed=0).replace(".json", ".safetensors"))
     modules = ModuleSet.load(project / MODULES.format(seed=0) / "modules.safetensors", base=meta)
     assert len(modules.provenance["history"]) == 1 + 4 * 2
+
+
+def _claims(log_file: Path) -> tuple[str, float, float]:
+    """(slot, held from, held until) of a job, from its log's claim line and last line."""
+    lines = [line for line in log_file.read_text().splitlines() if line[:4].isdigit()]
+
+    def stamp(line: str) -> float:
+        return (time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+                + int(line[20:23]) / 1000)
+
+    claim = next(line for line in lines if "claimed GPU slot" in line)
+    return claim.split("claimed GPU slot ")[1].split()[0], stamp(claim), stamp(lines[-1])
+
+
+@pytest.mark.slow
+def test_concurrent_gpu_jobs_get_distinct_devices(tmp_path, monkeypatch):
+    # Simulated pool of two GPUs: snakemake --resources gpu=2 with four GPU jobs.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("DNNMOD_SIMULATE_GPUS", "1")
+    monkeypatch.setenv("DNNMOD_GPU_POOL", str(tmp_path / "pool"))
+    project = make_project(tmp_path / "project")
+    models = {name: {"arch": arch, "width": 0.0625} for name, arch in
+              (("simcnn", "simcnn"), ("vgg16", "vgg16"), ("simple", "simple_simcnn"),
+               ("lenet5", "lenet5"))}
+    config = {**TINY, "device": "auto", "models": models, "modularize": [],
+              "recipes": {"tiny": {"epochs": 6, "batch_size": 64, "lr": 0.05}},
+              "base_models": [{"dataset": "digits", "models": list(models), "recipe": "tiny"}]}
+    configfile = write_config(project, config)
+    run = snakemake(project, "--cores", "4", "--resources", "gpu=2", "--configfile", configfile)
+    assert run.returncode == 0, run.stdout[-3000:]
+    jobs = [_claims(project / f"results/tiny/logs/train/digits/{name}/st/seed0.log")
+            for name in models]
+    assert {slot for slot, _, _ in jobs} <= {"0", "1"}
+    overlapping = [(a, b) for i, a in enumerate(jobs) for b in jobs[i + 1:]
+                   if a[1] < b[2] and b[1] < a[2]]
+    assert overlapping, "the two GPU slots were never busy at the same time"
+    assert all(a[0] != b[0] for a, b in overlapping), jobs

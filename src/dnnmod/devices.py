@@ -25,6 +25,9 @@ from .errors import DnnmodError
 log = logging.getLogger(__name__)
 
 DEFAULT_POOL_DIR = Path(os.environ.get("DNNMOD_GPU_POOL", "/tmp/dnnmod-gpu-pool"))
+# Set to 1 to exercise the slot pool without GPUs: slots are claimed and held as usual, the
+# computation runs on the CPU (how the tests check that concurrent jobs get distinct devices).
+SIMULATE_ENV = "DNNMOD_SIMULATE_GPUS"
 
 
 @dataclass
@@ -122,6 +125,10 @@ def select_device(request: str = "auto", pool_dir: Path = DEFAULT_POOL_DIR) -> D
         return DeviceClaim(device="cpu")
     claim = claim_gpu_slot(gpu_ids, pool_dir)
     os.environ["CUDA_VISIBLE_DEVICES"] = claim.physical_id
+    if os.environ.get(SIMULATE_ENV) == "1":
+        log.info("claimed GPU slot %s (simulated: computing on the CPU)", claim.physical_id)
+        claim.device = "cpu"
+        return claim
     import torch  # after narrowing CUDA_VISIBLE_DEVICES, before CUDA initialises
 
     if not torch.cuda.is_available():
