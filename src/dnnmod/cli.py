@@ -69,9 +69,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import Recipe, accuracy, train
 
     recipe = Recipe.from_dict(args.recipe)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(claim.device == "cpu", warn_only=True)
+    _configure_torch(claim.device, args.threads)
     data = load_dataset(Path(args.data_root), args.dataset, args.seed, device=claim.device)
     torch.manual_seed(args.seed)  # initial weights depend on the seed only
     model = build_model(args.arch, data.num_classes, args.width, **args.options)
@@ -106,14 +104,10 @@ def cmd_modularize(args: argparse.Namespace) -> None:
     approach = get_approach(args.approach)  # fail on a bad name before loading anything
     config = resolve_config(args.approach, args.config)
     claim = select_device(args.device)
-    import torch
-
     from .data import load_dataset
     from .model_io import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(claim.device == "cpu", warn_only=True)
+    _configure_torch(claim.device, args.threads)
     model, meta = load_model(args.model, device=claim.device)
     data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
     modules = approach.modularize(model, meta, data, config, seed=args.seed, device=claim.device,
@@ -150,6 +144,15 @@ def cmd_evaluate_modules(args: argparse.Namespace) -> None:
              meta["dataset"], meta["model"], result["composed_accuracy"],
              result["base_accuracy"], result["krr"])
     claim.release()
+
+
+def _configure_torch(device: str, threads: int | None) -> None:
+    """Thread count, and deterministic kernels on the CPU (same seed, same result)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(device == "cpu", warn_only=True)
 
 
 def _device_name(device: str) -> str:
