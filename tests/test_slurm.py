@@ -1,11 +1,12 @@
 """The SLURM profile for real: a tiny study through a single-node Slurm cluster.
 
-The test starts its own cluster from Debian's slurm-wlm and munge, entirely under tmp_path: a
-munge key and munged on its own socket, a generated slurm.conf (no accounting database, no
-cgroups, random ports), slurmctld and slurmd, one node with two fake GPUs in partition `gpu`
-(the shipped profile's default partition). Snakemake then submits the DAG with
-`--profile workflow/profiles/slurm`, and the test checks both the study's outputs and that every
-job went through sbatch. The cluster is stopped afterwards, also when the test fails.
+The test starts its own cluster from Debian's slurm-wlm and munge, under tmp_path (only
+munged's socket gets a short folder of its own in /tmp): a munge key and munged on its own
+socket, a generated slurm.conf (no accounting database, no cgroups, random ports), slurmctld and
+slurmd, one node with two fake GPUs in partition `gpu` (the shipped profile's default).
+Snakemake then submits the DAG with `--profile workflow/profiles/slurm`, and the test checks
+both the study's outputs and that every job went through sbatch. The cluster is stopped
+afterwards, also when the test fails.
 """
 
 from __future__ import annotations
@@ -93,10 +94,16 @@ PartitionName=gpu Nodes={node} Default=YES MaxTime=INFINITE State=UP
 GRES_CONF = "AutoDetect=off\nName=gpu File={root}/dev/nvidia[0-1]\n"
 
 
+def which(tool: str) -> str | None:
+    """The tool's path; daemons live in /usr/sbin, which a CI shell's PATH may lack."""
+    return shutil.which(tool, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin",
+                                                    "/sbin"]))
+
+
 def missing_requirements() -> str | None:
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return "starting slurmctld/slurmd/munged for a test cluster needs root"
-    missing = [tool for tool in DAEMONS + CLIENTS if shutil.which(tool) is None]
+    missing = [tool for tool in DAEMONS + CLIENTS if which(tool) is None]
     if missing:
         return (f"{', '.join(missing)} not installed "
                 "(apt-get install slurm-wlm munge; .ci/run does this)")
@@ -123,6 +130,7 @@ class Cluster:
         self.socket_dir.chmod(0o755)
         self.munge_socket = self.socket_dir / "munge.socket"
         self.munge_key = root / "munge.key"
+        self.pids: dict[str, int] = {}
         self.env = {**os.environ, "SLURM_CONF": str(self.conf),
                     "PATH": os.pathsep.join([str(self.bin), str(BIN), os.environ["PATH"]])}
 
@@ -149,7 +157,7 @@ class Cluster:
             (root / folder).mkdir(parents=True, exist_ok=True)
         self.munge_key.write_bytes(os.urandom(1024))
         self.munge_key.chmod(0o400)
-        self.run("munged", f"--key-file={self.munge_key}", f"--socket={self.munge_socket}",
+        self.run(which("munged"), f"--key-file={self.munge_key}", f"--socket={self.munge_socket}",
                  f"--pid-file={root / 'munged.pid'}", f"--log-file={root / 'munged.log'}",
                  f"--seed-file={root / 'munged.seed'}")
         for index in range(2):
@@ -168,11 +176,26 @@ class Cluster:
         # /etc/slurm/slurm.conf (or its controller through DNS); this one must be told again.
         srun = self.bin / "srun"
         srun.write_text(f'#!/bin/sh\nSLURM_CONF={self.conf}\nexport SLURM_CONF\n'
-                        f'exec {shutil.which("srun")} "$@"\n')
+                        f'exec {which("srun")} "$@"\n')
         srun.chmod(0o755)
-        self.run("slurmctld", "-f", str(self.conf))
-        self.run("slurmd", "-f", str(self.conf), "-N", self.node)
+        self.remember_pid("munged")
+        self.run(which("slurmctld"), "-f", str(self.conf))
+        self.remember_pid("slurmctld")
+        self.run(which("slurmd"), "-f", str(self.conf), "-N", self.node)
+        self.remember_pid("slurmd")
         self.wait_until_idle()
+
+    def remember_pid(self, daemon: str, timeout: float = 10) -> None:
+        """Reads the daemon's pid file once it is written: slurmd deletes its own when it begins
+        to shut down, long before it exits."""
+        pid_file = self.root / f"{daemon}.pid"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.pids[daemon] = int(pid_file.read_text().split()[0])
+                return
+            except (OSError, ValueError, IndexError):
+                time.sleep(0.1)
 
     def wait_until_idle(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -190,26 +213,29 @@ class Cluster:
         return self.run("scontrol", "-o", "show", "job", job_id).stdout
 
     def stop(self) -> None:
-        if self.conf.exists():
+        if "slurmctld" in self.pids:
             queued = self.run("squeue", "-h", "-o", "%i", check=False, timeout=10).stdout.split()
             if queued:
                 self.run("scancel", *queued, check=False, timeout=10)
+                # Let slurmd report the cancelled jobs' end while slurmctld still listens.
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and self.run(
+                        "squeue", "-h", "-t", "PD,R,CG", "-o", "%i", check=False,
+                        timeout=10).stdout.strip():
+                    time.sleep(0.5)
             # Stops slurmctld and, through it, slurmd.
             self.run("scontrol", "shutdown", check=False, timeout=10)
         # slurmd and slurmctld are given time to finish their shutdown; munged is just ended.
-        for name, marker, grace in (("slurmd", self.conf, 15), ("slurmctld", self.conf, 15),
-                                    ("munged", self.munge_key, 0)):
-            self.end(self.root / f"{name}.pid", str(marker), grace)
+        for daemon, marker, grace in (("slurmd", self.conf, 20), ("slurmctld", self.conf, 15),
+                                      ("munged", self.munge_key, 0)):
+            if daemon in self.pids:
+                self.end(self.pids[daemon], str(marker), grace)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     @staticmethod
-    def end(pid_file: Path, marker: str, grace: float) -> None:
-        """Ends the daemon named by pid_file if it is still ours (its command line names this
-        cluster's config or key): waits `grace` seconds, then SIGTERM, then SIGKILL."""
-        try:
-            pid = int(pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return
+    def end(pid: int, marker: str, grace: float) -> None:
+        """Ends process `pid` if it is still ours (its command line names this cluster's config
+        or key): waits `grace` seconds, then SIGTERM, then SIGKILL."""
 
         def ours() -> bool:
             try:
