@@ -24,3 +24,26 @@ def small_digits(digits):
     """A few hundred digits: enough to train for a test, small enough to take a second."""
     return DatasetSplits(train=digits.train.take(range(320)), val=digits.val.take(range(160)),
                          test=digits.test.take(range(160)), meta=digits.meta)
+
+
+class Interrupted(Exception):
+    """Stands for a job killed right after a checkpoint was written."""
+
+
+@pytest.fixture
+def interrupt_after_epoch(monkeypatch):
+    """``arm(module, epoch)`` makes ``module``'s next checkpoint write of ``epoch`` (0-based)
+    raise :class:`Interrupted` once the checkpoint is on disk; ``undo()`` disarms it."""
+
+    def arm(module, epoch: int):
+        save = module.save_checkpoint
+
+        def save_then_die(path, state):
+            save(path, state)
+            if state["epoch"] == epoch:
+                raise Interrupted
+
+        monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+        return monkeypatch
+
+    return arm

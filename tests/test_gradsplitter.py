@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Interrupted
 
 import dnnmod.approaches.gradsplitter as gradsplitter
 from dnnmod.approaches import resolve_config
@@ -75,24 +76,13 @@ def test_tiny_run_returns_a_module_set(trained, small_digits, tmp_path):
     assert ModuleSet.load(tmp_path / "m.safetensors").provenance["selected_epoch"] >= 1
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_resume_after_interruption_gives_the_same_modules(trained, small_digits, tmp_path,
-                                                          monkeypatch):
+                                                          interrupt_after_epoch):
     reference = _run(trained, small_digits, tmp_path / "a.pt")
-    save = gradsplitter.save_checkpoint
-
-    def save_then_die(path, state):
-        save(path, state)
-        if state["epoch"] == 1:
-            raise Interrupted
-
-    monkeypatch.setattr(gradsplitter, "save_checkpoint", save_then_die)
+    armed = interrupt_after_epoch(gradsplitter, epoch=1)
     with pytest.raises(Interrupted):
         _run(trained, small_digits, tmp_path / "b.pt")
-    monkeypatch.undo()
+    armed.undo()
     resumed = _run(trained, small_digits, tmp_path / "b.pt")
     assert [r["val_accuracy"] for r in resumed.provenance["history"]] == \
         [r["val_accuracy"] for r in reference.provenance["history"]]

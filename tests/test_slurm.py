@@ -18,35 +18,18 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from workflow_helpers import BIN, TINY, make_project, write_config
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")
 
-TINY = {
-    "study": "tiny",
-    "seeds": [0],
-    "device": "cpu",
-    "datasets": {"digits": {}},
-    "models": {"simcnn": {"arch": "simcnn", "width": 0.0625}},
-    "recipes": {"tiny": {"epochs": 1, "batch_size": 128, "lr": 0.05}},
-    "base_models": [{"dataset": "digits", "models": ["simcnn"], "recipe": "tiny"}],
-    "approaches": {"gradsplitter": {"init_head_epochs": 1, "rounds": 1, "mask_epochs": 1,
-                                    "head_epochs": 0, "max_train_samples": 128}},
-    "modularize": [{"approach": "gradsplitter", "dataset": "digits", "models": ["simcnn"]}],
-    "threads": {"train": 1},
-    # The schema's defaults (720 min, 16 GB) are for real training; the test node is small.
-    "resources": {"train": {"runtime": 10, "mem_mb": 1000}},
-}
+# The schema's defaults (720 min, 16 GB) are for real training; the test node is small.
+SLURM_TINY = {**TINY, "resources": {"train": {"runtime": 10, "mem_mb": 1000}}}
 
 # Every rule but `all` (a local rule) is a SLURM job; these declare `gpu: 1`.
 SLURM_RULES = {"prepare_dataset", "split_dataset", "train_base_model", "table_base_models",
@@ -268,14 +251,8 @@ def slurm_cluster(tmp_path):
 
 @pytest.fixture
 def project(tmp_path):
-    """A fresh copy of the workflow, as a user's clone would hold it."""
-    root = tmp_path / "project"
-    root.mkdir()
-    for file in ("Snakefile", "environment.yml"):
-        shutil.copy(REPO / file, root)
-    for folder in ("workflow", "config"):
-        shutil.copytree(REPO / folder, root / folder)
-    (root / "config" / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    root = make_project(tmp_path / "project")
+    write_config(root, SLURM_TINY)
     return root
 
 

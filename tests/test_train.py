@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import Interrupted
 
 import dnnmod.train as training
 from dnnmod.cli import main
@@ -23,26 +24,15 @@ def _fresh_model(seed=0):
     return build_model("vgg16", 10, width=0.0625)  # has dropout: exercises the global RNG
 
 
-class Interrupted(Exception):
-    pass
-
-
-def test_resume_after_interruption_gives_the_same_weights(small_digits, tmp_path, monkeypatch):
+def test_resume_after_interruption_gives_the_same_weights(small_digits, tmp_path,
+                                                          interrupt_after_epoch):
     reference = train(_fresh_model(), small_digits, RECIPE, seed=3, checkpoint=tmp_path / "a.pt",
                       progress=False)
-
-    save = training.save_checkpoint
-
-    def save_then_die(path, state):
-        save(path, state)
-        if state["epoch"] == 1:
-            raise Interrupted
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    armed = interrupt_after_epoch(training, epoch=1)
     with pytest.raises(Interrupted):
         train(_fresh_model(), small_digits, RECIPE, seed=3, checkpoint=tmp_path / "b.pt",
               progress=False)
-    monkeypatch.undo()
+    armed.undo()
     resumed = train(_fresh_model(seed=99), small_digits, RECIPE, seed=3,
                     checkpoint=tmp_path / "b.pt", progress=False)
 
