@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ArtifactError
+from .masking import check_masks
 from .structure import ModelStructure
 
 
@@ -32,21 +33,16 @@ def check_keep(structure: ModelStructure,
     """Validate ``keep`` (group name → (size,) vector of kept channels) and return it as bool
     vectors on the CPU. Raises :class:`ArtifactError` on wrong names or sizes, or on a group
     that keeps no channel (a network cannot have an empty layer)."""
-    expected = {group.name: group.size for group in structure.groups}
-    if set(keep) != set(expected):
-        missing, extra = sorted(set(expected) - set(keep)), sorted(set(keep) - set(expected))
-        raise ArtifactError(f"kept-channel vectors do not match the model's groups "
-                            f"(missing {missing[:5]}, unexpected {extra[:5]})")
-    checked = {}
-    for name, size in expected.items():
-        vector = torch.as_tensor(keep[name]).detach().cpu()
-        if vector.shape != (size,):
+    vectors = {name: torch.as_tensor(vector).detach().cpu() for name, vector in keep.items()}
+    for name, vector in vectors.items():
+        if vector.dim() != 1:
             raise ArtifactError(f"kept channels of group {name}: shape {tuple(vector.shape)}, "
-                                f"expected ({size},)")
-        vector = vector.bool()
+                                "expected a vector")
+    check_masks(structure, {name: vector[None] for name, vector in vectors.items()})
+    checked = {name: vector.bool() for name, vector in vectors.items()}
+    for name, vector in checked.items():
         if not vector.any():
             raise ArtifactError(f"group {name} keeps no channel; a module needs at least one")
-        checked[name] = vector
     return checked
 
 

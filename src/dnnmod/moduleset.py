@@ -54,9 +54,10 @@ class ModuleSet:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if check_masks(self.structure, self.masks) != len(self.classes):
-            raise ArtifactError(f"{len(self.classes)} classes but masks for "
-                                f"{check_masks(self.structure, self.masks)} modules")
+        modules_count = check_masks(self.structure, self.masks)
+        if modules_count != len(self.classes):
+            raise ArtifactError(f"{len(self.classes)} classes but masks for {modules_count} "
+                                "modules")
         if self.combination not in COMBINATIONS:
             raise ArtifactError(f"unknown combination {self.combination!r}; known: "
                                 f"{COMBINATIONS}")
