@@ -29,15 +29,15 @@ from collections.abc import Callable
 
 import torch
 
-from dnnmod.extract import (
+from dnnmod.models import build_model
+from dnnmod.modules.extract import (
     FusedModules,
     count_parameters,
     extract_module,
     pad_and_extract,
 )
-from dnnmod.masking import masked_logits
-from dnnmod.models import build_model
-from dnnmod.structure import ModelStructure, trace_structure
+from dnnmod.modules.masking import masked_logits
+from dnnmod.modules.structure import ModelStructure, trace_structure
 
 DEMO_MODELS = (("simcnn", 0.125), ("vgg16", 0.125), ("resnet20", 0.5))
 

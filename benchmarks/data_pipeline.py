@@ -22,7 +22,7 @@ from torchvision.transforms import functional
 
 from dnnmod.data import load_dataset, prepare
 from dnnmod.models import build_model
-from dnnmod.train import augment
+from dnnmod.training.train import augment
 
 
 class PerImageDataset(torch.utils.data.Dataset):

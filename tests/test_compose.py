@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dnnmod.compose import ComposedModel
-from dnnmod.heads import LogitMLPHead
-from dnnmod.masking import ensure_nonempty
 from dnnmod.models import build_model
-from dnnmod.moduleset import ModuleSet
-from dnnmod.structure import trace_structure
+from dnnmod.modules.compose import ComposedModel
+from dnnmod.modules.heads import LogitMLPHead
+from dnnmod.modules.masking import ensure_nonempty
+from dnnmod.modules.moduleset import ModuleSet
+from dnnmod.modules.structure import trace_structure
 
 
 @pytest.fixture(scope="module")

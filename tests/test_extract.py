@@ -6,16 +6,16 @@ import torchvision
 from torch import nn
 
 from dnnmod.errors import ArtifactError
-from dnnmod.extract import (
+from dnnmod.models import ARCHITECTURES, build_model
+from dnnmod.modules.extract import (
     FusedModules,
     count_flops,
     count_parameters,
     extract_module,
     pad_and_extract,
 )
-from dnnmod.masking import masked_logits
-from dnnmod.models import ARCHITECTURES, build_model
-from dnnmod.structure import ModelStructure, trace_structure
+from dnnmod.modules.masking import masked_logits
+from dnnmod.modules.structure import ModelStructure, trace_structure
 
 
 def randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from workflow_helpers import BIN, TINY, make_project, snakemake, write_config
 
-from dnnmod.model_io import load_model
-from dnnmod.moduleset import ModuleSet
+from dnnmod.modules.moduleset import ModuleSet
+from dnnmod.training.model_io import load_model
 
 MODEL = "results/tiny/models/digits/simcnn/st/seed{seed}/model.json"
 MODULES = "results/tiny/modules/digits/simcnn/gradsplitter/seed{seed}"

@@ -11,8 +11,8 @@ from dnnmod.approaches import resolve_config
 from dnnmod.cli import main
 from dnnmod.errors import ConfigError
 from dnnmod.models import build_model
-from dnnmod.moduleset import ModuleSet
-from dnnmod.train import Recipe, train
+from dnnmod.modules.moduleset import ModuleSet
+from dnnmod.training.train import Recipe, train
 
 TINY = {"init_head_epochs": 1, "rounds": 1, "mask_epochs": 1, "head_epochs": 1,
         "mask_lr": 0.05, "max_train_samples": 128}

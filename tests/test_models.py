@@ -12,7 +12,7 @@ from torch import nn
 
 from dnnmod.errors import ConfigError, UnknownNameError
 from dnnmod.models import ARCHITECTURES, build_model
-from dnnmod.structure import ModelStructure, trace_structure
+from dnnmod.modules.structure import ModelStructure, trace_structure
 
 NUM_CLASSES = 7
 # Small enough for a fast CPU test, large enough that every channel group has 2+ channels.

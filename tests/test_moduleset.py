@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from dnnmod.errors import ArtifactError, ConfigError
-from dnnmod.heads import LogitMLPHead, OwnLogitHead
-from dnnmod.masking import check_masks, ensure_nonempty, masked_logits
-from dnnmod.metrics import binary_metrics, evaluate, kernel_overlap, kernel_retention
-from dnnmod.model_io import load_model, save_model
 from dnnmod.models import build_model
-from dnnmod.moduleset import ModuleSet, base_identity
-from dnnmod.structure import trace_structure
+from dnnmod.modules.heads import LogitMLPHead, OwnLogitHead
+from dnnmod.modules.masking import check_masks, ensure_nonempty, masked_logits
+from dnnmod.modules.metrics import binary_metrics, evaluate, kernel_overlap, kernel_retention
+from dnnmod.modules.moduleset import ModuleSet, base_identity
+from dnnmod.modules.structure import trace_structure
+from dnnmod.training.model_io import load_model, save_model
 
 
 @pytest.fixture(scope="module")

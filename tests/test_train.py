@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import Interrupted
 
-import dnnmod.train as training
+import dnnmod.training.train as training
 from dnnmod.cli import main
 from dnnmod.errors import ArtifactError, ConfigError
-from dnnmod.model_io import load_model, save_model
 from dnnmod.models import build_model
-from dnnmod.train import Recipe, augment, train
+from dnnmod.training.model_io import load_model, save_model
+from dnnmod.training.train import Recipe, augment, train
 
 RECIPE = Recipe.from_dict({"epochs": 3, "batch_size": 64, "lr": 0.05, "nesterov": True,
                            "augmentation": ["crop", "flip"], "selection": "best_val"})

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import ArtifactError
+from dnnmod.errors import ArtifactError
 
 
 @contextlib.contextmanager

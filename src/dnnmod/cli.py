@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from .devices import select_device
-from .errors import ConfigError, DnnmodError
+from dnnmod.devices import select_device
+from dnnmod.errors import ConfigError, DnnmodError
 
 log = logging.getLogger("dnnmod")
 
@@ -28,18 +28,18 @@ def _json_arg(text: str):
 
 def cmd_list(args: argparse.Namespace) -> None:
     if args.what == "datasets":
-        from .data import DATASETS
+        from dnnmod.data import DATASETS
 
         names = DATASETS
     else:
-        from .models import ARCHITECTURES
+        from dnnmod.models import ARCHITECTURES
 
         names = ARCHITECTURES
     print("\n".join(sorted(names)))
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
-    from .data import prepare
+    from dnnmod.data import prepare
 
     spec = dict(args.spec)
     local_dir = spec.pop("local_dir", None)
@@ -53,7 +53,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_data_split(args: argparse.Namespace) -> None:
-    from .data import make_splits
+    from dnnmod.data import make_splits
 
     path = make_splits(Path(args.root), args.dataset, args.seed, args.validation_fraction)
     log.info("wrote %s", path)
@@ -63,10 +63,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     claim = select_device(args.device)  # before torch initialises CUDA
     import torch
 
-    from .data import load_dataset
-    from .model_io import save_model
-    from .models import build_model
-    from .train import Recipe, accuracy, train
+    from dnnmod.data import load_dataset
+    from dnnmod.models import build_model
+    from dnnmod.training.model_io import save_model
+    from dnnmod.training.train import Recipe, accuracy, train
 
     recipe = Recipe.from_dict(args.recipe)
     _configure_torch(claim.device, args.threads)
@@ -99,13 +99,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_modularize(args: argparse.Namespace) -> None:
-    from .approaches import get_approach, resolve_config
+    from dnnmod.approaches import get_approach, resolve_config
 
     approach = get_approach(args.approach)  # fail on a bad name before loading anything
     config = resolve_config(args.approach, args.config)
     claim = select_device(args.device)
-    from .data import load_dataset
-    from .model_io import load_model
+    from dnnmod.data import load_dataset
+    from dnnmod.training.model_io import load_model
 
     _configure_torch(claim.device, args.threads)
     model, meta = load_model(args.model, device=claim.device)
@@ -123,11 +123,11 @@ def cmd_modularize(args: argparse.Namespace) -> None:
 
 def cmd_evaluate_modules(args: argparse.Namespace) -> None:
     claim = select_device(args.device)
-    from .artifacts import write_json
-    from .data import load_dataset
-    from .metrics import evaluate
-    from .model_io import load_model
-    from .moduleset import ModuleSet
+    from dnnmod.artifacts import write_json
+    from dnnmod.data import load_dataset
+    from dnnmod.modules.metrics import evaluate
+    from dnnmod.modules.moduleset import ModuleSet
+    from dnnmod.training.model_io import load_model
 
     model, meta = load_model(args.model, device=claim.device)
     modules = ModuleSet.load(args.modules, base=meta)
@@ -164,8 +164,8 @@ def _device_name(device: str) -> str:
 
 
 def cmd_table_base_models(args: argparse.Namespace) -> None:
-    from .artifacts import write_json
-    from .tables import base_model_table, write_table
+    from dnnmod.artifacts import write_json
+    from dnnmod.report.tables import base_model_table, write_table
 
     table = base_model_table([Path(p) for p in args.models])
     write_table(table, Path(args.out), title="E1 base models",
@@ -185,8 +185,8 @@ def _device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_table_modularization(args: argparse.Namespace) -> None:
-    from .artifacts import write_json
-    from .tables import accuracy_vs_krr_figure, modularization_table, write_table
+    from dnnmod.artifacts import write_json
+    from dnnmod.report.tables import accuracy_vs_krr_figure, modularization_table, write_table
 
     table = modularization_table([Path(p) for p in args.metrics])
     write_table(table, Path(args.out), title="E2 modularization",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .errors import DnnmodError
+from dnnmod.errors import DnnmodError
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ import os
 from pathlib import Path
 
 from dnnmod.approaches import APPROACHES
-from dnnmod.config import check_study_config, expand_base_models, expand_modularizations
+from dnnmod.study import check_study_config, expand_base_models, expand_modularizations
 
 # Semantic checks the schema cannot express (names exist, references resolve), before any job.
 check_study_config(config)

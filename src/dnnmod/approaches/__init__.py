@@ -10,7 +10,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from ..errors import ConfigError, UnknownNameError
+from dnnmod.errors import ConfigError, UnknownNameError
+
 from . import gradsplitter
 
 APPROACHES: dict[str, ModuleType] = {module.NAME: module for module in (gradsplitter,)}

@@ -25,14 +25,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..artifacts import config_hash
-from ..checkpoint import epoch_generator, load_checkpoint, save_checkpoint
-from ..heads import LogitMLPHead
-from ..masking import ensure_nonempty, images_per_pass, masked_logits
-from ..metrics import composed_accuracy
-from ..moduleset import ModuleSet, base_identity
-from ..structure import trace_structure
-from ..train import accuracy
+from dnnmod.artifacts import config_hash
+from dnnmod.modules.heads import LogitMLPHead
+from dnnmod.modules.masking import ensure_nonempty, images_per_pass, masked_logits
+from dnnmod.modules.metrics import composed_accuracy
+from dnnmod.modules.moduleset import ModuleSet, base_identity
+from dnnmod.modules.structure import trace_structure
+from dnnmod.resumable import epoch_generator, load_checkpoint, save_checkpoint
+from dnnmod.training.train import accuracy
 
 NAME = "gradsplitter"
 DEFAULTS: dict[str, Any] = {

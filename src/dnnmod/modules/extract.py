@@ -1,11 +1,11 @@
 """Physical extraction: turn a module's kernel sets into a standalone, smaller network.
 
-A module keeps a subset of each channel group's kernels (see :mod:`dnnmod.structure`).
+A module keeps a subset of each channel group's kernels (see :mod:`dnnmod.modules.structure`).
 :func:`extract_module` removes the other channels from a copy of the base model with
 Torch-Pruning's dependency graph, which also trims everything that reads them: BatchNorm
 tensors, the coupled convs of residual additions and concatenations, depthwise convs, the next
 layers' input channels and the first Linear layer's input columns. The result computes what
-the masked base model computes (:func:`dnnmod.masking.masked_logits`): a dropped channel is
+the masked base model computes (:func:`dnnmod.modules.masking.masked_logits`): a dropped channel is
 zero wherever a later layer reads it there, and absent here.
 
 To run many modules as one network, :func:`pad_and_extract` extracts them at a common shape
@@ -23,9 +23,9 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import ArtifactError
-from .masking import check_masks
-from .structure import ModelStructure
+from dnnmod.errors import ArtifactError
+from dnnmod.modules.masking import check_masks
+from dnnmod.modules.structure import ModelStructure
 
 
 def check_keep(structure: ModelStructure,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .artifacts import atomic_write
+from dnnmod.artifacts import atomic_write
 
 log = logging.getLogger(__name__)
 

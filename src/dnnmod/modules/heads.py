@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import ArtifactError
+from dnnmod.errors import ArtifactError
 
 
 class Head(nn.Module):

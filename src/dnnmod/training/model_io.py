@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifacts import load_tensors, read_json, save_tensors, sha256_file, write_json
-from .errors import ArtifactError
-from .models import build_model
+from dnnmod.artifacts import load_tensors, read_json, save_tensors, sha256_file, write_json
+from dnnmod.errors import ArtifactError
+from dnnmod.models import build_model
 
 FORMAT = "dnnmod.model/1"
 

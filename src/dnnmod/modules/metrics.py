@@ -18,10 +18,10 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 
-from .extract import count_flops, count_parameters, extract_module
-from .masking import images_per_pass
-from .moduleset import ModuleSet
-from .train import accuracy as model_accuracy
+from dnnmod.modules.extract import count_flops, count_parameters, extract_module
+from dnnmod.modules.masking import images_per_pass
+from dnnmod.modules.moduleset import ModuleSet
+from dnnmod.training.train import accuracy as model_accuracy
 
 
 @torch.no_grad()

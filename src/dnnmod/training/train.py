@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .artifacts import config_hash
-from .checkpoint import epoch_generator, load_checkpoint, save_checkpoint
-from .errors import ConfigError
+from dnnmod.artifacts import config_hash
+from dnnmod.errors import ConfigError
+from dnnmod.resumable import epoch_generator, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

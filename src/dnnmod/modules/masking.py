@@ -5,7 +5,7 @@ model means zeroing the dropped channels wherever the group's channels are produ
 output of every conv and every norm of the group. Zeroing after the norm matters: a BatchNorm
 maps a zero input to its shift, so masking the conv alone would leak. With every producer
 masked, a dropped channel is zero wherever a later layer reads it, which is exactly what
-physically removing it computes (see :mod:`dnnmod.extract`).
+physically removing it computes (see :mod:`dnnmod.modules.extract`).
 
 M modules share the frozen weights, so they run in one batched pass: the input batch is
 repeated M times along the batch dimension and each repetition gets its module's masks.
@@ -19,8 +19,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import ArtifactError
-from .structure import ModelStructure
+from dnnmod.errors import ArtifactError
+from dnnmod.modules.structure import ModelStructure
 
 
 def check_masks(structure: ModelStructure, masks: Mapping[str, torch.Tensor]) -> int:

@@ -1,7 +1,7 @@
 """Composed models: a module set (or the modules of a subset of classes) as one network.
 
 The modules are physically extracted, padded to a common shape and fused
-(:class:`~dnnmod.extract.FusedModules`), so one call runs all of them; the set's head turns
+(:class:`~dnnmod.modules.extract.FusedModules`), so one call runs all of them; the set's head turns
 their logits into module scores and the combination rule into a prediction. For a sub-task T
 the output positions follow T's order, so ``scores(x).argmax(1)`` is the relabelled class.
 """
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .extract import FusedModules, pad_and_extract
-from .moduleset import ModuleSet
+from dnnmod.modules.extract import FusedModules, pad_and_extract
+from dnnmod.modules.moduleset import ModuleSet
 
 
 class ComposedModel(nn.Module):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError, UnknownNameError
-from .train import Recipe
+from dnnmod.errors import ConfigError, UnknownNameError
+from dnnmod.training.train import Recipe
 
 
 def expand_base_models(config: dict[str, Any]) -> dict[tuple[str, str], str]:
@@ -33,9 +33,9 @@ def expand_modularizations(config: dict[str, Any]) -> list[tuple[str, str, str]]
 
 
 def check_study_config(config: dict[str, Any]) -> None:
-    from .approaches import APPROACHES, resolve_config
-    from .data import DATASETS
-    from .models import ARCHITECTURES
+    from dnnmod.approaches import APPROACHES, resolve_config
+    from dnnmod.data import DATASETS
+    from dnnmod.models import ARCHITECTURES
 
     for name in config["datasets"]:
         if name not in DATASETS:

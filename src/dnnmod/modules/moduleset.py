@@ -1,7 +1,7 @@
 """The one module format every approach returns.
 
 A module set holds, for each module (one per class it recognises): the kept kernels of every
-channel group of the base model, the output mapping (a :class:`~dnnmod.heads.Head`) and, for
+channel group of the base model, the output mapping (a :class:`~dnnmod.modules.heads.Head`) and, for
 the set, the rule that combines module scores into a prediction; plus the identity of the base
 model it was cut from and the provenance of the run (approach, config, seed, wall time,
 device). On disk: ``modules.safetensors`` (masks and head tensors) and ``modules.json``.
@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifacts import load_tensors, read_json, save_tensors, write_json
-from .errors import ArtifactError, ConfigError
-from .heads import Head, build_head
-from .masking import check_masks, masked_logits
-from .structure import ModelStructure
+from dnnmod.artifacts import load_tensors, read_json, save_tensors, write_json
+from dnnmod.errors import ArtifactError, ConfigError
+from dnnmod.modules.heads import Head, build_head
+from dnnmod.modules.masking import check_masks, masked_logits
+from dnnmod.modules.structure import ModelStructure
 
 FORMAT = "dnnmod.modules/1"
 COMBINATIONS = ("argmax",)

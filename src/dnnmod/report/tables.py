@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .artifacts import atomic_write, read_json
+from dnnmod.artifacts import atomic_write, read_json
 
 
 def published() -> pd.DataFrame:

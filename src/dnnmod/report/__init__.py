@@ -1,0 +1,1 @@
+"""Result tables and figures, with the published numbers beside the reproduced ones."""

@@ -1,0 +1,1 @@
+"""Training base models (standard or modular) and the model files they produce."""
