@@ -65,8 +65,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from dnnmod.data import load_dataset
     from dnnmod.models import build_model
+    from dnnmod.modules.inference import accuracy
     from dnnmod.training.model_io import save_model
-    from dnnmod.training.train import Recipe, accuracy, train
+    from dnnmod.training.train import Recipe, train
 
     recipe = Recipe.from_dict(args.recipe)
     _configure_torch(claim.device, args.threads)

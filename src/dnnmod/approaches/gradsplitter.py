@@ -27,12 +27,12 @@ from tqdm import tqdm
 
 from dnnmod.artifacts import config_hash
 from dnnmod.modules.heads import LogitMLPHead
-from dnnmod.modules.masking import ensure_nonempty, images_per_pass, masked_logits
+from dnnmod.modules.inference import accuracy, run
+from dnnmod.modules.masking import ensure_nonempty, masked_logits
 from dnnmod.modules.metrics import composed_accuracy
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import trace_structure
 from dnnmod.resumable import epoch_generator, load_checkpoint, save_checkpoint
-from dnnmod.training.train import accuracy
 
 NAME = "gradsplitter"
 DEFAULTS: dict[str, Any] = {
@@ -148,7 +148,7 @@ def modularize(model: nn.Module, base_meta: dict[str, Any], data, config: dict[s
             # Masks are fixed in a head-only phase and GradSplitter uses no augmentation, so
             # the masked logits of every image are the same in each of the phase's epochs.
             fixed = {name: (s > 0).float().detach() for name, s in scores.items()}
-            train_logits = _masked_logits_of(model, structure, fixed, train_set)
+            train_logits = run(model, train_set, structure=structure, masks=fixed)
             cached_phase, val_logits = phase_index, None
         for begin in range(0, len(order), config["batch_size"]):
             index = order[begin:begin + config["batch_size"]]
@@ -170,7 +170,7 @@ def modularize(model: nn.Module, base_meta: dict[str, Any], data, config: dict[s
         binary = ensure_nonempty({n: s.detach() for n, s in scores.items()},
                                  {n: s.detach() for n, s in scores.items()})
         if phase.kind == "mask" or val_logits is None:
-            val_logits = _masked_logits_of(model, structure, binary, data.val)
+            val_logits = run(model, data.val, structure=structure, masks=binary)
         candidate = _module_set(base_meta, structure, binary, head)
         with torch.no_grad():
             val_accuracy = composed_accuracy(candidate, head(val_logits), data.val.labels)
@@ -206,19 +206,6 @@ def modularize(model: nn.Module, base_meta: dict[str, Any], data, config: dict[s
         "wall_seconds": earlier_seconds + time.monotonic() - started,
     }
     return _module_set(base_meta, structure, masks, head.cpu(), provenance)
-
-
-@torch.no_grad()
-def _masked_logits_of(model: nn.Module, structure, masks: dict[str, torch.Tensor],
-                      images) -> torch.Tensor:
-    """Masked logits of every module on every image of an ImageSet: (modules, images, N)."""
-    batch_size = images_per_pass(images.labels.device, next(iter(masks.values())).shape[0])
-    outputs = []
-    for begin in range(0, len(images), batch_size):
-        index = torch.arange(begin, min(begin + batch_size, len(images)),
-                             device=images.labels.device)
-        outputs.append(masked_logits(model, structure, masks, images.float_batch(index)[0]))
-    return torch.cat(outputs, dim=1)
 
 
 def select_epoch(history: list[dict[str, Any]], base_val_accuracy: float,

@@ -78,16 +78,6 @@ def masked_logits(model: nn.Module, structure: ModelStructure,
     return out.view(modules_count, x.shape[0], *out.shape[1:])
 
 
-def images_per_pass(device: torch.device | str, modules: int) -> int:
-    """How many images to send through one masked pass of ``modules`` modules.
-
-    On a CPU the repeated batch is kept near 320 images: benchmarks/composed_inference.py
-    measured larger repeated batches running slower than one module at a time (memory-bound);
-    a GPU takes 256 images per module.
-    """
-    return 256 if torch.device(device).type == "cuda" else max(1, 320 // modules)
-
-
 def kept_kernels(masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Number of kept kernels per module, shape (M,)."""
     return sum((mask > 0).sum(dim=1) for mask in masks.values())

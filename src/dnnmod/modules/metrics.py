@@ -19,23 +19,15 @@ from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 
 from dnnmod.modules.extract import count_flops, count_parameters, extract_module
-from dnnmod.modules.masking import images_per_pass
+from dnnmod.modules.inference import accuracy as model_accuracy
+from dnnmod.modules.inference import run
 from dnnmod.modules.moduleset import ModuleSet
-from dnnmod.training.train import accuracy as model_accuracy
 
 
-@torch.no_grad()
 def module_scores(model: nn.Module, modules: ModuleSet, images) -> torch.Tensor:
     """Scores of all modules on an ImageSet, (samples, modules), in batched masked passes."""
-    model.eval()
-    batch_size = images_per_pass(images.labels.device, len(modules))
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(images)),
-                             device=images.labels.device)
-        x, _ = images.float_batch(index)
-        outputs.append(modules.scores(model, x).float())
-    return torch.cat(outputs)
+    return run(model, images, structure=modules.structure, masks=modules.masks,
+               head=modules.head.to(images.labels.device))
 
 
 def composed_accuracy(modules: ModuleSet, scores: torch.Tensor, labels: torch.Tensor) -> float:

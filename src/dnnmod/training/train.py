@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from dnnmod.artifacts import config_hash
 from dnnmod.errors import ConfigError
+from dnnmod.modules.inference import accuracy
 from dnnmod.resumable import epoch_generator, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -143,27 +144,6 @@ def _make_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe):
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(recipe.milestones),
                                                     recipe.gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images, batch_size: int = 512) -> torch.Tensor:
-    """Logits of ``model`` on an ImageSet, in eval mode, batched, on the images' device."""
-    was_training = model.training
-    model.eval()
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(images)),
-                             device=images.labels.device)
-        x, _ = images.float_batch(index)
-        outputs.append(model(x).float())
-    model.train(was_training)
-    return torch.cat(outputs)
-
-
-def accuracy(model: nn.Module, images, batch_size: int = 512) -> float:
-    """Top-1 accuracy in percent."""
-    logits = predict(model, images, batch_size)
-    return 100.0 * (logits.argmax(1) == images.labels).float().mean().item()
 
 
 def train(model: nn.Module, data, recipe: Recipe, *, seed: int, device: str = "cpu",
