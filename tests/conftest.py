@@ -32,15 +32,17 @@ class Interrupted(Exception):
 
 @pytest.fixture
 def interrupt_after_epoch(monkeypatch):
-    """``arm(module, epoch)`` makes ``module``'s next checkpoint write of ``epoch`` (0-based)
-    raise :class:`Interrupted` once the checkpoint is on disk; ``undo()`` disarms it."""
+    """``arm(module, epoch)`` makes the next checkpoint of ``epoch`` (0-based step: epoch or
+    generation) written through ``module.save_checkpoint`` raise :class:`Interrupted` once it
+    is on disk; ``undo()`` disarms it. Arm :mod:`dnnmod.resumable` to interrupt any
+    :class:`~dnnmod.resumable.ResumableLoop`."""
 
     def arm(module, epoch: int):
         save = module.save_checkpoint
 
-        def save_then_die(path, state):
-            save(path, state)
-            if state["epoch"] == epoch:
+        def save_then_die(path, checkpoint):
+            save(path, checkpoint)
+            if checkpoint["step"] == epoch:
                 raise Interrupted
 
         monkeypatch.setattr(module, "save_checkpoint", save_then_die)

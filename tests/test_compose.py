@@ -1,12 +1,19 @@
-"""Composed models run as one fused network and agree with the masked module set."""
+"""Composed models run as one fused network and agree with the masked module sets, within one
+model and across models trained on different datasets; combination rules."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
+from dnnmod.data import combine, load_dataset, prepare
+from dnnmod.errors import ArtifactError
 from dnnmod.models import build_model
-from dnnmod.modules.compose import ComposedModel
+from dnnmod.modules import combination
+from dnnmod.modules.combination import combination_rule, combine_scores
+from dnnmod.modules.compose import ComposedModel, ComposedPart
 from dnnmod.modules.heads import LogitMLPHead
 from dnnmod.modules.masking import ensure_nonempty
 from dnnmod.modules.moduleset import ModuleSet
@@ -45,3 +52,119 @@ def test_sub_task_composition_outputs_its_classes_in_order(setup):
     assert set(composed.predict(x).tolist()) <= {8, 3, 5}
     with pytest.raises(RuntimeError, match="eval mode only"):
         composed.train()
+
+
+# ------------------------------------------------- composition across models and datasets
+
+
+def random_modules(model, dataset, seed, **base):
+    """Hand-made random modules of an untrained ``model``, as if trained on ``dataset``."""
+    structure = trace_structure(model)
+    generator = torch.Generator().manual_seed(seed)
+    masks = ensure_nonempty(
+        {g.name: torch.rand(10, g.size, generator=generator) < 0.5 for g in structure.groups},
+        {g.name: torch.rand(10, g.size, generator=generator) for g in structure.groups})
+    normalization = {"mean": dataset.train.mean.tolist(), "std": dataset.train.std.tolist()}
+    return ModuleSet(approach="test", classes=list(range(10)), masks=masks,
+                     head=LogitMLPHead(list(range(10)), 10), combination="argmax",
+                     base={"weights_sha256": str(seed) * 64, "arch": type(model).__name__,
+                           "dataset": dataset.meta["name"], "normalization": normalization,
+                           **base},
+                     structure=structure)
+
+
+@pytest.fixture(scope="module")
+def two_models(digits, tmp_path_factory):
+    """lenet5 'on digits' and simcnn 'on shapes' (untrained), with modules, and a batch of
+    digit 3s and circles."""
+    root = tmp_path_factory.mktemp("shapes")
+    prepare("shapes", root, options={"train_count": 100, "test_count": 50})
+    shapes = load_dataset(root, "shapes", seed=0)
+    torch.manual_seed(0)
+    lenet = build_model("lenet5", 10).eval()
+    simcnn = build_model("simcnn", 10, width=0.0625).eval()
+    threes = digits.test.subset([3]).take(range(4))
+    circles = shapes.test.subset([0]).take(range(4))
+    return {"digits": (lenet, random_modules(lenet, digits, 1), digits),
+            "shapes": (simcnn, random_modules(simcnn, shapes, 2), shapes),
+            "batch": combine([threes, circles])}
+
+
+def part_scores(setup, dataset, classes):
+    """The modules of ``classes`` run masked on the images normalised their own way."""
+    model, modules, data = setup[dataset]
+    x, _ = replace(setup["batch"], mean=data.train.mean, std=data.train.std).float_batch()
+    return modules.scores(model, x)[:, classes]
+
+
+def test_parts_of_two_models_compose_a_new_task(two_models):
+    lenet, digit_modules, _ = two_models["digits"]
+    simcnn, shape_modules, _ = two_models["shapes"]
+    x, _ = two_models["batch"].unit_batch()
+    composed = ComposedModel.from_parts([ComposedPart(lenet, digit_modules, 3),
+                                         ComposedPart(simcnn, shape_modules, 0)])
+    by_hand = torch.cat([part_scores(two_models, "digits", [3]),
+                         part_scores(two_models, "shapes", [0])], dim=1)
+    assert torch.allclose(composed(x), by_hand, atol=1e-5)
+    assert torch.equal(composed.predict(x), by_hand.argmax(dim=1))
+
+    # Class i is part i: swapping the parts swaps the scores and the predicted classes.
+    swapped = ComposedModel.from_parts([ComposedPart(simcnn, shape_modules, 0),
+                                        ComposedPart(lenet, digit_modules, 3)])
+    assert torch.allclose(swapped(x), by_hand[:, [1, 0]], atol=1e-5)
+    assert torch.equal(swapped.predict(x), 1 - composed.predict(x))
+
+
+def test_parts_of_one_module_set_run_fused_in_part_order(two_models):
+    lenet, digit_modules, _ = two_models["digits"]
+    simcnn, shape_modules, _ = two_models["shapes"]
+    x, _ = two_models["batch"].unit_batch()
+    composed = ComposedModel.from_parts([ComposedPart(lenet, digit_modules, 8),
+                                         ComposedPart(simcnn, shape_modules, 0),
+                                         ComposedPart(lenet, digit_modules, 3)])
+    assert len(composed.groups) == 2
+    by_hand = torch.cat([part_scores(two_models, "digits", [8]),
+                         part_scores(two_models, "shapes", [0]),
+                         part_scores(two_models, "digits", [3])], dim=1)
+    assert torch.allclose(composed(x), by_hand, atol=1e-5)
+    assert set(composed.predict(x).tolist()) <= {0, 1, 2}
+
+
+def test_composing_parts_needs_each_base_models_normalisation(two_models):
+    lenet, digit_modules, _ = two_models["digits"]
+    simcnn, shape_modules, _ = two_models["shapes"]
+    bare = replace(shape_modules, base={**shape_modules.base, "normalization": None})
+    with pytest.raises(ArtifactError, match="modules of SimCNN on shapes record no input "
+                                            "normalisation"):
+        ComposedModel.from_parts([ComposedPart(lenet, digit_modules, 3),
+                                  ComposedPart(simcnn, bare, 0)])
+    with pytest.raises(ArtifactError, match="unknown combination rule 'vote'; known: argmax"):
+        ComposedModel.from_parts([ComposedPart(lenet, digit_modules, 3)], combination="vote")
+
+
+# ------------------------------------------------------------------------ combination rules
+
+
+def test_argmax_rule_is_todays_prediction():
+    scores = torch.rand(50, 4)
+    classes = [7, 2, 9, 0]
+    assert torch.equal(combine_scores("argmax", scores, classes),
+                       torch.tensor(classes)[scores.argmax(dim=1)])
+    with pytest.raises(ArtifactError, match="expected \\(batch, 4\\[, k\\]\\)"):
+        combine_scores("argmax", scores[:, :3], classes)
+    with pytest.raises(ArtifactError, match="'argmax' takes one score per module"):
+        combine_scores("argmax", scores[..., None], classes)
+
+
+def test_a_registered_rule_serves_composed_models(two_models, monkeypatch):
+    monkeypatch.setattr(combination, "COMBINATIONS", dict(combination.COMBINATIONS))
+
+    @combination_rule("lowest")
+    def lowest(scores, classes):
+        return classes[scores.argmin(dim=1)]
+
+    lenet, digit_modules, _ = two_models["digits"]
+    x, _ = two_models["batch"].unit_batch()
+    composed = ComposedModel.from_parts([ComposedPart(lenet, digit_modules, c) for c in (1, 2)],
+                                        combination="lowest")
+    assert torch.equal(composed.predict(x), composed(x).argmin(dim=1))

@@ -84,8 +84,8 @@ def test_killed_runs_resume_training_and_module_search(tmp_path):
     run_study(project, config)
 
     logs = project / "results/tiny/logs"
-    assert "resuming from" in (logs / "train/digits/simcnn/st/seed0.log").read_text()
-    assert "resuming GradSplitter" in (
+    assert "train: resuming from" in (logs / "train/digits/simcnn/st/seed0.log").read_text()
+    assert "gradsplitter: resuming from" in (
         logs / "modularize/digits/simcnn/gradsplitter/seed0.log").read_text()
     meta = json.loads((project / MODEL.format(seed=0)).read_text())
     assert [r["epoch"] for r in meta["history"]] == list(range(1, 26))

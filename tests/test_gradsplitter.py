@@ -7,9 +7,9 @@ import torch
 from conftest import Interrupted
 
 import dnnmod.approaches.gradsplitter as gradsplitter
-from dnnmod.approaches import resolve_config
+import dnnmod.resumable
+from dnnmod.approaches import resolve_hyperparameters
 from dnnmod.cli import main
-from dnnmod.errors import ConfigError
 from dnnmod.models import build_model
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.training.train import Recipe, train
@@ -38,7 +38,7 @@ def test_mask_is_binary_forward_and_passes_a_clipped_gradient_back():
 
 
 def test_reference_schedule():
-    phases = gradsplitter.schedule(resolve_config("gradsplitter", {}))
+    phases = gradsplitter.schedule(resolve_hyperparameters("gradsplitter", {}))
     assert sum(p.epochs for p in phases) == 5 + 20 * (5 + 2)
     assert [p.kind for p in phases[:3]] == ["head", "mask", "head"]
     assert phases[0].lr == 0.01 and phases[1].alpha == 0.1 and phases[2].alpha == 0.0
@@ -51,16 +51,11 @@ def test_selection_prefers_fewest_kernels_within_the_loss_threshold():
     assert gradsplitter.select_epoch(history, base_val_accuracy=99.0, max_loss_pp=1.0) == 0
 
 
-def test_unknown_hyperparameter_is_named():
-    with pytest.raises(ConfigError, match=r"approaches.gradsplitter: unknown keys \['lr_mask'\]"):
-        resolve_config("gradsplitter", {"lr_mask": 0.1})
-
-
 def _run(trained, data, checkpoint=None):
     model, meta = trained
-    config = resolve_config("gradsplitter", TINY)
-    return gradsplitter.modularize(model, meta, data, config, seed=1, checkpoint=checkpoint,
-                                   progress=False)
+    hyperparameters = resolve_hyperparameters("gradsplitter", TINY)
+    return gradsplitter.GradSplitter().modularize(model, meta, data, hyperparameters, seed=1,
+                                                  checkpoint=checkpoint, progress=False)
 
 
 def test_tiny_run_returns_a_module_set(trained, small_digits, tmp_path):
@@ -79,7 +74,7 @@ def test_tiny_run_returns_a_module_set(trained, small_digits, tmp_path):
 def test_resume_after_interruption_gives_the_same_modules(trained, small_digits, tmp_path,
                                                           interrupt_after_epoch):
     reference = _run(trained, small_digits, tmp_path / "a.pt")
-    armed = interrupt_after_epoch(gradsplitter, epoch=1)
+    armed = interrupt_after_epoch(dnnmod.resumable, epoch=1)
     with pytest.raises(Interrupted):
         _run(trained, small_digits, tmp_path / "b.pt")
     armed.undo()

@@ -10,7 +10,7 @@ import torch_pruning as tp
 import torchvision
 from torch import nn
 
-from dnnmod.errors import ConfigError, UnknownNameError
+from dnnmod.errors import ArtifactError, ConfigError, UnknownNameError
 from dnnmod.models import ARCHITECTURES, build_model
 from dnnmod.modules.structure import ModelStructure, trace_structure
 
@@ -85,14 +85,58 @@ def test_non_positive_width_is_rejected(width):
 def test_groups_cover_every_conv_once_with_matching_sizes(arch, small_models, structures):
     model, structure = small_models[arch], structures[arch]
     assert structure.output_layer == model.output_layer_name
-    grouped = [conv for group in structure.groups for conv in group.convs]
+    grouped = [conv for group in structure.conv_groups for conv in group.convs]
     all_convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert sorted(grouped) == sorted(all_convs)
-    for group in structure.groups:
+    for group in structure.conv_groups:
         assert group.name == group.convs[0]
         assert all(model.get_submodule(c).out_channels == group.size for c in group.convs)
         assert all(model.get_submodule(n).num_features == group.size for n in group.norms)
-    assert structure.total_kernels == sum(group.size for group in structure.groups)
+    assert structure.total_kernels == sum(group.size for group in structure.conv_groups)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_linear_groups_are_the_hidden_linear_layers(arch, small_models, structures):
+    model, structure = small_models[arch], structures[arch]
+    hidden = [name for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and name != model.output_layer_name]
+    assert [group.convs for group in structure.linear_groups] == [(name,) for name in hidden]
+    for group in structure.linear_groups:
+        assert group.kind == "linear" and group.norms == ()
+        assert group.shape == (group.size,) == (model.get_submodule(group.name).out_features,)
+    assert structure.total_units == sum(group.size for group in structure.linear_groups)
+    assert structure.groups == structure.conv_groups + structure.linear_groups  # forward order
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_group_shapes_are_the_traced_output_shapes(arch, small_models, structures):
+    """A conv group's shape is (C, H, W) where every producer and norm outputs that shape at
+    the traced input size, else (C,): position masks are defined only for the former."""
+    model, structure = small_models[arch], structures[arch]
+    names = {module: name for name, module in model.named_modules()}
+    shapes = {}
+
+    def record(module, _inputs, output) -> None:
+        shapes[names[module]] = tuple(output.shape[1:])
+
+    hooks = [model.get_submodule(name).register_forward_hook(record)
+             for group in structure.groups for name in (*group.convs, *group.norms)]
+    with torch.no_grad():
+        model.eval()(torch.randn(structure.input_shape))
+    for hook in hooks:
+        hook.remove()
+    for group in structure.conv_groups:
+        produced = {shapes[name] for name in (*group.convs, *group.norms)}
+        assert group.shape == (produced.pop() if len(produced) == 1 else (group.size,))
+
+
+def test_mixed_spatial_groups_take_channel_masks_only(structures):
+    # A stride-2 depthwise conv joins the group of the pointwise conv feeding it.
+    group = structures["mobilenet"].group_of("features.block1.pointwise.conv")
+    assert "features.block2.depthwise.conv" in group.convs
+    assert group.shape == (group.size,)
+    assert structures["mobilenet"].group_of("features.block2.pointwise.conv").shape[1:] == (
+        16, 16)
 
 
 def test_batch_norms_belong_to_their_convs_groups(small_models, structures):
@@ -139,20 +183,27 @@ def test_mobilenet_depthwise_convs_join_the_preceding_group(small_models, struct
     assert len(structure.groups) == 14
 
 
+def output_size(layer: nn.Module) -> int:
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_removing_a_channel_per_group_shrinks_exactly_its_members(arch, small_models, structures):
-    """Pruning one channel of each group with the dependency graph must shrink every member by
-    one and nothing twice: a group split in two would shrink its convs twice, a group holding
-    uncoupled convs would leave some unshrunk, and a missed coupling would break the forward."""
+    """Pruning one channel (unit) of each group with the dependency graph must shrink every
+    member by one and nothing twice: a group split in two would shrink its layers twice, a
+    group holding uncoupled layers would leave some unshrunk, and a missed coupling would break
+    the forward."""
     model, structure = copy.deepcopy(small_models[arch]).eval(), structures[arch]
     graph = tp.DependencyGraph().build_dependency(
         model, torch.randn(structure.input_shape), verbose=False
     )
+    prune = {"conv": tp.prune_conv_out_channels, "linear": tp.prune_linear_out_channels}
     for group in structure.groups:
-        conv = model.get_submodule(group.name)
-        graph.get_pruning_group(conv, tp.prune_conv_out_channels, [0]).prune()
+        layer = model.get_submodule(group.name)
+        graph.get_pruning_group(layer, prune[group.kind], [0]).prune()
     for group in structure.groups:
-        assert {model.get_submodule(c).out_channels for c in group.convs} == {group.size - 1}
+        assert {output_size(model.get_submodule(name)) for name in group.convs} == {
+            group.size - 1}
         assert {model.get_submodule(n).num_features for n in group.norms} <= {group.size - 1}
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, NUM_CLASSES)
@@ -180,15 +231,41 @@ def test_models_outside_the_zoo_trace():
     assert len(structure.group_of("layer1.1.conv2").convs) == 3
 
 
+def test_hidden_linear_groups_carry_their_batch_norm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    structure = trace_structure(model)
+    assert structure.output_layer == "7"
+    (group,) = structure.linear_groups
+    assert (group.name, group.convs, group.norms, group.shape) == ("4", ("4",), ("5",), (6,))
+
+
 def test_models_without_convs_are_rejected():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     with pytest.raises(ConfigError, match="Sequential: no prunable conv layers"):
         trace_structure(mlp)
 
 
-def test_structure_json_round_trip(structures):
-    structure = structures["mobilenet"]
+@pytest.mark.parametrize("arch", ["mobilenet", "vgg16"])
+def test_structure_json_round_trip(arch, structures):
+    structure = structures[arch]
     assert ModelStructure.from_json(structure.to_json()) == structure
+
+
+def test_version_1_structures_are_conv_groups_of_unknown_shape(structures):
+    written = structures["resnet20"].to_json()
+    for group in written["groups"]:
+        del group["kind"], group["shape"]
+    read = ModelStructure.from_json(written)
+    assert all(group.kind == "conv" and group.shape == (group.size,) for group in read.groups)
+    assert [g.convs for g in read.groups] == [g.convs for g in structures["resnet20"].groups]
+
+
+def test_structure_json_with_an_unknown_group_kind_is_refused(structures):
+    written = structures["lenet5"].to_json()
+    written["groups"][-1]["kind"] = "attention"
+    with pytest.raises(ArtifactError, match="classifier.fc2: unknown kind 'attention'"):
+        ModelStructure.from_json(written)
 
 
 def test_group_of_an_unknown_conv_is_named(structures):

@@ -285,7 +285,7 @@ def test_tiny_study_runs_through_slurm(slurm_cluster, project, tmp_path):
     assert 0 < metrics["krr"] <= 1 and len(metrics["modules"]) == 10
     e1 = (project / "results/tiny/tables/e1_base_models.csv").read_text().splitlines()
     e2 = (project / "results/tiny/tables/e2_modularization.csv").read_text().splitlines()
-    assert len(e1) == 2 and len(e2) == 2
+    assert len(e1) == 2 and len(e2) == 3
 
     # Every job went through sbatch: one SLURM job id per rule, completed, with its log.
     submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)", run.stdout)

@@ -37,7 +37,12 @@ def test_tiny_study_runs_end_to_end(project):
     module_metrics = json.loads((modules / "metrics.json").read_text())
     assert 0 < module_metrics["krr"] <= 1 and len(module_metrics["modules"]) == 10
     e2 = (project / "results/tiny/tables/e2_modularization.csv").read_text().splitlines()
-    assert e2[0].startswith("approach,model,arch,dataset,seed") and len(e2) == 2
+    assert e2[0].startswith("approach,training,model,arch,dataset,seed") and len(e2) == 3
+    random = modules.parent.parent / "random/seed0"
+    assert json.loads((random / "modules.json").read_text())["provenance"]["matched"] == {
+        "approach": "gradsplitter", "base_weights_sha256": meta["weights_sha256"]}
+    # The control keeps exactly as many kernels as the modules it matches.
+    assert json.loads((random / "metrics.json").read_text())["krr"] == module_metrics["krr"]
     for suffix in ("png", "pdf"):
         assert (project / f"results/tiny/figures/e2_accuracy_vs_krr.{suffix}").stat().st_size
 
@@ -72,6 +77,11 @@ def test_a_study_config_replaces_the_paper_config(project):
      "modularize[0].approach: unknown approach 'netsplitter'"),
     ({"approaches": {"gradsplitter": {"alfa": 0.2}}},
      "approaches.gradsplitter: unknown keys ['alfa']"),
+    ({"approaches": {"gradsplitter": {"rounds": "three"}}},
+     "approaches.gradsplitter.rounds: expected int, got 'three'"),
+    ({"modularize": [{"approach": "random", "dataset": "digits", "models": ["simcnn"]}],
+      "approaches": {"random": {"match": "gradsplitter"}}},
+     "approaches.random: reads the gradsplitter modules of simcnn on digits"),
     ({"modularize": [{"approach": "gradsplitter", "dataset": "digits", "models": ["vgg16"]}]},
      "modularize[0]: vgg16 on digits is not a base model"),
     ({"recipes": {"tiny": {"epochs": 1, "batch_size": 8, "lr": 0.1, "schedule": "cosine",

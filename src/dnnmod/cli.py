@@ -59,60 +59,74 @@ def cmd_data_split(args: argparse.Namespace) -> None:
     log.info("wrote %s", path)
 
 
+def cmd_data_derive(args: argparse.Namespace) -> None:
+    from dnnmod.data import Task, derive_task
+
+    path = derive_task(Task.from_config(args.task, args.spec), Path(args.root))
+    log.info("derived %s", path)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    from dnnmod.training.objectives import StandardTraining, get_objective
+    from dnnmod.training.train import Recipe, train
+
+    # Bad names and values fail before a device is claimed or data is loaded.
+    objective = get_objective(args.training or StandardTraining.name, args.objective)
+    recipe = Recipe.from_dict(args.recipe)
     claim = select_device(args.device)  # before torch initialises CUDA
     import torch
 
     from dnnmod.data import load_dataset
     from dnnmod.models import build_model
     from dnnmod.modules.inference import accuracy
-    from dnnmod.training.model_io import save_model
-    from dnnmod.training.train import Recipe, train
+    from dnnmod.training.model_io import model_record, save_model
 
-    recipe = Recipe.from_dict(args.recipe)
     _configure_torch(claim.device, args.threads)
     data = load_dataset(Path(args.data_root), args.dataset, args.seed, device=claim.device)
     torch.manual_seed(args.seed)  # initial weights depend on the seed only
     model = build_model(args.arch, data.num_classes, args.width, **args.options)
     run_config = {"arch": args.arch, "dataset": args.dataset, "width": args.width,
                   "options": args.options}
-    result = train(model, data, recipe, seed=args.seed, device=claim.device,
+    result = train(model, data, recipe, seed=args.seed, objective=objective,
+                   device=claim.device,
                    checkpoint=Path(args.checkpoint) if args.checkpoint else None,
                    run_config=run_config, mixed_precision=not args.no_amp)
-    metrics = {split: accuracy(result.model, getattr(data, split))
-               for split in ("train", "val", "test")}
-    log.info("test accuracy %.2f%% (selected epoch %d)", metrics["test"], result.selected_epoch)
-    save_model(args.out, result.model, {
-        "arch": args.arch, "model": args.model_name or args.arch, "dataset": args.dataset,
-        "num_classes": data.num_classes, "class_names": data.class_names,
-        "width": args.width, "options": args.options, "training": "st",
-        "input_shape": list(data.test.images.shape[1:]), "seed": args.seed,
-        "recipe": recipe.to_dict(), "config_hash": result.config_hash,
-        "selected_epoch": result.selected_epoch,
-        "metrics": {f"{split}_accuracy": value for split, value in metrics.items()},
-        "history": [vars(record) for record in result.history],
-        "wall_seconds": result.wall_seconds, "device": _device_name(claim.device),
-        "torch_version": torch.__version__,
-    })
+    accuracies = {split: accuracy(result.model, getattr(data, split))
+                  for split in ("train", "val", "test")}
+    log.info("%s: test accuracy %.2f%% (selected epoch %d)", objective.name, accuracies["test"],
+             result.selected_epoch)
+    save_model(args.out, result.model, model_record(
+        arch=args.arch, name=args.model_name or args.arch, width=args.width,
+        options=args.options, dataset=args.dataset, data=data, seed=args.seed,
+        objective=objective, recipe=recipe, result=result, accuracies=accuracies,
+        device=_device_name(claim.device)))
     if args.checkpoint:  # the final artifact is committed: resume state has served its purpose
         Path(args.checkpoint).unlink(missing_ok=True)
     claim.release()
 
 
 def cmd_modularize(args: argparse.Namespace) -> None:
-    from dnnmod.approaches import get_approach, resolve_config
+    from dnnmod.approaches import get_approach, run_approach
 
-    approach = get_approach(args.approach)  # fail on a bad name before loading anything
-    config = resolve_config(args.approach, args.config)
+    approach = get_approach(args.approach)  # fail on bad names and values before loading
+    hyperparameters = approach.resolve(args.hyperparameters)
+    reference_paths = dict(args.reference)
     claim = select_device(args.device)
     from dnnmod.data import load_dataset
+    from dnnmod.modules.moduleset import ModuleSet
     from dnnmod.training.model_io import load_model
 
     _configure_torch(claim.device, args.threads)
     model, meta = load_model(args.model, device=claim.device)
+    training = approach.training_for(hyperparameters)
+    if meta.get("training") != training:
+        raise ConfigError(f"{args.model}: a model of training kind {meta.get('training')!r}; "
+                          f"{args.approach} decomposes {training!r}-trained models")
+    references = {name: ModuleSet.load(path, base=meta) for name, path in reference_paths.items()}
     data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
-    modules = approach.modularize(model, meta, data, config, seed=args.seed, device=claim.device,
-                                  checkpoint=Path(args.checkpoint) if args.checkpoint else None)
+    modules = run_approach(args.approach, model, meta, data, hyperparameters, seed=args.seed,
+                           device=claim.device, references=references,
+                           checkpoint=Path(args.checkpoint) if args.checkpoint else None)
     modules.provenance["device"] = _device_name(claim.device)
     modules.save(args.out)
     if args.checkpoint:
@@ -122,11 +136,18 @@ def cmd_modularize(args: argparse.Namespace) -> None:
     claim.release()
 
 
+def _named_path(text: str) -> tuple[str, str]:
+    name, separator, path = text.partition("=")
+    if not separator or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
 def cmd_evaluate_modules(args: argparse.Namespace) -> None:
     claim = select_device(args.device)
     from dnnmod.artifacts import write_json
     from dnnmod.data import load_dataset
-    from dnnmod.modules.metrics import evaluate
+    from dnnmod.modules.metrics import evaluate, metrics_record
     from dnnmod.modules.moduleset import ModuleSet
     from dnnmod.training.model_io import load_model
 
@@ -134,13 +155,7 @@ def cmd_evaluate_modules(args: argparse.Namespace) -> None:
     modules = ModuleSet.load(args.modules, base=meta)
     data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
     result = evaluate(model, modules, data.test, meta["metrics"]["test_accuracy"])
-    write_json(args.out, {
-        "approach": modules.approach, "model": meta["model"], "arch": meta["arch"],
-        "dataset": meta["dataset"], "seed": modules.provenance.get("seed", meta["seed"]),
-        "train_seconds": meta["wall_seconds"],
-        "modularize_seconds": modules.provenance["wall_seconds"],
-        "device": modules.provenance.get("device", ""), **result,
-    })
+    write_json(args.out, metrics_record(meta, modules, result))
     log.info("%s on %s/%s: composed %.2f%% (base %.2f%%), KRR %.3f", modules.approach,
              meta["dataset"], meta["model"], result["composed_accuracy"],
              result["base_accuracy"], result["krr"])
@@ -165,18 +180,10 @@ def _device_name(device: str) -> str:
 
 
 def cmd_table_base_models(args: argparse.Namespace) -> None:
-    from dnnmod.artifacts import write_json
-    from dnnmod.report.tables import base_model_table, write_table
+    from dnnmod.report.tables import write_base_model_report
 
-    table = base_model_table([Path(p) for p in args.models])
-    write_table(table, Path(args.out), title="E1 base models",
-                keys=["dataset", "model", "training"],
-                values=["test_accuracy", "val_accuracy", "train_seconds"])
-    if args.metrics:
-        write_json(args.metrics, {
-            f"{row.dataset}/{row.model}/{row.training}/seed{row.seed}": {
-                "test_accuracy": row.test_accuracy, "train_seconds": row.train_seconds}
-            for row in table.itertuples()})
+    write_base_model_report([Path(p) for p in args.models], Path(args.out),
+                            Path(args.metrics) if args.metrics else None)
 
 
 def _device_argument(parser: argparse.ArgumentParser) -> None:
@@ -186,23 +193,11 @@ def _device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_table_modularization(args: argparse.Namespace) -> None:
-    from dnnmod.artifacts import write_json
-    from dnnmod.report.tables import accuracy_vs_krr_figure, modularization_table, write_table
+    from dnnmod.report.tables import write_modularization_report
 
-    table = modularization_table([Path(p) for p in args.metrics])
-    write_table(table, Path(args.out), title="E2 modularization",
-                keys=["dataset", "model", "approach"],
-                values=["composed_accuracy", "accuracy_loss_pp", "krr", "module_size",
-                        "flops_fraction", "overlap", "mean_f1", "seconds"])
-    if args.figure:
-        accuracy_vs_krr_figure(table, Path(args.figure))
-    if args.summary:
-        write_json(args.summary, {
-            f"{row.dataset}/{row.model}/{row.approach}/seed{row.seed}": {
-                "composed_accuracy": row.composed_accuracy,
-                "accuracy_loss_pp": row.accuracy_loss_pp, "krr": row.krr,
-                "module_size": row.module_size}
-            for row in table.itertuples()})
+    write_modularization_report([Path(p) for p in args.metrics], Path(args.out),
+                                Path(args.figure) if args.figure else None,
+                                Path(args.summary) if args.summary else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("what", choices=["datasets", "models"])
     listing.set_defaults(func=cmd_list)
 
-    data = verbs.add_parser("data", help="prepare datasets and splits").add_subparsers(
-        dest="data_command", required=True)
+    data = verbs.add_parser("data", help="prepare datasets, splits and derived tasks"
+                            ).add_subparsers(dest="data_command", required=True)
     prepare = data.add_parser("prepare", help="download (or generate), verify and convert")
     prepare.add_argument("--dataset", required=True)
     prepare.add_argument("--root", default="data", help="data directory (default: data)")
@@ -228,8 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--seed", type=int, required=True)
     split.add_argument("--validation-fraction", type=float, default=0.2)
     split.set_defaults(func=cmd_data_split)
+    derive = data.add_parser("derive", help="make a task (class subsets and unions, per-class "
+                                            "counts) from prepared datasets")
+    derive.add_argument("--task", required=True, help="task name (a key of tasks in config)")
+    derive.add_argument("--spec", type=_json_arg, required=True,
+                        help="JSON: parts [{dataset, classes}], samples_per_class, seed")
+    derive.add_argument("--root", default="data")
+    derive.set_defaults(func=cmd_data_derive)
 
-    train = verbs.add_parser("train", help="train a base model (standard training)")
+    train = verbs.add_parser("train", help="train a base model (standard or modular training)")
     train.add_argument("--dataset", required=True)
     train.add_argument("--arch", required=True, help="architecture (dnnmod list models)")
     train.add_argument("--model-name", help="name recorded in metadata (default: arch)")
@@ -237,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--options", type=_json_arg, default={},
                        help="JSON architecture options, e.g. '{\"batch_norm\": false}'")
     train.add_argument("--recipe", type=_json_arg, required=True, help="JSON training recipe")
+    train.add_argument("--training",
+                       help="training kind (default: st, standard training; approaches may "
+                            "register others, e.g. their modular training)")
+    train.add_argument("--objective", type=_json_arg, default={},
+                       help="JSON hyperparameters overriding the training kind's defaults")
     train.add_argument("--seed", type=int, required=True)
     train.add_argument("--data-root", default="data")
     train.add_argument("--out", required=True, help="weights path (*.safetensors)")
@@ -249,8 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     modularize = verbs.add_parser("modularize", help="decompose a trained model into modules")
     modularize.add_argument("--approach", required=True, help="e.g. gradsplitter")
     modularize.add_argument("--model", required=True, help="base model weights (*.safetensors)")
-    modularize.add_argument("--config", type=_json_arg, default={},
+    modularize.add_argument("--hyperparameters", type=_json_arg, default={},
                             help="JSON hyperparameters overriding the approach's defaults")
+    modularize.add_argument("--reference", type=_named_path, action="append", default=[],
+                            metavar="APPROACH=PATH",
+                            help="a module set the approach reads (e.g. random's match), cut "
+                                 "from the same base model; repeatable")
     modularize.add_argument("--seed", type=int, required=True)
     modularize.add_argument("--data-root", default="data")
     modularize.add_argument("--out", required=True, help="module set path (*.safetensors)")

@@ -2,8 +2,9 @@ import json
 import os
 from pathlib import Path
 
-from dnnmod.approaches import APPROACHES
+from dnnmod.approaches import APPROACHES, get_approach
 from dnnmod.study import check_study_config, expand_base_models, expand_modularizations
+from dnnmod.training.objectives import StandardTraining, training_kinds
 
 # Semantic checks the schema cannot express (names exist, references resolve), before any job.
 check_study_config(config)
@@ -44,10 +45,31 @@ def as_json(value):
     return json.dumps(value, sort_keys=True)
 
 
+def model_weights(dataset, model, training, seed):
+    """The weights train_base_model writes for one model, training kind and seed."""
+    return f"{RESULTS}/models/{dataset}/{model}/{training}/seed{seed}/model.safetensors"
+
+
+def trained_models():
+    """(dataset, model, training kind) of every model the study trains.
+
+    Each base model with standard training, and with the kind of each approach decomposing it.
+    """
+    standard = {
+        (dataset, model, StandardTraining.name) for (dataset, model) in BASE_MODELS
+    }
+    decomposed = {
+        (dataset, model, training_of(approach))
+        for (approach, dataset, model) in MODULARIZATIONS
+    }
+    return sorted(standard | decomposed)
+
+
 def base_model_weights():
+    """The weights of every trained model and seed (E1 lists them all)."""
     return [
-        f"{RESULTS}/models/{dataset}/{model}/st/seed{seed}/model.safetensors"
-        for (dataset, model) in BASE_MODELS
+        model_weights(dataset, model, training, seed)
+        for (dataset, model, training) in trained_models()
         for seed in SEEDS
     ]
 
@@ -72,3 +94,42 @@ def all_outputs():
             f"{RESULTS}/metrics/e2_modularization.json",
         ]
     return outputs
+
+
+# Module sets: which model an approach decomposes, and which other module sets it reads.
+
+
+def hyperparameters_of(approach):
+    return get_approach(approach).resolve(config["approaches"].get(approach, {}))
+
+
+def training_of(approach):
+    return get_approach(approach).training_for(hyperparameters_of(approach))
+
+
+def references_of(approach):
+    return get_approach(approach).references(hyperparameters_of(approach))
+
+
+def decomposed_model(wildcards):
+    return model_weights(
+        wildcards.dataset,
+        wildcards.model,
+        training_of(wildcards.approach),
+        wildcards.seed,
+    )
+
+
+def reference_module_sets(wildcards):
+    return [
+        f"{RESULTS}/modules/{wildcards.dataset}/{wildcards.model}/{name}/seed{wildcards.seed}/modules.safetensors"
+        for name in references_of(wildcards.approach)
+    ]
+
+
+def task_sources(wildcards):
+    """The prepared images of the datasets a derived task draws from."""
+    parts = config["tasks"][wildcards.task]["parts"]
+    return list(
+        dict.fromkeys(f"{DATA}/{part['dataset']}/images.safetensors" for part in parts)
+    )

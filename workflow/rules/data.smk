@@ -1,3 +1,5 @@
+# A dataset and a task live in the same layout (data/<name>/...): each rule claims only its
+# own names, so a task is derived, never prepared.
 rule prepare_dataset:
     output:
         images=f"{DATA}/{{dataset}}/images.safetensors",
@@ -6,6 +8,8 @@ rule prepare_dataset:
         f"{RESULTS}/logs/data/{{dataset}}/prepare.log",
     benchmark:
         f"{RESULTS}/benchmarks/data/{{dataset}}/prepare.tsv"
+    wildcard_constraints:
+        dataset="|".join(config["datasets"]),
     conda:
         "../../environment.yml"
     params:
@@ -34,3 +38,28 @@ rule split_dataset:
         "dnnmod data split --dataset {wildcards.dataset} --root {params.root} "
         "--seed {wildcards.seed} "
         "--validation-fraction {params.validation_fraction} 2> {log}"
+
+
+# Tasks: class subsets and unions of prepared datasets, written as one more dataset.
+
+
+rule derive_task:
+    input:
+        task_sources,
+    output:
+        images=f"{DATA}/{{task}}/images.safetensors",
+        meta=f"{DATA}/{{task}}/meta.json",
+    log:
+        f"{RESULTS}/logs/data/{{task}}/derive.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/data/{{task}}/derive.tsv"
+    wildcard_constraints:
+        task="|".join(config["tasks"]) or "(?!)",  # no tasks: matches nothing
+    conda:
+        "../../environment.yml"
+    params:
+        root=lambda wc, output: data_root(output.meta),
+        spec=lambda wc: as_json(config["tasks"][wc.task]),
+    shell:
+        "dnnmod data derive --task {wildcards.task} --root {params.root} "
+        "--spec {params.spec:q} 2> {log}"

@@ -1,6 +1,7 @@
 rule modularize:
     input:
-        weights=f"{RESULTS}/models/{{dataset}}/{{model}}/st/seed{{seed}}/model.safetensors",
+        weights=decomposed_model,
+        references=reference_module_sets,
         split=rules.split_dataset.output,
     output:
         modules=f"{RESULTS}/modules/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}/modules.safetensors",
@@ -18,12 +19,16 @@ rule modularize:
         mem_mb=config["resources"]["train"]["mem_mb"],
     params:
         data_root=lambda wc, input: data_root(input.split[0]),
-        config=lambda wc: as_json(config["approaches"].get(wc.approach, {})),
+        hyperparameters=lambda wc: as_json(config["approaches"].get(wc.approach, {})),
+        references=lambda wc, input: " ".join(
+            f"--reference {name}={path}"
+            for name, path in zip(references_of(wc.approach), input.references)
+        ),
         # Outside the declared outputs: Snakemake does not delete it when a killed job reruns.
         checkpoint=f"{RESULTS}/resume/modules/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.pt",
     shell:
         "dnnmod modularize --approach {wildcards.approach} --model {input.weights} "
-        "--config {params.config:q} --seed {wildcards.seed} --data-root {params.data_root} "
+        "--hyperparameters {params.hyperparameters:q} {params.references} --seed {wildcards.seed} --data-root {params.data_root} "
         "--threads {threads} --checkpoint {params.checkpoint} --out {output.modules} 2> {log}"
 
 

@@ -1,33 +1,58 @@
-"""Modularization approaches behind one interface.
+"""Modularization approaches behind one interface (:class:`~dnnmod.approaches.base.Approach`).
 
-Each approach is one module in this package exposing ``NAME``, ``DEFAULTS`` (its reference
-hyperparameters) and ``modularize(model, base_meta, data, config, *, seed, device,
-checkpoint=None, progress=None) -> ModuleSet``. Registering it here is the only other step.
+A new approach is one file here defining an ``Approach`` subclass, plus its line in
+:data:`APPROACHES`; :func:`run_approach` is how the command line and the library run one.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from torch import nn
+
+from dnnmod.approaches.base import Approach
+from dnnmod.approaches.gradsplitter import GradSplitter
+from dnnmod.approaches.random_kernels import RandomKernels
 from dnnmod.errors import ConfigError, UnknownNameError
+from dnnmod.modules.moduleset import REQUIRED_PROVENANCE, ModuleSet, check_provenance
 
-from . import gradsplitter
+APPROACHES: dict[str, Approach] = {
+    approach.name: approach for approach in (GradSplitter(), RandomKernels())
+}
 
-APPROACHES: dict[str, ModuleType] = {module.NAME: module for module in (gradsplitter,)}
 
-
-def get_approach(name: str) -> ModuleType:
+def get_approach(name: str) -> Approach:
     if name not in APPROACHES:
         raise UnknownNameError("approach", name, APPROACHES)
     return APPROACHES[name]
 
 
-def resolve_config(name: str, config: dict[str, Any] | None) -> dict[str, Any]:
-    """The approach's reference hyperparameters overridden by ``config``; unknown keys fail."""
-    defaults = get_approach(name).DEFAULTS
-    unknown = set(config or {}) - set(defaults)
-    if unknown:
-        raise ConfigError(f"approaches.{name}: unknown keys {sorted(unknown)}; known: "
-                          f"{sorted(defaults)}")
-    return {**defaults, **(config or {})}
+def resolve_hyperparameters(name: str, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The approach's reference hyperparameters overridden by ``overrides``; unknown keys and
+    values of the wrong type fail."""
+    return get_approach(name).resolve(overrides)
+
+
+def run_approach(name: str, model: nn.Module, base_meta: dict[str, Any], data,
+                 overrides: Mapping[str, Any] | None = None, *, seed: int, device: str = "cpu",
+                 checkpoint: Path | None = None, progress: bool | None = None,
+                 references: Mapping[str, ModuleSet] | None = None) -> ModuleSet:
+    """Run approach ``name`` on a trained model and check what it returns."""
+    approach = get_approach(name)
+    hyperparameters = approach.resolve(overrides)
+    references = dict(references or {})
+    missing = sorted(set(approach.references(hyperparameters)) - set(references))
+    if missing:
+        raise ConfigError(f"{name} reads the module sets of {missing} cut from the same base "
+                          "model; none was given")
+    modules = approach.modularize(model, base_meta, data, hyperparameters, seed=seed,
+                                  device=device, checkpoint=checkpoint, progress=progress,
+                                  references=references)
+    check_provenance(modules.provenance, f"{name} on {base_meta.get('arch')}")
+    return modules
+
+
+__all__ = ["APPROACHES", "REQUIRED_PROVENANCE", "Approach", "check_provenance",
+           "get_approach", "resolve_hyperparameters", "run_approach"]

@@ -16,15 +16,14 @@ kernels, else the epoch with the best composed validation accuracy.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from dnnmod.approaches.base import Approach
 from dnnmod.artifacts import config_hash
 from dnnmod.modules.heads import LogitMLPHead
 from dnnmod.modules.inference import accuracy, run
@@ -32,9 +31,8 @@ from dnnmod.modules.masking import ensure_nonempty, masked_logits
 from dnnmod.modules.metrics import composed_accuracy
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import trace_structure
-from dnnmod.resumable import epoch_generator, load_checkpoint, save_checkpoint
+from dnnmod.resumable import ResumableLoop, epoch_generator
 
-NAME = "gradsplitter"
 DEFAULTS: dict[str, Any] = {
     "alpha": 0.1,             # weight of the mask-mean penalty in modularization epochs
     "head_hidden": 10,        # hidden units of each module's head
@@ -74,17 +72,17 @@ class Phase:
     mask_lr: float = 0.0  # of the kernel scores, in "mask" phases
 
 
-def schedule(config: dict[str, Any]) -> list[Phase]:
-    phases = [Phase("head", config["init_head_epochs"], config["init_head_lr"], 0.0)]
-    for _ in range(config["rounds"]):
-        phases += [Phase("mask", config["mask_epochs"], config["lr"], config["alpha"],
-                         config["mask_lr"]),
-                   Phase("head", config["head_epochs"], config["lr"], 0.0)]
+def schedule(hyperparameters: dict[str, Any]) -> list[Phase]:
+    hp = hyperparameters
+    phases = [Phase("head", hp["init_head_epochs"], hp["init_head_lr"], 0.0)]
+    for _ in range(hp["rounds"]):
+        phases += [Phase("mask", hp["mask_epochs"], hp["lr"], hp["alpha"], hp["mask_lr"]),
+                   Phase("head", hp["head_epochs"], hp["lr"], 0.0)]
     return [phase for phase in phases if phase.epochs > 0]
 
 
-def _training_subset(data, config: dict[str, Any], seed: int):
-    limit = config["max_train_samples"]
+def _training_subset(data, hyperparameters: dict[str, Any], seed: int):
+    limit = hyperparameters["max_train_samples"]
     if limit is None or limit >= len(data.train):
         return data.train
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
@@ -92,120 +90,120 @@ def _training_subset(data, config: dict[str, Any], seed: int):
 
 
 def _module_set(model_meta, structure, masks, head, provenance=None) -> ModuleSet:
-    return ModuleSet(approach=NAME, classes=list(head.classes), masks=masks, head=head,
+    return ModuleSet(approach=GradSplitter.name, classes=list(head.classes), masks=masks, head=head,
                      combination="argmax", base=base_identity(model_meta),
                      structure=structure, provenance=provenance or {})
 
 
-def modularize(model: nn.Module, base_meta: dict[str, Any], data, config: dict[str, Any], *,
-               seed: int, device: str = "cpu", checkpoint: Path | None = None,
-               progress: bool | None = None) -> ModuleSet:
-    started = time.monotonic()
-    model = model.to(device).eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    structure = trace_structure(model, (1, *data.train.images.shape[1:]))
-    classes = list(range(data.num_classes))
-    torch.manual_seed(seed)
-    scores = {group.name: torch.ones(len(classes), group.size, device=device,
-                                     requires_grad=True) for group in structure.groups}
-    head = LogitMLPHead(classes, data.num_classes, config["head_hidden"]).to(device)
-    phases = schedule(config)
-    plan = [(index, phase) for index, phase in enumerate(phases) for _ in range(phase.epochs)]
-    train_set = _training_subset(data, config, seed)
-    base_val_accuracy = accuracy(model, data.val)
-    fingerprint = config_hash({"approach": NAME, "config": config, "seed": seed,
-                               "base": base_meta.get("weights_sha256")})
+class GradSplitter(Approach):
+    name = "gradsplitter"
+    defaults = DEFAULTS
 
-    history, candidates, start, earlier_seconds = [], [], 0, 0.0
-    optimizer, optimizer_phase = None, None
-    state = load_checkpoint(checkpoint, fingerprint)
-    if state is not None:
-        with torch.no_grad():
-            for name, tensor in state["scores"].items():
-                scores[name].copy_(tensor)
-        head.load_state_dict(state["head"])
-        history, candidates = state["history"], state["candidates"]
-        start, earlier_seconds = state["epoch"] + 1, state["wall_seconds"]
-        if start < len(plan) and plan[start][0] == state["phase"]:
-            optimizer, optimizer_phase = _optimizer(plan[start][1], scores, head), state["phase"]
-            optimizer.load_state_dict(state["optimizer"])
-        log.info("resuming GradSplitter from %s after epoch %d", checkpoint, start)
+    def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
+                   hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",
+                   checkpoint: Path | None = None, progress: bool | None = None,
+                   references=None) -> ModuleSet:
+        model = model.to(device).eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        structure = trace_structure(model, (1, *data.train.images.shape[1:]))
+        classes = list(range(data.num_classes))
+        torch.manual_seed(seed)
+        scores = {group.name: torch.ones(len(classes), group.size, device=device,
+                                         requires_grad=True) for group in structure.conv_groups}
+        head = LogitMLPHead(classes, data.num_classes, hyperparameters["head_hidden"]).to(device)
+        phases = schedule(hyperparameters)
+        plan = [(index, phase) for index, phase in enumerate(phases)
+                for _ in range(phase.epochs)]
+        train_set = _training_subset(data, hyperparameters, seed)
+        base_val_accuracy = accuracy(model, data.val)
+        fingerprint = config_hash({"approach": self.name, "hyperparameters": hyperparameters,
+                                   "seed": seed, "base": base_meta.get("weights_sha256")})
+        loop = ResumableLoop(checkpoint, fingerprint, len(plan), desc=self.name,
+                             progress=progress)
 
-    loss_fn = nn.CrossEntropyLoss()
-    cached_phase, train_logits, val_logits = None, None, None
-    bar = tqdm(total=len(plan), initial=start, unit="epoch", desc=NAME,
-               disable=None if progress is None else not progress)
-    for epoch in range(start, len(plan)):
-        phase_index, phase = plan[epoch]
-        if optimizer_phase != phase_index:  # a fresh Adam at every phase switch
-            optimizer, optimizer_phase = _optimizer(phase, scores, head), phase_index
-        generator = epoch_generator(seed, epoch)
-        order = torch.randperm(len(train_set), generator=generator).to(train_set.labels.device)
-        head.train()
-        loss_sum = 0.0
-        if phase.kind == "head" and cached_phase != phase_index:
-            # Masks are fixed in a head-only phase and GradSplitter uses no augmentation, so
-            # the masked logits of every image are the same in each of the phase's epochs.
-            fixed = {name: (s > 0).float().detach() for name, s in scores.items()}
-            train_logits = run(model, train_set, structure=structure, masks=fixed)
-            cached_phase, val_logits = phase_index, None
-        for begin in range(0, len(order), config["batch_size"]):
-            index = order[begin:begin + config["batch_size"]]
-            if phase.kind == "mask":
-                x, y = train_set.float_batch(index)
-                masks = {name: _BinaryMask.apply(s) for name, s in scores.items()}
-                logits = masked_logits(model, structure, masks, x)
-            else:
-                logits, y = train_logits[:, index], train_set.labels[index]
-            loss = loss_fn(head(logits), y)
-            if phase.kind == "mask" and phase.alpha:
-                loss = loss + phase.alpha * torch.cat([m.flatten() for m in masks.values()]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(y)
+        history, candidates = [], []
+        optimizer, optimizer_phase = None, None
+        if loop.state is not None:
+            with torch.no_grad():
+                for name, tensor in loop.state["scores"].items():
+                    scores[name].copy_(tensor)
+            head.load_state_dict(loop.state["head"])
+            history, candidates = loop.state["history"], loop.state["candidates"]
+            resumed = loop.first_step
+            if resumed < len(plan) and plan[resumed][0] == loop.state["phase"]:
+                optimizer_phase = loop.state["phase"]
+                optimizer = _optimizer(plan[resumed][1], scores, head)
+                optimizer.load_state_dict(loop.state["optimizer"])
 
-        head.eval()
-        binary = ensure_nonempty({n: s.detach() for n, s in scores.items()},
-                                 {n: s.detach() for n, s in scores.items()})
-        if phase.kind == "mask" or val_logits is None:
-            val_logits = run(model, data.val, structure=structure, masks=binary)
-        candidate = _module_set(base_meta, structure, binary, head)
-        with torch.no_grad():
-            val_accuracy = composed_accuracy(candidate, head(val_logits), data.val.labels)
-        kernels = int(sum(mask.sum() for mask in binary.values()))
-        record = {"epoch": epoch + 1, "phase": phase.kind, "loss": loss_sum / len(order),
-                  "val_accuracy": val_accuracy, "kernels": kernels,
-                  "krr": kernels / (structure.total_kernels * len(classes))}
-        history.append(record)
-        candidates.append({"masks": {n: m.cpu() for n, m in binary.items()},
-                           "head": {n: t.detach().cpu().clone()
-                                    for n, t in head.state_dict().items()}})
-        log.info("epoch %d/%d (%s) loss %.4f val %.2f%% KRR %.3f", epoch + 1, len(plan),
-                 phase.kind, record["loss"], val_accuracy, record["krr"])
-        if checkpoint:
-            save_checkpoint(checkpoint, {
-                "fingerprint": fingerprint, "epoch": epoch, "phase": phase_index,
-                "scores": {n: s.detach().cpu() for n, s in scores.items()},
+        loss_fn = nn.CrossEntropyLoss()
+        cached_phase, train_logits, val_logits = None, None, None
+        for epoch in loop.steps():
+            phase_index, phase = plan[epoch]
+            if optimizer_phase != phase_index:  # a fresh Adam at every phase switch
+                optimizer, optimizer_phase = _optimizer(phase, scores, head), phase_index
+            generator = epoch_generator(seed, epoch)
+            order = torch.randperm(len(train_set), generator=generator).to(
+                train_set.labels.device)
+            head.train()
+            loss_sum = 0.0
+            if phase.kind == "head" and cached_phase != phase_index:
+                # Masks are fixed in a head-only phase and GradSplitter uses no augmentation,
+                # so the masked logits of every image are the same in each of its epochs.
+                fixed = {name: (s > 0).float().detach() for name, s in scores.items()}
+                train_logits = run(model, train_set, structure=structure, masks=fixed)
+                cached_phase, val_logits = phase_index, None
+            for begin in range(0, len(order), hyperparameters["batch_size"]):
+                index = order[begin:begin + hyperparameters["batch_size"]]
+                if phase.kind == "mask":
+                    x, y = train_set.float_batch(index)
+                    masks = {name: _BinaryMask.apply(s) for name, s in scores.items()}
+                    logits = masked_logits(model, structure, masks, x)
+                else:
+                    logits, y = train_logits[:, index], train_set.labels[index]
+                loss = loss_fn(head(logits), y)
+                if phase.kind == "mask" and phase.alpha:
+                    loss = loss + phase.alpha * torch.cat(
+                        [m.flatten() for m in masks.values()]).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(y)
+
+            head.eval()
+            binary = ensure_nonempty({n: s.detach() for n, s in scores.items()},
+                                     {n: s.detach() for n, s in scores.items()})
+            if phase.kind == "mask" or val_logits is None:
+                val_logits = run(model, data.val, structure=structure, masks=binary)
+            candidate = _module_set(base_meta, structure, binary, head)
+            with torch.no_grad():
+                val_accuracy = composed_accuracy(candidate, head(val_logits), data.val.labels)
+            kernels = int(sum(mask.sum() for mask in binary.values()))
+            record = {"epoch": epoch + 1, "phase": phase.kind, "loss": loss_sum / len(order),
+                      "val_accuracy": val_accuracy, "kernels": kernels,
+                      "krr": kernels / (structure.total_kernels * len(classes))}
+            history.append(record)
+            candidates.append({"masks": {n: m.cpu() for n, m in binary.items()},
+                               "head": {n: t.detach().cpu().clone()
+                                        for n, t in head.state_dict().items()}})
+            log.info("epoch %d/%d (%s) loss %.4f val %.2f%% KRR %.3f", epoch + 1, len(plan),
+                     phase.kind, record["loss"], val_accuracy, record["krr"])
+            loop.save(epoch, {
+                "phase": phase_index, "scores": {n: s.detach().cpu() for n, s in scores.items()},
                 "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                 "history": history, "candidates": candidates,
-                "wall_seconds": earlier_seconds + time.monotonic() - started,
-            })
-        bar.set_postfix(val=f"{val_accuracy:.1f}%", krr=f"{record['krr']:.2f}")
-        bar.update(1)
-    bar.close()
+            }, postfix={"val": f"{val_accuracy:.1f}%", "krr": f"{record['krr']:.2f}"})
 
-    chosen = select_epoch(history, base_val_accuracy, config["max_loss_pp"])
-    head.load_state_dict(candidates[chosen]["head"])
-    masks = {n: m.to(device) for n, m in candidates[chosen]["masks"].items()}
-    provenance = {
-        "config": config, "seed": seed, "selected_epoch": history[chosen]["epoch"],
-        "base_val_accuracy": base_val_accuracy, "history": history,
-        "train_samples": len(train_set),
-        "wall_seconds": earlier_seconds + time.monotonic() - started,
-    }
-    return _module_set(base_meta, structure, masks, head.cpu(), provenance)
+        chosen = select_epoch(history, base_val_accuracy, hyperparameters["max_loss_pp"])
+        head.load_state_dict(candidates[chosen]["head"])
+        masks = {n: m.to(device) for n, m in candidates[chosen]["masks"].items()}
+        provenance = {
+            "approach": self.name, "hyperparameters": hyperparameters, "seed": seed,
+            "selected_epoch": history[chosen]["epoch"], "base_val_accuracy": base_val_accuracy,
+            "history": history, "train_samples": len(train_set),
+            "wall_seconds": loop.wall_seconds,
+        }
+        return _module_set(base_meta, structure, masks, head.cpu(), provenance)
 
 
 def select_epoch(history: list[dict[str, Any]], base_val_accuracy: float,

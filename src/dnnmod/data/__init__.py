@@ -1,8 +1,9 @@
-"""Datasets: checksummed downloads, official-format parsers, seeded splits, in-memory sets."""
+"""Datasets: checksummed downloads, official-format parsers, seeded splits, in-memory sets,
+and tasks derived from prepared datasets."""
 
 from __future__ import annotations
 
-from .dataset import DatasetSplits, ImageSet, combine, load_dataset
+from .dataset import DatasetSplits, ImageSet, combine, load_dataset, load_prepared
 from .download import fetch, md5_file, mirror_url
 from .formats import ArrayUnpickler, ParsedDataset
 from .registry import (
@@ -16,6 +17,7 @@ from .registry import (
     prepare,
     split_path,
 )
+from .tasks import Task, TaskPart, derive_task
 
 __all__ = [
     "DATASETS",
@@ -26,11 +28,15 @@ __all__ = [
     "ImageSet",
     "ParsedDataset",
     "RemoteFile",
+    "Task",
+    "TaskPart",
     "combine",
+    "derive_task",
     "fetch",
     "get_spec",
     "images_path",
     "load_dataset",
+    "load_prepared",
     "make_splits",
     "md5_file",
     "mirror_url",

@@ -63,13 +63,20 @@ class ImageSet:
         return ImageSet(picked.images, new_label[picked.labels],
                         [self.class_names[c] for c in classes], self.mean, self.std)
 
+    def unit_batch(self, index: torch.Tensor | slice | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 images in [0, 1], not normalised, and labels at ``index``: the input of
+        models that normalise by themselves (composed models whose parts come from models
+        trained on different datasets)."""
+        index = slice(None) if index is None else index
+        return self.images[index].float().div_(255), self.labels[index]
+
     def float_batch(self, index: torch.Tensor | slice | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float32 images ``(x / 255 - mean) / std`` and labels at ``index``."""
-        index = slice(None) if index is None else index
-        x = self.images[index].float().div_(255)
+        x, labels = self.unit_batch(index)
         x = x.sub_(self.mean.view(1, -1, 1, 1)).div_(self.std.view(1, -1, 1, 1))
-        return x, self.labels[index]
+        return x, labels
 
     def to(self, device: str | torch.device) -> ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.class_names,
@@ -123,8 +130,22 @@ class DatasetSplits:
 
 def load_dataset(root: Path, name: str, seed: int, device: str | torch.device = "cpu"
                  ) -> DatasetSplits:
-    """Load a prepared dataset onto ``device`` with the train/val split of ``seed`` (made with
-    the default validation fraction if it does not exist yet)."""
+    """Load a prepared dataset (or derived task) onto ``device`` with the train/val split of
+    ``seed`` (made with the default validation fraction if it does not exist yet)."""
+    official_train, test, meta = load_prepared(root, name, device)
+    split_file = split_path(root, name, seed)
+    fingerprint = labels_fingerprint(official_train.labels.cpu().numpy())
+    if _split_metadata(split_file).get("train_labels_md5") != fingerprint:
+        make_splits(root, name, seed)  # missing, or drawn from data prepared before
+    split = load_tensors(split_file, device=device)
+    return DatasetSplits(train=official_train.take(split["train_index"]),
+                         val=official_train.take(split["val_index"]), test=test, meta=meta)
+
+
+def load_prepared(root: Path, name: str, device: str | torch.device = "cpu"
+                  ) -> tuple[ImageSet, ImageSet, dict[str, Any]]:
+    """The official train and test sets of a prepared dataset (or derived task), unsplit, with
+    its meta.json."""
     tensors = load_tensors(images_path(root, name), device=device)
     meta_file = Path(root) / name / "meta.json"
     meta = read_json(meta_file)
@@ -132,20 +153,11 @@ def load_dataset(root: Path, name: str, seed: int, device: str | torch.device = 
     if meta.get("counts", {}).get("train") != train_count:
         raise ArtifactError(f"{meta_file}: does not describe the {train_count} prepared training "
                             f"images; prepare {name} again")
-    split_file = split_path(root, name, seed)
-    fingerprint = labels_fingerprint(tensors["train_labels"].cpu().numpy())
-    if _split_metadata(split_file).get("train_labels_md5") != fingerprint:
-        make_splits(root, name, seed)  # missing, or drawn from data prepared before
-    split = load_tensors(split_file, device=device)
     mean = torch.tensor(meta["channels_mean"], dtype=torch.float32, device=device)
     std = torch.tensor(meta["channels_std"], dtype=torch.float32, device=device)
     names = list(meta["class_names"])
-    official_train = ImageSet(tensors["train_images"], tensors["train_labels"], names, mean, std)
-    return DatasetSplits(
-        train=official_train.take(split["train_index"]),
-        val=official_train.take(split["val_index"]),
-        test=ImageSet(tensors["test_images"], tensors["test_labels"], names, mean, std),
-        meta=meta)
+    return (ImageSet(tensors["train_images"], tensors["train_labels"], names, mean, std),
+            ImageSet(tensors["test_images"], tensors["test_labels"], names, mean, std), meta)
 
 
 def _split_metadata(path: Path) -> dict[str, str]:

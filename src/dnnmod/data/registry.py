@@ -120,9 +120,12 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 def images_path(root: Path, name: str) -> Path:
-    """The prepared tensors of ``name``; ArtifactError naming the command if missing."""
-    get_spec(name)
+    """The prepared tensors of ``name``; ArtifactError naming the command if missing. A name
+    that is not registered may be a task derived from prepared datasets (dnnmod.data.tasks)."""
     path = Path(root) / name / "images.safetensors"
+    if name not in DATASETS and path.is_file():
+        return path
+    get_spec(name)
     if not path.is_file():
         raise ArtifactError(f"{path}: dataset {name!r} is not prepared; run "
                             f"`{PREPARE_COMMAND.format(name=name)}` (dnnmod.data.prepare)")

@@ -1,12 +1,21 @@
-"""Physical extraction: turn a module's kernel sets into a standalone, smaller network.
+"""Physical extraction: turn a module's masks into a standalone, smaller network.
 
-A module keeps a subset of each channel group's kernels (see :mod:`dnnmod.modules.structure`).
-:func:`extract_module` removes the other channels from a copy of the base model with
-Torch-Pruning's dependency graph, which also trims everything that reads them: BatchNorm
-tensors, the coupled convs of residual additions and concatenations, depthwise convs, the next
-layers' input channels and the first Linear layer's input columns. The result computes what
-the masked base model computes (:func:`dnnmod.modules.masking.masked_logits`): a dropped channel is
-zero wherever a later layer reads it there, and absent here.
+A module keeps a subset of each group's channels or units, possibly down to single output
+positions (see :mod:`dnnmod.modules.masking`). :func:`extract_module` removes from a copy of the
+base model what can be removed physically, with Torch-Pruning's dependency graph:
+
+- whole conv channels that are dropped, or inactive at every position of a position mask;
+- whole hidden Linear units that are dropped.
+
+The dependency graph also trims everything that reads them: BatchNorm tensors, the coupled
+layers of residual additions and concatenations, depthwise convs, the next layers' input
+channels and the first Linear layer's input columns. What cannot be removed, the inactive
+positions of channels that stay, is kept as a :class:`PositionMask` buffer attached to each of
+the group's producer layers and norms, applied by a forward hook (:func:`apply_position_mask`,
+a plain function, so deep copies, state dicts, ``.to()`` and :class:`FusedModules` carry it).
+The result computes what the masked base model computes
+(:func:`dnnmod.modules.masking.masked_logits`): a dropped channel is zero wherever a later layer
+reads it there, and absent here; an inactive position is zero in both.
 
 To run many modules as one network, :func:`pad_and_extract` extracts them at a common shape
 (padding channels that output exactly zero) and :class:`FusedModules` runs them together with
@@ -24,24 +33,42 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dnnmod.errors import ArtifactError
-from dnnmod.modules.masking import check_masks
+from dnnmod.modules.masking import channel_view, check_masks
 from dnnmod.modules.structure import ModelStructure
+
+#: attribute name of the :class:`PositionMask` on a producer layer of an extracted module
+POSITION_MASK = "position_mask"
+_PRUNE_OUT_CHANNELS = {"conv": tp.prune_conv_out_channels,
+                       "linear": tp.prune_linear_out_channels}
+
+
+class PositionMask(nn.Module):
+    """The active output positions (C, H, W) of one layer of an extracted module."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.bool())
+
+    def forward(self, output: torch.Tensor) -> torch.Tensor:
+        return output * self.mask.to(output.dtype)
+
+
+def apply_position_mask(layer: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: ``layer``'s output times its :class:`PositionMask`."""
+    return getattr(layer, POSITION_MASK)(output)
 
 
 def check_keep(structure: ModelStructure,
                keep: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Validate ``keep`` (group name → (size,) vector of kept channels) and return it as bool
-    vectors on the CPU. Raises :class:`ArtifactError` on wrong names or sizes, or on a group
-    that keeps no channel (a network cannot have an empty layer)."""
-    vectors = {name: torch.as_tensor(vector).detach().cpu() for name, vector in keep.items()}
-    for name, vector in vectors.items():
-        if vector.dim() != 1:
-            raise ArtifactError(f"kept channels of group {name}: shape {tuple(vector.shape)}, "
-                                "expected a vector")
-    check_masks(structure, {name: vector[None] for name, vector in vectors.items()})
-    checked = {name: vector.bool() for name, vector in vectors.items()}
-    for name, vector in checked.items():
-        if not vector.any():
+    """Validate ``keep`` (group name → one module's mask: (C,) kept channels or units, or
+    (C, H, W) active positions; absent groups are kept whole) and return it as bool tensors
+    on the CPU. Raises :class:`ArtifactError` on wrong names or shapes, or on a group that
+    keeps nothing (a network cannot have an empty layer)."""
+    checked = {name: torch.as_tensor(mask).detach().cpu() for name, mask in keep.items()}
+    check_masks(structure, {name: mask[None] for name, mask in checked.items()})
+    checked = {name: mask.bool() for name, mask in checked.items()}
+    for name, mask in checked.items():
+        if not mask.any():
             raise ArtifactError(f"group {name} keeps no channel; a module needs at least one")
     return checked
 
@@ -49,23 +76,33 @@ def check_keep(structure: ModelStructure,
 def extract_module(model: nn.Module, structure: ModelStructure,
                    keep: Mapping[str, torch.Tensor],
                    input_shape: tuple[int, ...] | None = None) -> nn.Module:
-    """A new network: ``model`` without the channels that ``keep`` drops, in eval mode.
+    """A new network: ``model`` without what ``keep`` drops, in eval mode.
 
     Args:
         model: the base model; it is copied and left untouched.
         structure: the base model's channel groups.
-        keep: group name → bool vector (size,) of kept channels; every group keeps >= 1.
+        keep: group name → (C,) bool vector of kept channels or units, or (C, H, W) bool
+            active positions (conv groups with a traced spatial shape); every group listed
+            keeps something, groups not listed are kept whole.
         input_shape: example input shape for tracing; defaults to ``structure.input_shape``.
 
     Returns:
         A module with the base model's output size whose eval-mode outputs equal the masked
         base model's, ``masked_logits(model, structure, {g: keep[g][None]}, x)[0]``.
     """
-    return _pruned_copy(model, structure, check_keep(structure, keep), input_shape)
+    checked = check_keep(structure, keep)
+    channels = {name: channel_view(mask[None])[0] for name, mask in checked.items()}
+    module = _pruned_copy(model, structure, channels, input_shape)
+    remaining = {name: mask[channels[name]] for name, mask in checked.items() if mask.dim() > 1}
+    _attach_position_masks(module, structure, {name: mask for name, mask in remaining.items()
+                                               if not mask.all()})
+    return module
 
 
-def _pruned_copy(model: nn.Module, structure: ModelStructure, keep: Mapping[str, torch.Tensor],
+def _pruned_copy(model: nn.Module, structure: ModelStructure,
+                 channels: Mapping[str, torch.Tensor],
                  input_shape: tuple[int, ...] | None) -> nn.Module:
+    """A copy of ``model`` keeping only the channels (units) ``channels`` marks per group."""
     module = copy.deepcopy(model).eval()
     layers = dict(module.named_modules())
     reference = next(module.parameters(), None)
@@ -82,13 +119,33 @@ def _pruned_copy(model: nn.Module, structure: ModelStructure, keep: Mapping[str,
     # Pruning replaces parameters with new trainable ones; a frozen base stays frozen.
     trainable = {name: parameter.requires_grad for name, parameter in module.named_parameters()}
     for group in structure.groups:
-        dropped = (~keep[group.name]).nonzero().flatten().tolist()
+        if group.name not in channels:
+            continue
+        dropped = (~channels[group.name]).nonzero().flatten().tolist()
         if dropped:
-            graph.get_pruning_group(layers[group.name], tp.prune_conv_out_channels,
+            graph.get_pruning_group(layers[group.name], _PRUNE_OUT_CHANNELS[group.kind],
                                     dropped).prune()
     for name, parameter in module.named_parameters():
         parameter.requires_grad_(trainable[name])
     return module.eval()
+
+
+def _attach_position_masks(module: nn.Module, structure: ModelStructure,
+                           masks: Mapping[str, torch.Tensor]) -> None:
+    """Give every producer layer and norm of each group in ``masks`` (group name → (C', H, W)
+    over the channels left in ``module``) its position mask."""
+    layers = dict(module.named_modules())
+    device = next(module.parameters()).device
+    for group in structure.groups:
+        if group.name not in masks:
+            continue
+        for name in (*group.convs, *group.norms):
+            layer = layers[name]
+            # One tensor per layer: tensors shared between modules are listed once by
+            # named_buffers, so FusedModules would not substitute the others.
+            layer.add_module(POSITION_MASK,
+                             PositionMask(masks[group.name].to(device, copy=True)))
+            layer.register_forward_hook(apply_position_mask)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -119,45 +176,64 @@ def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 def pad_and_extract(model: nn.Module, structure: ModelStructure,
                     keeps: Sequence[Mapping[str, torch.Tensor]]) -> list[nn.Module]:
-    """Extract every module of ``keeps`` at one common shape, for :class:`FusedModules`.
+    """Extract every module of ``keeps`` (masks as for :func:`extract_module`) at one common
+    shape, for :class:`FusedModules`.
 
-    Per group, every module gets as many channels as the module that keeps most: its own kept
-    channels plus padding channels taken from its dropped ones (lowest indices first). Padding
-    channels are neutralised (their conv kernels, conv biases and BatchNorm affine parameters
-    set to zero), so they output exactly zero, as a dropped channel does in the masked model,
-    and each module still computes what :func:`extract_module` would give it.
+    Per group, every module gets as many channels (units) as the module that keeps most: its
+    own kept channels plus padding channels taken from its dropped ones (lowest indices
+    first). Padding channels are neutralised (the weights and biases of their producer layers
+    and BatchNorm affine parameters set to zero), so they output exactly zero, as a dropped
+    channel does in the masked model, and each module still computes what
+    :func:`extract_module` would give it. Where any module has a position mask for a group,
+    every module gets one there (all positions of its kept channels active for a channel
+    mask, none of its padding channels), so the modules' tensors keep one shape.
     """
     checked = [check_keep(structure, keep) for keep in keeps]
     if not checked:
         raise ArtifactError("no modules to extract")
-    widths = {group.name: max(int(keep[group.name].sum()) for keep in checked)
-              for group in structure.groups}
+    groups = [group for group in structure.groups if any(group.name in k for k in checked)]
+    # A module that leaves a group unmasked, where another masks it, keeps it whole.
+    masks = [{group.name: keep.get(group.name, torch.ones(group.size, dtype=torch.bool))
+              for group in groups} for keep in checked]
+    channels = [{name: channel_view(mask[None])[0] for name, mask in keep.items()}
+                for keep in masks]
+    widths = {group.name: max(int(own[group.name].sum()) for own in channels)
+              for group in groups}
+    positional = {name for keep in masks for name, mask in keep.items() if mask.dim() > 1}
     modules = []
-    for keep in checked:
-        padded_keep, padding_positions = {}, {}
-        for group in structure.groups:
-            own = keep[group.name]
+    for keep, own_channels in zip(masks, channels, strict=True):
+        padded_channels, padding_ranks, position_masks = {}, {}, {}
+        for group in groups:
+            own = own_channels[group.name]
             padding = (~own).nonzero().flatten()[: widths[group.name] - int(own.sum())]
             padded = own.clone()
             padded[padding] = True
-            padded_keep[group.name] = padded
+            padded_channels[group.name] = padded
             # Torch-Pruning keeps the remaining channels in order, so a channel's position in
             # the pruned layer is its rank among the channels that stay.
             rank = padded.long().cumsum(0) - 1
-            padding_positions[group.name] = rank[padding]
-        module = _pruned_copy(model, structure, padded_keep, None)
-        _neutralise(module, structure, padding_positions)
+            padding_ranks[group.name] = rank[padding]
+            if group.name in positional:
+                mask = keep[group.name]
+                positions = mask if mask.dim() > 1 else mask[:, None, None].expand(group.shape)
+                # Padding channels are dropped ones, inactive at every position.
+                position_masks[group.name] = positions[padded]
+        module = _pruned_copy(model, structure, padded_channels, None)
+        _neutralise(module, structure, padding_ranks)
+        _attach_position_masks(module, structure, position_masks)
         modules.append(module)
     return modules
 
 
 @torch.no_grad()
 def _neutralise(module: nn.Module, structure: ModelStructure,
-                positions: Mapping[str, torch.Tensor]) -> None:
+                ranks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the weights and biases of the channels at ``ranks`` (group name → positions in
+    the pruned layers) in every producer layer and norm of their groups."""
     layers = dict(module.named_modules())
     for group in structure.groups:
-        channels = positions[group.name]
-        if channels.numel() == 0:
+        channels = ranks.get(group.name)
+        if channels is None or channels.numel() == 0:
             continue
         for name in (*group.convs, *group.norms):
             layer = layers[name]

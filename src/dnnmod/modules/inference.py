@@ -15,6 +15,7 @@ module, as many modules at once as the activation memory budget allows.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -29,6 +30,18 @@ CPU_PLAIN_IMAGES = 512
 CUDA_IMAGES_PER_MODULE = 256
 #: activation memory one pass may use, by device type (bytes); CUDA: also <= half the free memory
 MEMORY_BUDGET = {"cpu": 2 << 30, "cuda": 8 << 30}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode within the block; afterwards every layer gets its own mode back
+    (a model may hold layers in another mode than itself, such as a frozen BatchNorm)."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        yield model.eval()
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 @dataclass(frozen=True)
@@ -52,14 +65,11 @@ def activation_bytes_per_image(model: nn.Module, input_shape: tuple[int, ...]) -
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [leaf.register_forward_hook(record) for leaf in leaves]
     reference = next(model.parameters())
-    training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros((1, *input_shape[1:]), device=reference.device,
                               dtype=reference.dtype))
     finally:
-        model.train(training)
         for handle in handles:
             handle.remove()
     return 3 * largest
@@ -104,33 +114,28 @@ def run(model: nn.Module, images, *, structure: ModelStructure | None = None,
     with ``head`` (a :class:`~dnnmod.modules.heads.Head`, or its subset for a module chunk via
     ``head.subset``) the module scores, (images, M).
     """
-    was_training = model.training
-    model.eval()
     reference = next(model.parameters())
     input_shape = (1, *images.images.shape[1:])
-    try:
-        with torch.set_grad_enabled(grad):
-            if masks is None:
-                plan = plan_pass(model, input_shape, None, reference.device, budget)
-                return torch.cat([model(x).float() for x, _ in batches(images, plan.images)])
-            if structure is None:
-                raise ValueError("a masked pass needs the model's structure")
-            modules = check_masks(structure, masks)
-            plan = plan_pass(model, input_shape, modules, reference.device, budget)
-            per_chunk = []
-            for first in range(0, modules, plan.modules):
-                chunk = range(first, min(first + plan.modules, modules))
-                chunk_masks = {name: mask[chunk.start:chunk.stop].to(reference.device)
-                               for name, mask in masks.items()}
-                logits = torch.cat([masked_logits(model, structure, chunk_masks, x).float()
-                                    for x, _ in batches(images, plan.images)], dim=1)
-                if head is not None:
-                    chunk_head = head if len(chunk) == modules else head.subset(list(chunk))
-                    logits = chunk_head(logits)
-                per_chunk.append(logits)
-            return torch.cat(per_chunk, dim=1 if head is not None else 0)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.set_grad_enabled(grad):
+        if masks is None:
+            plan = plan_pass(model, input_shape, None, reference.device, budget)
+            return torch.cat([model(x).float() for x, _ in batches(images, plan.images)])
+        if structure is None:
+            raise ValueError("a masked pass needs the model's structure")
+        modules = check_masks(structure, masks)
+        plan = plan_pass(model, input_shape, modules, reference.device, budget)
+        per_chunk = []
+        for first in range(0, modules, plan.modules):
+            chunk = range(first, min(first + plan.modules, modules))
+            chunk_masks = {name: mask[chunk.start:chunk.stop].to(reference.device)
+                           for name, mask in masks.items()}
+            logits = torch.cat([masked_logits(model, structure, chunk_masks, x).float()
+                                for x, _ in batches(images, plan.images)], dim=1)
+            if head is not None:
+                chunk_head = head if len(chunk) == modules else head.subset(list(chunk))
+                logits = chunk_head(logits)
+            per_chunk.append(logits)
+        return torch.cat(per_chunk, dim=1 if head is not None else 0)
 
 
 def accuracy(model: nn.Module, images) -> float:

@@ -1,11 +1,23 @@
-"""Masked execution: run a base model as M modules at once, one channel mask per module.
+"""Masked execution: run a base model as M modules at once, one set of masks per module.
 
-A module keeps a subset of each channel group's kernels. Running it as the *masked* base
-model means zeroing the dropped channels wherever the group's channels are produced: at the
-output of every conv and every norm of the group. Zeroing after the norm matters: a BatchNorm
-maps a zero input to its shift, so masking the conv alone would leak. With every producer
-masked, a dropped channel is zero wherever a later layer reads it, which is exactly what
-physically removing it computes (see :mod:`dnnmod.modules.extract`).
+A mask dict maps a group name (see :mod:`dnnmod.modules.structure`) to a tensor with one row
+per module, of one of two granularities:
+
+- a *channel mask* (M, C): the kept channels of a conv group, or the kept units of a linear
+  group;
+- a *position mask* (M, C, H, W), conv groups only: the active output positions, (C, H, W) being
+  the group's traced ``shape``. Such a group takes position masks only if all its layers
+  produce that one shape (see :class:`~dnnmod.modules.structure.ChannelGroup`).
+
+A group absent from the dict is kept whole. Bool and float masks are accepted; float masks may
+carry gradients (GradSplitter learns its channel masks this way).
+
+Running a module as the *masked* base model means zeroing what it drops wherever the group's
+values are produced: at the output of every producer layer (conv or Linear) and every norm of
+the group. Zeroing after the norm matters: a BatchNorm maps a zero input to its shift, so
+masking the conv alone would leak. With every producer masked, a dropped channel is zero
+wherever a later layer reads it, which is exactly what physically removing it computes (see
+:mod:`dnnmod.modules.extract`).
 
 M modules share the frozen weights, so they run in one batched pass: the input batch is
 repeated M times along the batch dimension and each repetition gets its module's masks.
@@ -20,48 +32,76 @@ import torch
 from torch import nn
 
 from dnnmod.errors import ArtifactError
-from dnnmod.modules.structure import ModelStructure
+from dnnmod.modules.structure import ChannelGroup, ModelStructure
+
+
+def mask_shapes(group: ChannelGroup) -> list[tuple[int, ...]]:
+    """The per-module mask shapes ``group`` accepts: (C,) and, for a conv group with a traced
+    spatial shape, (C, H, W)."""
+    shapes = [(group.size,)]
+    if group.kind == "conv" and len(group.shape) == 3:
+        shapes.append(tuple(group.shape))
+    return shapes
 
 
 def check_masks(structure: ModelStructure, masks: Mapping[str, torch.Tensor]) -> int:
-    """Validate ``masks`` (group name → (M, size) tensor) and return M, the module count."""
-    expected = {group.name: group.size for group in structure.groups}
-    if set(masks) != set(expected):
-        missing, extra = sorted(set(expected) - set(masks)), sorted(set(masks) - set(expected))
-        raise ArtifactError(f"channel masks do not match the model's groups "
-                            f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    """Validate ``masks`` (group name → (M, C) or (M, C, H, W) tensor; absent groups are kept
+    whole) and return M, the module count."""
+    groups = {group.name: group for group in structure.groups}
+    unknown = sorted(set(masks) - set(groups))
+    if unknown:
+        raise ArtifactError(f"masks name unknown group(s) {unknown[:5]}; the model's groups "
+                            f"are {list(groups)[:5]}{' ...' if len(groups) > 5 else ''}")
+    if not masks:
+        raise ArtifactError("no masks: at least one group needs one (it gives the module count)")
+    for name, mask in masks.items():
+        accepted = mask_shapes(groups[name])
+        if mask.dim() < 2 or tuple(mask.shape[1:]) not in accepted:
+            expected = " or ".join(str(("modules", *shape)) for shape in accepted)
+            raise ArtifactError(f"mask of {groups[name].kind} group {name}: shape "
+                                f"{tuple(mask.shape)}, expected {expected}")
     counts = {mask.shape[0] for mask in masks.values()}
     if len(counts) != 1:
-        raise ArtifactError(f"channel masks disagree on the number of modules: {sorted(counts)}")
-    for name, mask in masks.items():
-        if mask.dim() != 2 or mask.shape[1] != expected[name]:
-            raise ArtifactError(f"mask of group {name}: shape {tuple(mask.shape)}, expected "
-                                f"(modules, {expected[name]})")
+        raise ArtifactError(f"masks disagree on the number of modules: {sorted(counts)}")
     return counts.pop()
+
+
+def channel_view(mask: torch.Tensor) -> torch.Tensor:
+    """Bool (M, C): a channel is kept if any of its positions is active."""
+    kept = mask > 0
+    return kept.flatten(2).any(dim=2) if kept.dim() > 2 else kept
 
 
 @contextlib.contextmanager
 def masked(model: nn.Module, structure: ModelStructure,
            masks: Mapping[str, torch.Tensor]) -> Iterator[int]:
     """Within the block, ``model`` computes M masked copies of itself on an M-times-repeated
-    batch. Masks may be float and carry gradients (GradSplitter learns them this way).
-    Yields M.
-    """
+    batch. Masks may be float and carry gradients. Yields M."""
     modules_count = check_masks(structure, masks)
     layers = dict(model.named_modules())
     handles = []
 
-    def hook_for(mask: torch.Tensor):
-        def apply(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
+    def hook_for(group_name: str, mask: torch.Tensor):
+        per_module = tuple(mask.shape[1:])
+
+        def apply(layer, _inputs, output: torch.Tensor) -> torch.Tensor:
+            if len(per_module) > 1 and tuple(output.shape[1:]) != per_module:
+                raise ArtifactError(
+                    f"position mask of group {group_name} is for outputs {per_module}, but "
+                    f"{type(layer).__name__} produced {tuple(output.shape[1:])} (an input "
+                    "size other than the traced one?)")
             batch = output.shape[0] // modules_count
-            shaped = mask.to(output.dtype).view(modules_count, 1, -1,
-                                                *([1] * (output.dim() - 2)))
+            # (M, 1, C, [H, W], 1...): broadcast over the batch and any dimension not masked.
+            shaped = mask.to(output.dtype).view(modules_count, 1, *per_module,
+                                                *([1] * (output.dim() - mask.dim())))
             return (output.view(modules_count, batch, *output.shape[1:]) * shaped).view_as(output)
         return apply
 
     try:
         for group in structure.groups:
-            hook = hook_for(masks[group.name])
+            if group.name not in masks:
+                continue
+            hook = hook_for(group.name, masks[group.name])
             for name in (*group.convs, *group.norms):
                 handles.append(layers[name].register_forward_hook(hook))
         yield modules_count
@@ -79,20 +119,26 @@ def masked_logits(model: nn.Module, structure: ModelStructure,
 
 
 def kept_kernels(masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Number of kept kernels per module, shape (M,)."""
-    return sum((mask > 0).sum(dim=1) for mask in masks.values())
+    """Number of kept channels per module over the given masks (a channel with any active
+    position counts), shape (M,). Pass conv-group masks to count kernels."""
+    return sum(channel_view(mask).sum(dim=1) for mask in masks.values())
 
 
 def ensure_nonempty(masks: Mapping[str, torch.Tensor],
                     importance: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Binary masks where no module ends with an empty group: an empty group keeps its most
-    important kernel (``importance``: same shapes as ``masks``), as GradSplitter prescribes."""
+    """Bool masks where no module ends with an empty group, as GradSplitter prescribes.
+
+    A group is empty for a module when no channel (no position, for a position mask) is kept;
+    it then keeps its most important channel whole. ``importance`` has the shapes of ``masks``;
+    a channel's importance in a position mask is the sum over its positions.
+    """
     fixed = {}
     for name, mask in masks.items():
         binary = mask > 0
-        empty = ~binary.any(dim=1)
+        empty = ~binary.flatten(1).any(dim=1)
         if empty.any():
-            best = importance[name].argmax(dim=1)
+            scores = importance[name]
+            best = (scores.flatten(2).sum(dim=2) if scores.dim() > 2 else scores).argmax(dim=1)
             binary = binary.clone()
             binary[empty, best[empty]] = True
         fixed[name] = binary

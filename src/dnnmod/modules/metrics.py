@@ -1,17 +1,28 @@
 """The metrics every approach is judged by, written once (specs: approaches.md, vocabulary).
 
+Masks come in several granularities (conv channels, hidden Linear units, conv output
+positions; see :mod:`dnnmod.modules.masking`); every metric below states how it reads each.
+
 - composed accuracy: the module set's combined prediction on the test images, and the accuracy
   loss against the base model on the same images, in percentage points;
-- KRR (kernel retention rate): kept kernels / prunable kernels, mean over modules;
-- module size and FLOPs: of the physically extracted module (head included), as fractions of
-  the base model, mean over modules;
-- overlap: mean pairwise Jaccard index of the modules' kept-kernel sets;
+- KRR (kernel retention rate): kept conv kernels / conv kernels, mean over modules. A kernel
+  (conv channel) counts as kept if any of its positions is active; a conv group without a
+  mask counts as fully kept. Hidden Linear units are not kernels and do not enter KRR;
+- unit retention: kept hidden Linear units / hidden Linear units, mean over modules; a linear
+  group without a mask counts as fully kept (1.0 when no linear group is masked). None when
+  the model has no hidden Linear layer (nothing to retain; JSON null);
+- module size and FLOPs: of the physically extracted module (head included; see
+  :mod:`dnnmod.modules.extract`: dropped channels and units are removed, inactive positions
+  of kept channels are not), as fractions of the base model, mean over modules;
+- overlap: mean pairwise Jaccard index of the modules' kept-kernel sets, kernels read as for
+  KRR (channel view, unmasked conv groups kept by every module);
 - per-module binary precision, recall and F1 for "is it my class".
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,7 +32,9 @@ from torch import nn
 from dnnmod.modules.extract import count_flops, count_parameters, extract_module
 from dnnmod.modules.inference import accuracy as model_accuracy
 from dnnmod.modules.inference import run
+from dnnmod.modules.masking import channel_view
 from dnnmod.modules.moduleset import ModuleSet
+from dnnmod.modules.structure import ChannelGroup
 
 
 def module_scores(model: nn.Module, modules: ModuleSet, images) -> torch.Tensor:
@@ -57,16 +70,36 @@ def binary_metrics(modules: ModuleSet, scores: torch.Tensor, labels: torch.Tenso
     return rows
 
 
+def _kept_channels(modules: ModuleSet, groups: Sequence[ChannelGroup]) -> torch.Tensor:
+    """Bool (modules, channels of ``groups``): each module's kept channels (channel view),
+    all of an unmasked group's."""
+    kept = []
+    for group in groups:
+        mask = modules.masks.get(group.name)
+        kept.append(torch.ones(len(modules), group.size, dtype=torch.bool) if mask is None
+                    else channel_view(mask).cpu())
+    return torch.cat(kept, dim=1)
+
+
 def kernel_retention(modules: ModuleSet) -> list[float]:
-    """KRR of each module: kept kernels / prunable kernels."""
-    total = modules.structure.total_kernels
-    kept = sum(mask.sum(dim=1) for mask in modules.masks.values())
-    return (kept.float() / total).tolist()
+    """KRR of each module: kept conv kernels / conv kernels."""
+    kept = _kept_channels(modules, modules.structure.conv_groups).sum(dim=1)
+    return (kept.float() / modules.structure.total_kernels).tolist()
+
+
+def unit_retention(modules: ModuleSet) -> list[float] | None:
+    """Unit retention of each module: kept hidden Linear units / hidden Linear units; None
+    when the model has no hidden Linear layer."""
+    groups = modules.structure.linear_groups
+    if not groups:
+        return None
+    kept = _kept_channels(modules, groups).sum(dim=1)
+    return (kept.float() / modules.structure.total_units).tolist()
 
 
 def kernel_overlap(modules: ModuleSet) -> float:
     """Mean pairwise Jaccard index of the modules' kept-kernel sets (0 for a single module)."""
-    kept = torch.cat([mask for mask in modules.masks.values()], dim=1)
+    kept = _kept_channels(modules, modules.structure.conv_groups)
     pairs = list(itertools.combinations(range(len(modules)), 2))
     if not pairs:
         return 0.0
@@ -100,14 +133,17 @@ def evaluate(model: nn.Module, modules: ModuleSet, test, base_accuracy: float | 
     accuracy = composed_accuracy(modules, scores, test.labels)
     binary = binary_metrics(modules, scores, test.labels)
     krr = kernel_retention(modules)
+    units = unit_retention(modules)
     result = {
         "base_accuracy": base_accuracy, "composed_accuracy": accuracy,
         "accuracy_loss_pp": base_accuracy - accuracy,
         "krr": sum(krr) / len(krr), "overlap": kernel_overlap(modules),
+        "unit_retention": None if units is None else sum(units) / len(units),
         "mean_precision": sum(r["precision"] for r in binary) / len(binary),
         "mean_recall": sum(r["recall"] for r in binary) / len(binary),
         "mean_f1": sum(r["f1"] for r in binary) / len(binary),
-        "modules": [{**row, "krr": k} for row, k in zip(binary, krr, strict=True)],
+        "modules": [{**row, "krr": k, "unit_retention": u} for row, k, u in
+                    zip(binary, krr, units or [None] * len(krr), strict=True)],
     }
     if with_costs:
         costs = module_costs(model, modules)
@@ -116,3 +152,17 @@ def evaluate(model: nn.Module, modules: ModuleSet, test, base_accuracy: float | 
         for row, cost in zip(result["modules"], costs, strict=True):
             row.update(cost)
     return result
+
+
+def metrics_record(model_meta: dict[str, Any], modules: ModuleSet,
+                   result: dict[str, Any]) -> dict[str, Any]:
+    """The metrics.json record of a module set: what was decomposed, by which approach, at
+    what cost, and the :func:`evaluate` result. E2 reads these records."""
+    return {
+        "approach": modules.approach, "training": model_meta["training"],
+        "model": model_meta["model"], "arch": model_meta["arch"],
+        "dataset": model_meta["dataset"], "seed": modules.provenance["seed"],
+        "train_seconds": model_meta["wall_seconds"],
+        "modularize_seconds": modules.provenance["wall_seconds"],
+        "device": modules.provenance.get("device", ""), **result,
+    }

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dnnmod.artifacts import atomic_write, read_json
+from dnnmod.artifacts import atomic_write, read_json, write_json
+from dnnmod.training.model_io import read_model_record
 
 
 def published() -> pd.DataFrame:
@@ -33,11 +34,12 @@ def published_value(table: pd.DataFrame, *, model: str, dataset: str, approach: 
 
 
 def base_model_table(weights_paths: list[Path]) -> pd.DataFrame:
-    """E1: one row per trained base model (and seed), published accuracy/time beside it."""
+    """E1: one row per trained model (training kind and seed), published accuracy and time of
+    the same architecture, dataset and training kind beside it."""
     reference = published()
     rows = []
     for path in weights_paths:
-        meta = read_json(Path(path).with_suffix(".json"))
+        meta = read_model_record(path)
         key = {"model": meta["arch"], "dataset": meta["dataset"], "approach": meta["training"]}
         pub_acc, source = published_value(reference, metric="test_accuracy_pct", **key)
         pub_hours, _ = published_value(reference, metric="train_hours", **key)
@@ -100,10 +102,10 @@ E2_PUBLISHED = [
     ("module_size", "module_size_fraction_params", 1.0),
     ("overlap", "module_overlap_fraction_params", 1.0),
 ]
-E2_COLUMNS = ["approach", "model", "arch", "dataset", "seed", "base_accuracy",
-              "composed_accuracy", "accuracy_loss_pp", "krr", "module_size", "flops_fraction",
-              "overlap", "mean_precision", "mean_recall", "mean_f1", "train_seconds",
-              "modularize_seconds", "seconds", "device"]
+E2_COLUMNS = ["approach", "training", "model", "arch", "dataset", "seed", "base_accuracy",
+              "composed_accuracy", "accuracy_loss_pp", "krr", "unit_retention", "module_size",
+              "flops_fraction", "overlap", "mean_precision", "mean_recall", "mean_f1",
+              "train_seconds", "modularize_seconds", "seconds", "device"]
 
 
 def modularization_table(metrics_paths: list[Path]) -> pd.DataFrame:
@@ -162,3 +164,36 @@ def accuracy_vs_krr_figure(table: pd.DataFrame, path: Path) -> None:
         with atomic_write(target) as tmp:
             figure.savefig(tmp, format=target.suffix.lstrip("."))
     plt.close(figure)
+
+
+def write_base_model_report(weights_paths: list[Path], csv_path: Path,
+                            metrics_path: Path | None = None) -> None:
+    """E1 as CSV + Markdown, and its DVC metrics (test accuracy and time per model)."""
+    table = base_model_table(weights_paths)
+    write_table(table, csv_path, title="E1 base models", keys=["dataset", "model", "training"],
+                values=["test_accuracy", "val_accuracy", "train_seconds"])
+    if metrics_path:
+        write_json(metrics_path, {
+            f"{row.dataset}/{row.model}/{row.training}/seed{row.seed}": {
+                "test_accuracy": row.test_accuracy, "train_seconds": row.train_seconds}
+            for row in table.itertuples()})
+
+
+def write_modularization_report(metrics_paths: list[Path], csv_path: Path,
+                                figure_path: Path | None = None,
+                                summary_path: Path | None = None) -> None:
+    """E2 as CSV + Markdown, its accuracy-vs-KRR figure and its DVC metrics."""
+    table = modularization_table(metrics_paths)
+    write_table(table, csv_path, title="E2 modularization",
+                keys=["dataset", "model", "approach"],
+                values=["composed_accuracy", "accuracy_loss_pp", "krr", "module_size",
+                        "flops_fraction", "overlap", "mean_f1", "seconds"])
+    if figure_path:
+        accuracy_vs_krr_figure(table, figure_path)
+    if summary_path:
+        write_json(summary_path, {
+            f"{row.dataset}/{row.model}/{row.approach}/seed{row.seed}": {
+                "composed_accuracy": row.composed_accuracy,
+                "accuracy_loss_pp": row.accuracy_loss_pp, "krr": row.krr,
+                "module_size": row.module_size}
+            for row in table.itertuples()})

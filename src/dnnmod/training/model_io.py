@@ -1,40 +1,90 @@
 """Trained models on disk: weights in safetensors, everything else in JSON beside them.
 
 ``model.safetensors`` holds the state dict; ``model.json`` holds what is needed to rebuild the
-architecture (arch, num_classes, width, options) and the provenance (dataset, seed, recipe,
-metrics, wall time, device, weights hash). Loading rebuilds the architecture from the JSON and
-copies tensors in; it never executes code from either file.
+network and feed it (:data:`REQUIRED_KEYS`: architecture, training kind and its
+hyperparameters, dataset, input normalization) and the provenance (seed, recipe, metrics,
+history, wall time, device, weights hash), as :func:`model_record` builds it. Loading rebuilds
+the architecture from the JSON, applies the training kind's ``prepare`` (modular training may
+add trainable parts) and copies tensors in; it never executes code from either file.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dnnmod.artifacts import load_tensors, read_json, save_tensors, sha256_file, write_json
-from dnnmod.errors import ArtifactError
+from dnnmod.errors import ArtifactError, ConfigError, UnknownNameError
 from dnnmod.models import build_model
+from dnnmod.training.objectives import get_objective
+
+if TYPE_CHECKING:
+    from dnnmod.data import DatasetSplits
+    from dnnmod.training.objectives import Objective
+    from dnnmod.training.train import Recipe, TrainResult
 
 FORMAT = "dnnmod.model/1"
+
+#: what every model file records: how to rebuild the network (architecture, training kind and
+#: its hyperparameters) and what it expects as input (dataset; per-channel mean and std of the
+#: training images, ``{"mean": [...], "std": [...]}``, which composing models of several
+#: datasets needs)
+REQUIRED_KEYS = ("arch", "num_classes", "width", "options", "dataset", "training", "objective",
+                 "normalization")
 
 
 def metadata_path(weights_path: str | os.PathLike) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
+def model_record(*, arch: str, name: str, width: float, options: dict[str, Any], dataset: str,
+                 data: DatasetSplits, seed: int, objective: Objective, recipe: Recipe,
+                 result: TrainResult, accuracies: dict[str, float], device: str
+                 ) -> dict[str, Any]:
+    """The metadata of a model trained by :func:`~dnnmod.training.train.train` on ``data``.
+
+    ``name``: the model's name in the study (paths, tables); ``dataset``: the name ``data`` was
+    loaded by; ``accuracies``: per split (``train``, ``val``, ``test``); ``device``: where it
+    was trained, in words.
+    """
+    return {
+        "arch": arch, "model": name, "dataset": dataset,
+        "num_classes": data.num_classes, "class_names": data.class_names,
+        "width": width, "options": options,
+        "training": objective.name, "objective": objective.hyperparameters,
+        "input_shape": list(data.test.images.shape[1:]),
+        "normalization": {"mean": data.train.mean.tolist(), "std": data.train.std.tolist()},
+        "seed": seed, "recipe": recipe.to_dict(), "config_hash": result.config_hash,
+        "selected_epoch": result.selected_epoch,
+        "metrics": {f"{split}_accuracy": value for split, value in accuracies.items()},
+        "history": [vars(record) for record in result.history],
+        "wall_seconds": result.wall_seconds, "device": device,
+        "torch_version": torch.__version__,
+    }
+
+
 def save_model(weights_path: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> None:
     """Write weights, then metadata carrying the weights' hash (the metadata commits the pair)."""
-    for key in ("arch", "num_classes", "width", "options", "dataset"):
-        if key not in meta:
-            raise ValueError(f"model metadata needs {key!r}")
     weights_path = Path(weights_path)
+    _check_required(meta, metadata_path(weights_path))
     save_tensors(weights_path, model.state_dict())
     write_json(metadata_path(weights_path),
                {**meta, "format": FORMAT, "weights_sha256": sha256_file(weights_path)})
+
+
+def read_model_record(weights_path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of the model at ``weights_path``, checked to hold :data:`REQUIRED_KEYS`."""
+    path = metadata_path(weights_path)
+    meta = read_json(path)
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a dnnmod model "
+                            f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+    _check_required(meta, path)
+    return meta
 
 
 def load_model(weights_path: str | os.PathLike, *, arch: str | None = None,
@@ -42,10 +92,7 @@ def load_model(weights_path: str | os.PathLike, *, arch: str | None = None,
                verify_hash: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model; ``arch``/``dataset`` state what the caller expects to get."""
     weights_path = Path(weights_path)
-    meta = read_json(metadata_path(weights_path))
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{metadata_path(weights_path)}: not a dnnmod model "
-                            f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+    meta = read_model_record(weights_path)
     for key, expected in (("arch", arch), ("dataset", dataset)):
         if expected is not None and meta[key] != expected:
             raise ArtifactError(f"{weights_path}: holds a {meta['arch']} trained on "
@@ -53,9 +100,21 @@ def load_model(weights_path: str | os.PathLike, *, arch: str | None = None,
     if verify_hash and sha256_file(weights_path) != meta["weights_sha256"]:
         raise ArtifactError(f"{weights_path}: content does not match the hash recorded in "
                             f"{metadata_path(weights_path).name} (truncated or replaced?)")
+    try:
+        objective = get_objective(meta["training"], meta["objective"])
+    except (UnknownNameError, ConfigError) as err:
+        raise ArtifactError(f"{metadata_path(weights_path)}: {err}") from None
     model = build_model(meta["arch"], meta["num_classes"], meta["width"], **meta["options"])
+    model = objective.prepare(model)
     load_state(model, load_tensors(weights_path), source=weights_path)
     return model.to(device).eval(), meta
+
+
+def _check_required(meta: dict[str, Any], path: Path) -> None:
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise ArtifactError(f"{path}: model metadata lacks {missing} (every model records "
+                            f"{list(REQUIRED_KEYS)})")
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:

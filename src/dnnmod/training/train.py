@@ -1,10 +1,12 @@
-"""Standard training (ST) of a base model, resumable, deterministic on the CPU.
+"""Training a base model, standard or modular, resumable, deterministic on the CPU.
 
 The loop reads top to bottom: data tensors live on the device for the whole run, every epoch
 draws its shuffling and augmentation from a generator seeded by (seed, epoch) so that a resumed
 run replays exactly the epochs an uninterrupted run would, and a checkpoint holding everything
 needed to resume (weights, optimizer, schedule, scaler, history, best weights) is written
-atomically after every epoch.
+atomically after every epoch (:class:`~dnnmod.resumable.ResumableLoop`). What is minimised is
+the training kind's :class:`~dnnmod.training.objectives.Objective`: cross-entropy for standard
+training, extra terms over captured activations for modular training.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dnnmod.artifacts import config_hash
 from dnnmod.errors import ConfigError
 from dnnmod.modules.inference import accuracy
-from dnnmod.resumable import epoch_generator, load_checkpoint, save_checkpoint
+from dnnmod.resumable import ResumableLoop, epoch_generator
+from dnnmod.training.objectives import Objective, StandardTraining
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class EpochRecord:
     train_accuracy: float
     val_accuracy: float
     seconds: float
+    losses: dict[str, float] = field(default_factory=dict)  # the objective's named parts
 
 
 @dataclass
@@ -146,46 +149,45 @@ def _make_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def train(model: nn.Module, data, recipe: Recipe, *, seed: int, device: str = "cpu",
+def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
+          objective: Objective | None = None, device: str = "cpu",
           checkpoint: Path | None = None, run_config: dict[str, Any] | None = None,
           mixed_precision: bool = True, progress: bool | None = None) -> TrainResult:
     """Train ``model`` on ``data.train`` with ``recipe``, selecting on ``data.val``.
 
-    ``checkpoint`` is rewritten after every epoch; if it exists and was written by the same
-    ``run_config`` + recipe + seed, training resumes after its last epoch. Mixed precision
-    (float16 autocast with loss scaling) and channels-last apply on CUDA only.
+    ``objective`` (default: standard training) first prepares the model (the result's model is
+    the prepared one), then supplies the loss of every batch. ``checkpoint`` is rewritten after
+    every epoch; if it exists and was written by the same ``run_config`` + recipe + objective +
+    seed, training resumes after its last epoch. Mixed precision (float16 autocast with loss
+    scaling) and channels-last apply on CUDA only.
     """
-    started = time.monotonic()
+    objective = objective or StandardTraining()
+    fingerprint = config_hash({"run": run_config or {}, "recipe": recipe.to_dict(), "seed": seed,
+                               "training": objective.name,
+                               "objective": objective.hyperparameters})
+    loop = ResumableLoop(checkpoint, fingerprint, recipe.epochs, desc="train",
+                         progress=progress)
     torch.manual_seed(seed)
     on_cuda = torch.device(device).type == "cuda"
     memory_format = torch.channels_last if on_cuda else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    model = objective.prepare(model).to(device, memory_format=memory_format)
     optimizer = _make_optimizer(model, recipe)
     schedule = _make_schedule(optimizer, recipe)
     scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and mixed_precision)
-    fingerprint = config_hash({"run": run_config or {}, "recipe": recipe.to_dict(), "seed": seed})
 
     history: list[EpochRecord] = []
     best_accuracy, best_epoch, best_state = -math.inf, -1, None
-    start_epoch, earlier_seconds = 0, 0.0
-    state = load_checkpoint(checkpoint, fingerprint)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        history = [EpochRecord(**record) for record in state["history"]]
-        best_accuracy, best_epoch = state["best_accuracy"], state["best_epoch"]
-        best_state = state["best_model"]
-        start_epoch = state["epoch"] + 1
-        earlier_seconds = state["wall_seconds"]
-        log.info("resuming from %s after epoch %d", checkpoint, state["epoch"] + 1)
+    if loop.state is not None:
+        model.load_state_dict(loop.state["model"])
+        optimizer.load_state_dict(loop.state["optimizer"])
+        schedule.load_state_dict(loop.state["schedule"])
+        scaler.load_state_dict(loop.state["scaler"])
+        history = [EpochRecord(**record) for record in loop.state["history"]]
+        best_accuracy, best_epoch = loop.state["best_accuracy"], loop.state["best_epoch"]
+        best_state = loop.state["best_model"]
 
-    train_set, loss_fn = data.train, nn.CrossEntropyLoss()
-    # disable=None: a progress bar with ETA on a terminal, silent in logs and CI.
-    bar = tqdm(total=recipe.epochs, initial=start_epoch, unit="epoch", desc="train",
-               disable=None if progress is None else not progress)
-    for epoch in range(start_epoch, recipe.epochs):
+    train_set = data.train
+    for epoch in loop.steps():
         if recipe.patience is not None and epoch - best_epoch > recipe.patience:
             log.info("early stop after epoch %d: no validation gain for %d epochs", epoch,
                      recipe.patience)
@@ -195,46 +197,47 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int, device: str = "c
         order = torch.randperm(len(train_set), generator=generator).to(train_set.labels.device)
         model.train()
         loss_sum = correct = seen = 0.0
+        part_sums: dict[str, float] = {}
         lr = optimizer.param_groups[0]["lr"]
-        for start in range(0, len(order), recipe.batch_size):
-            x, y = train_set.float_batch(order[start:start + recipe.batch_size])
-            x = augment(x, recipe.augmentation, generator).contiguous(
-                memory_format=memory_format)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=scaler.is_enabled()):
-                logits = model(x)
-                loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
+        with objective.capture(model) as captured:
+            for start in range(0, len(order), recipe.batch_size):
+                x, y = train_set.float_batch(order[start:start + recipe.batch_size])
+                x = augment(x, recipe.augmentation, generator).contiguous(
+                    memory_format=memory_format)
+                captured.clear()
+                with torch.autocast("cuda", dtype=torch.float16, enabled=scaler.is_enabled()):
+                    logits = model(x)
+                    loss, parts = objective.loss(logits.float(), y, captured)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += loss.item() * len(y)
+                for name, value in parts.items():
+                    part_sums[name] = part_sums.get(name, 0.0) + value * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
         schedule.step()
         val_accuracy = accuracy(model, data.val)
         record = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen,
                              train_accuracy=100.0 * correct / seen, val_accuracy=val_accuracy,
-                             seconds=time.monotonic() - epoch_started)
+                             seconds=time.monotonic() - epoch_started,
+                             losses={name: total / seen for name, total in part_sums.items()})
         history.append(record)
         if val_accuracy > best_accuracy:
             best_accuracy, best_epoch = val_accuracy, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in
                           model.state_dict().items()}
-        log.info("epoch %d/%d loss %.4f train %.2f%% val %.2f%% (%.1f s)", record.epoch,
-                 recipe.epochs, record.train_loss, record.train_accuracy, val_accuracy,
-                 record.seconds)
-        if checkpoint:
-            save_checkpoint(checkpoint, {
-                "fingerprint": fingerprint, "epoch": epoch,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                "history": [asdict(r) for r in history], "best_accuracy": best_accuracy,
-                "best_epoch": best_epoch, "best_model": best_state,
-                "wall_seconds": earlier_seconds + time.monotonic() - started,
-            })
-        bar.set_postfix(loss=f"{record.train_loss:.3f}", val=f"{val_accuracy:.1f}%")
-        bar.update(1)
-    bar.close()
+        log.info("epoch %d/%d loss %.4f (%s) train %.2f%% val %.2f%% (%.1f s)", record.epoch,
+                 recipe.epochs, record.train_loss,
+                 ", ".join(f"{name} {value:.4f}" for name, value in record.losses.items()),
+                 record.train_accuracy, val_accuracy, record.seconds)
+        loop.save(epoch, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+            "history": [asdict(r) for r in history], "best_accuracy": best_accuracy,
+            "best_epoch": best_epoch, "best_model": best_state,
+        }, postfix={"loss": f"{record.train_loss:.3f}", "val": f"{val_accuracy:.1f}%"})
 
     if recipe.selection == "best_val" and best_state is not None:
         model.load_state_dict(best_state)
@@ -243,5 +246,4 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int, device: str = "c
         selected = history[-1].epoch if history else 0
     model.to(memory_format=torch.contiguous_format)
     return TrainResult(model=model, selected_epoch=selected, config_hash=fingerprint,
-                       history=history,
-                       wall_seconds=earlier_seconds + time.monotonic() - started)
+                       history=history, wall_seconds=loop.wall_seconds)

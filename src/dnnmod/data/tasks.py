@@ -1,0 +1,234 @@
+"""Derived tasks: datasets made from the classes of prepared datasets.
+
+A task takes classes from one or more prepared datasets (a class subset of one dataset, or a
+union of classes of several), optionally a fixed number of images per class in each official
+split, drawn seeded and stratified. :func:`derive_task` writes it in exactly the layout of a
+prepared dataset (``<root>/<task>/images.safetensors`` + ``meta.json``, see
+:mod:`dnnmod.data.registry`), so that splitting, :func:`~dnnmod.data.load_dataset`, training
+and every later step treat a task as one more dataset. Its labels are 0..k-1 in part order,
+then in the order of each part's classes; its channel statistics are those of its own
+training images; ``meta.json`` records the parts and the source datasets they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..artifacts import save_tensors, sha256_file, write_json
+from ..errors import ConfigError
+from .dataset import ImageSet, combine, load_prepared
+from .registry import DATASETS, channel_stats, images_path
+
+SPLITS = ("train", "test")
+_NAME = re.compile(r"^[a-z0-9_]+$")
+
+
+@dataclass(frozen=True)
+class TaskPart:
+    """Classes of one source dataset, each by index or by class name, in task order."""
+
+    dataset: str
+    classes: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task as configured under ``tasks.<name>``.
+
+    ``samples_per_class`` maps a split (``train``, ``test``) to the number of images drawn per
+    class; a split it leaves out keeps all images of the chosen classes. ``seed`` seeds the
+    draw (independently per split).
+    """
+
+    name: str
+    parts: tuple[TaskPart, ...]
+    samples_per_class: Mapping[str, int]
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, name: str, entry: Mapping[str, Any]) -> Task:
+        """The task of config entry ``tasks.<name>``; ConfigError naming the key at fault (the
+        workflow's schema checks the same shapes, the command line relies on this)."""
+        where = f"tasks.{name}"
+        if not _NAME.match(name):
+            raise ConfigError(f"{where}: a task name must match {_NAME.pattern}")
+        if name in DATASETS:
+            raise ConfigError(f"{where}: {name!r} is a registered dataset; a task needs a name "
+                              f"of its own (it is written to <data root>/{name}/)")
+        _check_keys(where, entry, required={"parts"}, optional={"samples_per_class", "seed"})
+        parts = entry["parts"]
+        if not isinstance(parts, list) or not parts:
+            raise ConfigError(f"{where}.parts: expected a non-empty list of "
+                              "{dataset, classes} entries")
+        checked = []
+        for position, part in enumerate(parts):
+            part_where = f"{where}.parts[{position}]"
+            _check_keys(part_where, part, required={"dataset", "classes"}, optional=set())
+            classes = part["classes"]
+            if (not isinstance(classes, list) or not classes or not all(
+                    isinstance(c, str) or (isinstance(c, int) and not isinstance(c, bool))
+                    for c in classes)):
+                raise ConfigError(f"{part_where}.classes: expected a non-empty list of class "
+                                  f"indices or class names; got {classes!r}")
+            checked.append(TaskPart(str(part["dataset"]), tuple(classes)))
+        samples = entry.get("samples_per_class", {})
+        if not isinstance(samples, Mapping):
+            raise ConfigError(f"{where}.samples_per_class: expected a mapping split → count")
+        _check_keys(f"{where}.samples_per_class", samples, required=set(), optional=set(SPLITS))
+        for split, count in samples.items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConfigError(f"{where}.samples_per_class.{split}: expected an integer "
+                                  f">= 1; got {count!r}")
+        seed = entry.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"{where}.seed: expected an integer >= 0; got {seed!r}")
+        return cls(name, tuple(checked), dict(samples), seed)
+
+    @property
+    def datasets(self) -> list[str]:
+        """The source datasets, in order of first use."""
+        return list(dict.fromkeys(part.dataset for part in self.parts))
+
+    def check(self, num_classes: Mapping[str, int]) -> None:
+        """Check the parts against the datasets that may be used (name → class count): each
+        names one of them, and its class indices are in range and distinct. Class names are
+        checked when the task is derived: they are known once a dataset is prepared."""
+        self._resolve(num_classes)
+
+    def resolve(self, class_names: Mapping[str, Sequence[str]]) -> list[list[int]]:
+        """The class indices of every part, names looked up in ``class_names[dataset]``."""
+        return self._resolve(class_names)
+
+    def _resolve(self, known: Mapping[str, Sequence[str] | int]) -> list[Any]:
+        taken: dict[tuple[str, int], str] = {}
+        resolved = []
+        for position, part in enumerate(self.parts):
+            where = f"tasks.{self.name}.parts[{position}]"
+            if part.dataset not in known:
+                raise ConfigError(f"{where}.dataset: {part.dataset!r} is not a configured "
+                                  f"dataset (configured: {sorted(known)})")
+            indices = [_class_index(f"{where}.classes", value, part.dataset, known[part.dataset])
+                       for value in part.classes]
+            for value, index in zip(part.classes, indices, strict=True):
+                if index is None:
+                    continue
+                if (part.dataset, index) in taken:
+                    raise ConfigError(f"{where}.classes: class {value!r} of {part.dataset} is "
+                                      f"already in the task ({taken[part.dataset, index]})")
+                taken[part.dataset, index] = f"{where}.classes"
+            resolved.append(indices)
+        return resolved
+
+
+def _check_keys(where: str, entry: Any, required: set[str], optional: set[str]) -> None:
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{where}: expected a mapping; got {entry!r}")
+    missing, unknown = required - set(entry), set(entry) - required - optional
+    if missing:
+        raise ConfigError(f"{where}: missing keys {sorted(missing)}")
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: "
+                          f"{sorted(required | optional)}")
+
+
+def _class_index(where: str, value: int | str, dataset: str,
+                 known: Sequence[str] | int) -> int | None:
+    """The class index ``value`` stands for in ``dataset``, whose classes are known by name or
+    only by count (then a name cannot be resolved yet: None)."""
+    count = known if isinstance(known, int) else len(known)
+    if isinstance(value, int):
+        if not 0 <= value < count:
+            raise ConfigError(f"{where}: class {value} is out of range: {dataset} has {count} "
+                              f"classes (0..{count - 1})")
+        return value
+    if isinstance(known, int):
+        return None
+    if value not in known:
+        raise ConfigError(f"{where}: {dataset} has no class {value!r}; its classes: "
+                          f"{', '.join(known)}")
+    return list(known).index(value)
+
+
+def derive_task(task: Task, root: Path) -> Path:
+    """Make ``task`` from the prepared datasets under ``root``; return its directory.
+
+    Written with the atomic writers, tensors first and meta.json last, as ``prepare`` does.
+    Asking for more images per class than a class has is a ConfigError naming the key.
+    """
+    root = Path(root)
+    loaded = {name: load_prepared(root, name) for name in task.datasets}
+    sets = {name: {"train": train, "test": test} for name, (train, test, _) in loaded.items()}
+    metas = {name: meta for name, (_, _, meta) in loaded.items()}
+    indices = task.resolve({name: meta["class_names"] for name, meta in metas.items()})
+    several = len(metas) > 1
+    tensors: dict[str, torch.Tensor] = {}
+    for split_number, split in enumerate(SPLITS):
+        parts = []
+        for part, classes in zip(task.parts, indices, strict=True):
+            subset = sets[part.dataset][split].subset(classes)
+            # Classes from several datasets may share names (digit 7 in digits and svhn).
+            names = [f"{part.dataset}/{name}" for name in subset.class_names] if several \
+                else subset.class_names
+            parts.append(dataclasses.replace(subset, class_names=names))
+        try:
+            union = combine(parts)
+        except ConfigError as err:
+            raise ConfigError(f"tasks.{task.name}.parts: {err}") from None
+        chosen = _stratified_sample(
+            union, task.samples_per_class.get(split),
+            np.random.default_rng([task.seed, split_number]),
+            f"tasks.{task.name}.samples_per_class.{split}")
+        tensors[f"{split}_images"], tensors[f"{split}_labels"] = chosen.images, chosen.labels
+        class_names = chosen.class_names
+    out_dir = root / task.name
+    save_tensors(out_dir / "images.safetensors", tensors,
+                 metadata={"dataset": task.name, "task": "true"})
+    mean, std = channel_stats(tensors["train_images"].numpy())
+    write_json(out_dir / "meta.json", {
+        "name": task.name,
+        "num_classes": len(class_names),
+        "class_names": class_names,
+        "image_size": metas[task.datasets[0]]["image_size"],
+        "channels_mean": mean,
+        "channels_std": std,
+        "source": {
+            "kind": "task",
+            "parts": [{"dataset": part.dataset, "classes": classes,
+                       "class_names": [metas[part.dataset]["class_names"][c] for c in classes]}
+                      for part, classes in zip(task.parts, indices, strict=True)],
+            "samples_per_class": dict(task.samples_per_class),
+            "seed": task.seed,
+            "datasets": {name: {"images_sha256": sha256_file(images_path(root, name)),
+                                "source": meta["source"]}
+                         for name, meta in metas.items()},
+        },
+        "transform": "classes of " + ", ".join(task.datasets) + ", relabelled 0..k-1 in part "
+                     "order; channel statistics of the task's training images",
+        "counts": {split: len(tensors[f"{split}_labels"]) for split in SPLITS},
+    })
+    return out_dir
+
+
+def _stratified_sample(images: ImageSet, count: int | None, rng: np.random.Generator,
+                       where: str) -> ImageSet:
+    """``count`` images of every class drawn with ``rng`` (all of them if None), in their
+    original order."""
+    if count is None:
+        return images
+    labels = images.labels.numpy()
+    chosen = []
+    for label, name in enumerate(images.class_names):
+        members = np.flatnonzero(labels == label)
+        if count > len(members):
+            raise ConfigError(f"{where}: {count} images per class asked for, but class {name!r} "
+                              f"has only {len(members)}")
+        chosen.append(rng.permutation(members)[:count])
+    return images.take(np.sort(np.concatenate(chosen)))

@@ -1,0 +1,65 @@
+"""Combination rules: how the scores of a composed model's modules become a predicted class.
+
+A rule takes the modules' scores, (batch, M) (or (batch, M, k) for heads with k outputs per
+module, e.g. Pan & Rajan's V_c/V_uc votes), and the class each module recognises, (M,), and
+returns the predicted class of every sample, (batch,). A module set names its rule
+(``ModuleSet.combination``) and a composed model takes one by name. Rules are registered by
+name, so a new one is one decorated function::
+
+    @combination_rule("vote")
+    def vote(scores, classes): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dnnmod.errors import ArtifactError
+
+CombinationRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+COMBINATIONS: dict[str, CombinationRule] = {}
+
+
+def combination_rule(name: str) -> Callable[[CombinationRule], CombinationRule]:
+    """Register the decorated function as the combination rule ``name``."""
+
+    def register(rule: CombinationRule) -> CombinationRule:
+        if name in COMBINATIONS:
+            raise ValueError(f"combination rule {name!r} is registered twice")
+        COMBINATIONS[name] = rule
+        return rule
+
+    return register
+
+
+def get_combination(name: str) -> CombinationRule:
+    """The rule registered as ``name``; ArtifactError listing the known ones otherwise."""
+    try:
+        return COMBINATIONS[name]
+    except KeyError:
+        raise ArtifactError(f"unknown combination rule {name!r}; known: "
+                            f"{', '.join(sorted(COMBINATIONS))}") from None
+
+
+def combine_scores(name: str, scores: torch.Tensor,
+                   classes: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Predicted classes, (batch,), of module ``scores`` combined by rule ``name``; module m
+    recognises ``classes[m]``."""
+    rule = get_combination(name)
+    classes = torch.as_tensor(classes, dtype=torch.long, device=scores.device)
+    if scores.dim() not in (2, 3) or scores.shape[1] != len(classes):
+        raise ArtifactError(f"combination {name!r}: scores of shape {tuple(scores.shape)} for "
+                            f"{len(classes)} modules; expected (batch, {len(classes)}[, k])")
+    return rule(scores, classes)
+
+
+@combination_rule("argmax")
+def argmax(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """The module with the highest score wins (CNNSplitter, GradSplitter, MwT, MODA)."""
+    if scores.dim() != 2:
+        raise ArtifactError(f"combination 'argmax' takes one score per module; got scores of "
+                            f"shape {tuple(scores.shape)}")
+    return classes[scores.argmax(dim=1)]
