@@ -32,6 +32,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates files private to the owner (0600); an artifact gets the mode any new
+    # file gets, so a group sharing a cluster's results can read it.
+    os.fchmod(fd, 0o666 & ~_current_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -49,6 +52,12 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

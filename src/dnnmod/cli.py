@@ -203,6 +203,8 @@ def cmd_table_modularization(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dnnmod", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also: DNNMOD_DEBUG=1)")
     verbs = parser.add_subparsers(dest="command", required=True)
 
     listing = verbs.add_parser("list", help="list registered datasets or model architectures")
@@ -301,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         args.func(args)
-    except DnnmodError as err:
+    except (DnnmodError, OSError) as err:
+        # Input and file-system problems are the user's to fix: one line names them; the
+        # traceback is for debugging dnnmod itself.
+        if args.debug or os.environ.get("DNNMOD_DEBUG"):
+            raise
         print(f"dnnmod: error: {err}", file=sys.stderr)
         return 2
     return 0

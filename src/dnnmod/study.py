@@ -36,7 +36,7 @@ def expand_modularizations(config: dict[str, Any]) -> list[tuple[str, str, str]]
 def check_study_config(config: dict[str, Any]) -> None:
     from dnnmod.approaches import APPROACHES, resolve_hyperparameters
     from dnnmod.data import DATASETS, Task
-    from dnnmod.models import ARCHITECTURES
+    from dnnmod.models import ARCHITECTURES, architecture_options
     from dnnmod.training.objectives import get_objective
 
     for name in config["datasets"]:
@@ -46,6 +46,11 @@ def check_study_config(config: dict[str, Any]) -> None:
         if entry["arch"] not in ARCHITECTURES:
             raise ConfigError(
                 f"models.{name}.arch: {UnknownNameError('model', entry['arch'], ARCHITECTURES)}")
+        known_options = architecture_options(entry["arch"])
+        for option in entry.get("options", {}):
+            if option not in known_options:
+                raise ConfigError(f"models.{name}.options: {entry['arch']} has no option "
+                                  f"{option!r}; options: {', '.join(known_options) or 'none'}")
     for name, values in config["recipes"].items():
         try:
             Recipe.from_dict(values)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from dnnmod.hyperparameters import resolve
+from dnnmod.hyperparameters import OneOf, Range, resolve
 from dnnmod.modules.moduleset import ModuleSet
 
 
@@ -34,15 +34,17 @@ class Approach(ABC):
         name: identifier in configs, paths and tables (e.g. ``gradsplitter``).
         training: training kind of the base models it decomposes (``st`` = standard).
         defaults: reference hyperparameters (from the paper); configs override them.
+        constraints: ranges or choices of hyperparameters (:mod:`dnnmod.hyperparameters`).
     """
 
     name: ClassVar[str]
     training: ClassVar[str] = "st"
     defaults: ClassVar[Mapping[str, Any]]
+    constraints: ClassVar[Mapping[str, Range | OneOf]] = {}
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The reference hyperparameters overridden by ``overrides``, type-checked."""
-        return resolve(f"approaches.{self.name}", self.defaults, overrides)
+        return resolve(f"approaches.{self.name}", self.defaults, overrides, self.constraints)
 
     def references(self, hyperparameters: Mapping[str, Any]) -> list[str]:
         """Approaches whose module sets (cut from the same base model) this run reads."""

@@ -25,6 +25,7 @@ from torch import nn
 
 from dnnmod.approaches.base import Approach
 from dnnmod.artifacts import config_hash
+from dnnmod.hyperparameters import Range
 from dnnmod.modules.heads import LogitMLPHead
 from dnnmod.modules.inference import accuracy, run
 from dnnmod.modules.masking import ensure_nonempty, masked_logits
@@ -98,6 +99,12 @@ def _module_set(model_meta, structure, masks, head, provenance=None) -> ModuleSe
 class GradSplitter(Approach):
     name = "gradsplitter"
     defaults = DEFAULTS
+    constraints = {
+        **{key: Range(0) for key in ("alpha", "init_head_epochs", "rounds", "mask_epochs",
+                                     "head_epochs", "max_loss_pp")},
+        **{key: Range(0, low_open=True) for key in ("init_head_lr", "lr", "mask_lr")},
+        **{key: Range(1) for key in ("head_hidden", "batch_size", "max_train_samples")},
+    }
 
     def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
                    hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",

@@ -19,6 +19,7 @@ from torch import nn
 
 from dnnmod.approaches.base import Approach
 from dnnmod.errors import ConfigError
+from dnnmod.hyperparameters import Range
 from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import trace_structure
@@ -34,11 +35,10 @@ class RandomKernels(Approach):
     def references(self, hyperparameters: Mapping[str, Any]) -> list[str]:
         return [hyperparameters["match"]] if hyperparameters["match"] else []
 
+    constraints = {"krr": Range(0, 1, low_open=True)}
+
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         hyperparameters = super().resolve(overrides)
-        if not 0 < hyperparameters["krr"] <= 1:
-            raise ConfigError(f"approaches.random.krr: must be in (0, 1], got "
-                              f"{hyperparameters['krr']}")
         match = hyperparameters["match"]
         if match is not None:
             from dnnmod.approaches import APPROACHES

@@ -148,9 +148,8 @@ def prepare(name: str, root: Path, *, mirror: str | None = None,
     if spec.source == "download":
         if options:
             raise ConfigError(f"dataset {name!r} takes no options; got {sorted(options)}")
-        paths, provenance = _obtain_files(spec, out_dir / "raw", mirror, files or {},
-                                          local_dir, progress)
-        parsed = spec.parse(paths)
+        paths, provenance, parsed = _download_and_parse(spec, out_dir, mirror, files or {},
+                                                        local_dir, progress)
         source = {"kind": "files", "files": provenance}  # each entry has a url or a path
     else:
         if files:  # mirror and local_dir may be global settings: they do not apply here
@@ -179,6 +178,33 @@ def prepare(name: str, root: Path, *, mirror: str | None = None,
         "counts": {"train": len(parsed.train_labels), "test": len(parsed.test_labels)},
     })
     return out_dir
+
+
+def _download_and_parse(spec: DatasetSpec, out_dir: Path, mirror: str | None,
+                        overrides: Mapping[str, Mapping[str, str]], local_dir: Path | None,
+                        progress: bool | None):
+    """The dataset's files, fetched into ``out_dir/raw`` where needed, and their parsed content.
+
+    A refused download or a file that fails parsing leaves nothing behind: a downloaded file
+    that cannot be parsed (possible when its md5 was overridden) is deleted, and so are the
+    folders this call created, when empty.
+    """
+    raw_dir = out_dir / "raw"
+    created = [folder for folder in (out_dir, raw_dir) if not folder.exists()]
+    try:
+        paths, provenance = _obtain_files(spec, raw_dir, mirror, overrides, local_dir, progress)
+        try:
+            return paths, provenance, spec.parse(paths)
+        except Exception:
+            for path in paths.values():
+                if path.parent == raw_dir:
+                    path.unlink(missing_ok=True)
+            raise
+    except BaseException:
+        for folder in reversed(created):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
 
 
 def _obtain_files(spec: DatasetSpec, raw_dir: Path, mirror: str | None,

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch import nn
 
 from dnnmod.artifacts import config_hash
 from dnnmod.errors import ConfigError
+from dnnmod.hyperparameters import resolve
 from dnnmod.modules.inference import accuracy
 from dnnmod.resumable import ResumableLoop, epoch_generator
 from dnnmod.training.objectives import Objective, StandardTraining
@@ -58,14 +59,30 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Recipe:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(f"recipe: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        values = dict(values)
-        for key in ("milestones", "augmentation"):
-            if key in values:
-                values[key] = tuple(values[key])
+        """A recipe from config values; unknown or missing keys and values of the wrong type
+        are a ConfigError naming them."""
+        fields = cls.__dataclass_fields__
+        required = [name for name, f in fields.items() if f.default is MISSING]
+        missing = [name for name in required if name not in values]
+        if missing:
+            raise ConfigError(f"recipe: missing keys {missing}")
+        # The types of the fields, as example values (required fields have no default).
+        examples = {name: f.default for name, f in fields.items() if f.default is not MISSING}
+        # None: checked below (lists) or any value allowed by validate (patience).
+        examples |= {"epochs": 1, "batch_size": 1, "lr": 0.1, "milestones": None,
+                     "augmentation": None}
+        resolve("recipe", examples, values)
+        patience = values.get("patience")
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int)):
+            raise ConfigError(f"recipe.patience: expected int or null, got {patience!r}")
+        for key, kind in (("milestones", int), ("augmentation", str)):
+            entries = values.get(key, ())
+            if not isinstance(entries, list | tuple) or not all(
+                    isinstance(entry, kind) and not isinstance(entry, bool) for entry in entries):
+                raise ConfigError(f"recipe.{key}: expected a list of {kind.__name__}, got "
+                                  f"{entries!r}")
+        values = {**values, **{key: tuple(values[key]) for key in ("milestones", "augmentation")
+                               if key in values}}
         recipe = cls(**values)
         recipe.validate()
         return recipe
