@@ -92,18 +92,18 @@ def extract_module(model: nn.Module, structure: ModelStructure,
     """
     checked = check_keep(structure, keep)
     channels = {name: channel_view(mask[None])[0] for name, mask in checked.items()}
-    module = _pruned_copy(model, structure, channels, input_shape)
+    module = copy.deepcopy(model).eval()
+    _prune(module, structure, channels, input_shape)
     remaining = {name: mask[channels[name]] for name, mask in checked.items() if mask.dim() > 1}
     _attach_position_masks(module, structure, {name: mask for name, mask in remaining.items()
                                                if not mask.all()})
     return module
 
 
-def _pruned_copy(model: nn.Module, structure: ModelStructure,
-                 channels: Mapping[str, torch.Tensor],
-                 input_shape: tuple[int, ...] | None) -> nn.Module:
-    """A copy of ``model`` keeping only the channels (units) ``channels`` marks per group."""
-    module = copy.deepcopy(model).eval()
+def _prune(module: nn.Module, structure: ModelStructure, channels: Mapping[str, torch.Tensor],
+           input_shape: tuple[int, ...] | None) -> None:
+    """Keep only the channels (units) ``channels`` marks per group in ``module`` (a copy of
+    the base model in eval mode), in place."""
     layers = dict(module.named_modules())
     reference = next(module.parameters(), None)
     example = torch.randn(
@@ -127,7 +127,6 @@ def _pruned_copy(model: nn.Module, structure: ModelStructure,
                                     dropped).prune()
     for name, parameter in module.named_parameters():
         parameter.requires_grad_(trainable[name])
-    return module.eval()
 
 
 def _attach_position_masks(module: nn.Module, structure: ModelStructure,
@@ -182,7 +181,8 @@ def pad_and_extract(model: nn.Module, structure: ModelStructure,
     Per group, every module gets as many channels (units) as the module that keeps most: its
     own kept channels plus padding channels taken from its dropped ones (lowest indices
     first). Padding channels are neutralised (the weights and biases of their producer layers
-    and BatchNorm affine parameters set to zero), so they output exactly zero, as a dropped
+    and their BatchNorm affine parameters set to zero, in a norm over a concatenation those
+    of the group's slice), so they output exactly zero, as a dropped
     channel does in the masked model, and each module still computes what
     :func:`extract_module` would give it. Where any module has a position mask for a group,
     every module gets one there (all positions of its kept channels active for a channel
@@ -202,24 +202,24 @@ def pad_and_extract(model: nn.Module, structure: ModelStructure,
     positional = {name for keep in masks for name, mask in keep.items() if mask.dim() > 1}
     modules = []
     for keep, own_channels in zip(masks, channels, strict=True):
-        padded_channels, padding_ranks, position_masks = {}, {}, {}
+        padded_channels, paddings, position_masks = {}, {}, {}
         for group in groups:
             own = own_channels[group.name]
             padding = (~own).nonzero().flatten()[: widths[group.name] - int(own.sum())]
             padded = own.clone()
             padded[padding] = True
             padded_channels[group.name] = padded
-            # Torch-Pruning keeps the remaining channels in order, so a channel's position in
-            # the pruned layer is its rank among the channels that stay.
-            rank = padded.long().cumsum(0) - 1
-            padding_ranks[group.name] = rank[padding]
+            paddings[group.name] = padding
             if group.name in positional:
                 mask = keep[group.name]
                 positions = mask if mask.dim() > 1 else mask[:, None, None].expand(group.shape)
                 # Padding channels are dropped ones, inactive at every position.
                 position_masks[group.name] = positions[padded]
-        module = _pruned_copy(model, structure, padded_channels, None)
-        _neutralise(module, structure, padding_ranks)
+        module = copy.deepcopy(model).eval()
+        # Neutralised before pruning, at the base model's channel indices: pruning keeps the
+        # values of the channels that stay.
+        _neutralise(module, structure, paddings)
+        _prune(module, structure, padded_channels, None)
         _attach_position_masks(module, structure, position_masks)
         modules.append(module)
     return modules
@@ -227,19 +227,21 @@ def pad_and_extract(model: nn.Module, structure: ModelStructure,
 
 @torch.no_grad()
 def _neutralise(module: nn.Module, structure: ModelStructure,
-                ranks: Mapping[str, torch.Tensor]) -> None:
-    """Zero the weights and biases of the channels at ``ranks`` (group name → positions in
-    the pruned layers) in every producer layer and norm of their groups."""
+                channels: Mapping[str, torch.Tensor]) -> None:
+    """Zero the weights and biases of ``channels`` (group name → channel indices of the
+    unpruned ``module``) in every producer layer and norm of their groups, and the norms'
+    running means, so that a norm without affine parameters outputs zero there too."""
     layers = dict(module.named_modules())
     for group in structure.groups:
-        channels = ranks.get(group.name)
-        if channels is None or channels.numel() == 0:
+        indices = channels.get(group.name)
+        if indices is None or indices.numel() == 0:
             continue
-        for name in (*group.convs, *group.norms):
+        offsets = (0,) * len(group.convs) + group.norm_offsets
+        for name, offset in zip((*group.convs, *group.norms), offsets, strict=True):
             layer = layers[name]
-            for tensor in (layer.weight, layer.bias):
+            for tensor in (layer.weight, layer.bias, getattr(layer, "running_mean", None)):
                 if tensor is not None:
-                    tensor[channels.to(tensor.device)] = 0
+                    tensor[(indices + offset).to(tensor.device)] = 0
 
 
 class FusedModules(nn.Module):

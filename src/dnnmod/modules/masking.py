@@ -15,9 +15,11 @@ carry gradients (GradSplitter learns its channel masks this way).
 Running a module as the *masked* base model means zeroing what it drops wherever the group's
 values are produced: at the output of every producer layer (conv or Linear) and every norm of
 the group. Zeroing after the norm matters: a BatchNorm maps a zero input to its shift, so
-masking the conv alone would leak. With every producer masked, a dropped channel is zero
-wherever a later layer reads it, which is exactly what physically removing it computes (see
-:mod:`dnnmod.modules.extract`).
+masking the conv alone would leak. A norm that reads a concatenation normalises the channels
+of several groups; each group masks its own slice of the norm's output (the group's
+``norm_offsets``) and leaves the others as they are. With every producer and norm masked, a
+dropped channel is zero wherever a later layer reads it, which is exactly what physically
+removing it computes (see :mod:`dnnmod.modules.extract`).
 
 M modules share the frozen weights, so they run in one batched pass: the input batch is
 repeated M times along the batch dimension and each repetition gets its module's masks.
@@ -81,19 +83,26 @@ def masked(model: nn.Module, structure: ModelStructure,
     layers = dict(model.named_modules())
     handles = []
 
-    def hook_for(group_name: str, mask: torch.Tensor):
-        per_module = tuple(mask.shape[1:])
-
+    def hook_for(group_name: str, mask: torch.Tensor, offset: int):
         def apply(layer, _inputs, output: torch.Tensor) -> torch.Tensor:
-            if len(per_module) > 1 and tuple(output.shape[1:]) != per_module:
+            if mask.dim() > 2 and tuple(output.shape[1:]) != tuple(mask.shape[1:]):
                 raise ArtifactError(
-                    f"position mask of group {group_name} is for outputs {per_module}, but "
-                    f"{type(layer).__name__} produced {tuple(output.shape[1:])} (an input "
-                    "size other than the traced one?)")
+                    f"position mask of group {group_name} is for outputs "
+                    f"{tuple(mask.shape[1:])}, but {type(layer).__name__} produced "
+                    f"{tuple(output.shape[1:])} (an input size other than the traced one?)")
+            layer_mask = mask
+            if output.shape[1] != mask.shape[1]:
+                # A norm over a concatenation: the group's channel mask covers its slice only
+                # (groups read by such norms take channel masks only).
+                layer_mask = torch.cat([
+                    mask.new_ones(modules_count, offset), mask,
+                    mask.new_ones(modules_count, output.shape[1] - offset - mask.shape[1]),
+                ], dim=1)
             batch = output.shape[0] // modules_count
             # (M, 1, C, [H, W], 1...): broadcast over the batch and any dimension not masked.
-            shaped = mask.to(output.dtype).view(modules_count, 1, *per_module,
-                                                *([1] * (output.dim() - mask.dim())))
+            shaped = layer_mask.to(output.dtype).view(
+                modules_count, 1, *layer_mask.shape[1:],
+                *([1] * (output.dim() - layer_mask.dim())))
             return (output.view(modules_count, batch, *output.shape[1:]) * shaped).view_as(output)
         return apply
 
@@ -101,9 +110,12 @@ def masked(model: nn.Module, structure: ModelStructure,
         for group in structure.groups:
             if group.name not in masks:
                 continue
-            hook = hook_for(group.name, masks[group.name])
-            for name in (*group.convs, *group.norms):
-                handles.append(layers[name].register_forward_hook(hook))
+            mask = masks[group.name]
+            for name in group.convs:
+                handles.append(layers[name].register_forward_hook(hook_for(group.name, mask, 0)))
+            for name, offset in zip(group.norms, group.norm_offsets, strict=True):
+                handles.append(layers[name].register_forward_hook(
+                    hook_for(group.name, mask, offset)))
         yield modules_count
     finally:
         for handle in handles:

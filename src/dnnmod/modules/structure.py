@@ -11,6 +11,18 @@ channel (or unit) at a time. Two kinds:
 Torch-Pruning's dependency graph finds these couplings, so the description also holds for
 models outside the zoo. Each group also records its output shape per image at the traced
 input size, which position masks (one flag per channel and spatial position) refer to.
+
+A BatchNorm that reads a concatenation normalises the channels of several groups: each of
+them records the slice of the norm's channels that is its own (``norm_offsets``).
+
+Tracing refuses, with a :class:`~dnnmod.errors.ConfigError` naming the layer, the constructs
+whose channels cannot be kept or dropped one at a time with the masked model computing what
+the extracted one does: grouped convolutions other than depthwise ones (a pruned group must
+keep its channel count divisible by the conv's groups), operations that regroup channels
+(a channel shuffle, pixel shuffles, reshapes that split the channel dimension), and
+normalisations other than BatchNorm over channels (GroupNorm, LayerNorm, InstanceNorm,
+LocalResponseNorm: a dropped channel changes the statistics of the kept ones, or its zero
+comes out as the norm's shift).
 """
 
 from __future__ import annotations
@@ -20,11 +32,23 @@ from dataclasses import dataclass
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from dnnmod.errors import ArtifactError, ConfigError, UnknownNameError
 
 GROUP_KINDS = ("conv", "linear")
 _NORM = nn.modules.batchnorm._BatchNorm
+#: normalisations whose output channel does not depend on its own input channel alone, or that
+#: are not masked with the channels they normalise; tracing refuses them
+_UNSUPPORTED_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+                      nn.modules.instancenorm._InstanceNorm)
+#: operations that permute channels by construction
+_CHANNEL_SHUFFLES = (torch.channel_shuffle, torch.native_channel_shuffle, torch.pixel_shuffle,
+                     torch.pixel_unshuffle)
+#: operations that change a tensor's shape; they regroup channels when they split or merge the
+#: channel dimension of a feature map other than by flattening it into features
+_RESHAPES = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten,
+             torch.unflatten)
 
 
 @dataclass(frozen=True)
@@ -40,10 +64,14 @@ class ChannelGroup:
         norms: the BatchNorm layers on those channels.
         kind: ``conv`` or ``linear``.
         shape: the group's output shape per image: (C, H, W) for a conv group at the traced
-            input size, (C,) for a linear group. (C,) also for a conv group whose producers do
-            not share one spatial size (a strided depthwise conv joining its input's group) and
-            for groups read from version-1 files, which did not record shapes: such groups take
-            channel masks only.
+            input size, (C,) for a linear group. (C,) also for a conv group whose layers do
+            not share one output shape (a strided depthwise conv joining its input's group, a
+            norm over a concatenation of several groups) and for groups read from version-1
+            files, which did not record shapes: such groups take channel masks only.
+        norm_offsets: for each norm of ``norms``, the norm channel that is the group's first:
+            the group's channels are the norm's ``offset .. offset + size - 1``. Nonzero only
+            for a norm that reads a concatenation; empty (as in files written before offsets
+            were recorded) means 0 for every norm.
     """
 
     name: str
@@ -52,6 +80,14 @@ class ChannelGroup:
     norms: tuple[str, ...]
     kind: str
     shape: tuple[int, ...]
+    norm_offsets: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.norm_offsets:
+            object.__setattr__(self, "norm_offsets", (0,) * len(self.norms))
+        if len(self.norm_offsets) != len(self.norms):
+            raise ArtifactError(f"group {self.name}: {len(self.norm_offsets)} norm offsets for "
+                                f"{len(self.norms)} norms")
 
 
 @dataclass(frozen=True)
@@ -60,7 +96,8 @@ class ModelStructure:
 
     Attributes:
         groups: channel groups in forward order of their first producer layers.
-        output_layer: dotted name of the final Linear producing logits (not prunable).
+        output_layer: dotted name of the layer producing logits, a Linear or a Conv2d (not
+            prunable).
         input_shape: shape of the example input used for tracing.
     """
 
@@ -108,6 +145,7 @@ class ModelStructure:
                     "shape": list(group.shape),
                     "convs": list(group.convs),
                     "norms": list(group.norms),
+                    "norm_offsets": list(group.norm_offsets),
                 }
                 for group in self.groups
             ],
@@ -128,6 +166,7 @@ class ModelStructure:
                     norms=tuple(group["norms"]),
                     kind=group.get("kind", "conv"),
                     shape=tuple(int(d) for d in group.get("shape", [group["size"]])),
+                    norm_offsets=tuple(int(o) for o in group.get("norm_offsets", ())),
                 )
                 for group in data["groups"]
             )
@@ -155,12 +194,21 @@ def trace_structure(
     a forward pass of an example input of ``input_shape``.
 
     The logit layer is ``model.output_layer_name`` where the model declares it, otherwise the
-    last ``nn.Linear`` the forward pass calls. Layers the forward pass does not call are not
-    part of any group, nor are Linear layers whose outputs are not (batch, features) matrices
-    (their "units" are not a model's hidden units) or whose units are coupled to conv channels
-    (they belong to that conv group's channels). The model's parameters and training modes are
-    left as they were.
+    last ``nn.Linear`` the forward pass calls, or, in a model without Linear layers, the last
+    ``nn.Conv2d`` (a conv classifier such as SqueezeNet's, whose logit channels are then pooled).
+    Layers the forward pass does not call are not part of any group, nor are Linear layers
+    whose outputs are not (batch, features) matrices (their "units" are not a model's hidden
+    units) or whose units are coupled to conv channels (they belong to that conv group's
+    channels), nor are Linear layers that declare ``forms_group = False`` (auxiliary layers
+    such as MwT's mask generators, pruned with the groups they read and feed but holding no
+    units of the model). The model's parameters and training modes are left as they were.
+
+    Raises:
+        ConfigError: naming the layer and the construct, for a model whose channels cannot
+            be grouped (see the module docstring), whose logit layer cannot be told, or whose
+            logit layer shares its outputs with prunable layers.
     """
+    model_name = type(model).__name__
     names = {module: name for name, module in model.named_modules()}
     forward_order: list[nn.Module] = []
     output_shapes: dict[nn.Module, set[tuple[int, ...]]] = {}
@@ -173,8 +221,21 @@ def trace_structure(
     hooks = [
         module.register_forward_hook(record_call)
         for module in model.modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear, _NORM))
+        if isinstance(module, (nn.Conv2d, nn.Linear, _NORM, *_UNSUPPORTED_NORMS))
     ]
+    # Names of the modules whose forward is running, innermost last, to name the layer of an
+    # operation that regroups channels.
+    running: list[str] = []
+
+    def enter(module: nn.Module, _inputs) -> None:
+        running.append(names[module])
+
+    def leave(_module: nn.Module, _inputs, _output) -> None:
+        running.pop()
+
+    for module in names:
+        hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    regrouping = _ChannelRegrouping(running)
     training_modes = {module: module.training for module in model.modules()}
     reference = next(model.parameters(), None)
     example = torch.randn(
@@ -187,11 +248,17 @@ def trace_structure(
         # Order and shapes come from a plain pass: the dependency graph's own passes include
         # probes with other input layouts.
         try:
-            with torch.no_grad():
-                model(example)
+            with torch.no_grad(), regrouping:
+                logits = model(example)
         finally:
             for hook in hooks:
                 hook.remove()
+        _refuse_unsupported(model_name, names, forward_order, regrouping)
+        output_layer = _output_layer(model, names, forward_order, logits)
+        called_convs = [module for module in forward_order
+                        if isinstance(module, nn.Conv2d) and names[module] != output_layer]
+        if not called_convs:
+            raise ConfigError(f"{model_name}: no prunable conv layers found")
         # The dependency graph traces autograd's graph, so gradients stay enabled (nothing
         # calls backward); an input that requires grad keeps the graph even when all weights
         # are frozen.
@@ -202,14 +269,11 @@ def trace_structure(
         for module, training in training_modes.items():
             module.training = training
 
-    called_convs = [module for module in forward_order if isinstance(module, nn.Conv2d)]
-    if not called_convs:
-        raise ConfigError(f"{type(model).__name__}: no prunable conv layers found")
-    output_layer = _output_layer(model, names, forward_order)
     hidden_linears = [
         module for module in forward_order
         if isinstance(module, nn.Linear) and names[module] != output_layer
         and output_shapes[module] == {(module.out_features,)}
+        and getattr(module, "forms_group", True)
     ]
     position = {module: index for index, module in enumerate(forward_order)}
     registration_order = {module: index for index, module in enumerate(names)}
@@ -225,18 +289,27 @@ def trace_structure(
         for layer in layers:
             if layer in grouped:
                 continue
-            producers, norms = [], []
-            for dependency, _ in graph.get_pruning_group(layer, pruning_fn, [0]):
+            size = layer.out_channels if kind == "conv" else layer.out_features
+            producers, norm_channels = [], {}
+            # Every channel, not one: where the group's channels are split among consumers,
+            # each consumer is reached only by the channels it reads.
+            for dependency, indices in graph.get_pruning_group(layer, pruning_fn,
+                                                                list(range(size))):
                 member = dependency.target.module
                 if not graph.is_out_channel_pruning_fn(dependency.handler):
                     continue
+                if names.get(member) == output_layer:
+                    raise ConfigError(
+                        f"{model_name}: the output layer {output_layer!r} shares its outputs "
+                        f"with layer {names[layer]!r} (e.g. a residual addition onto the "
+                        "logits); dropping that layer's channels would drop logits")
                 grouped.add(member)
                 if isinstance(member, layer_type) and member not in producers:
                     producers.append(member)
-                elif isinstance(member, _NORM) and member not in norms:
-                    norms.append(member)
+                elif isinstance(member, _NORM):
+                    norm_channels.setdefault(member, []).append([int(i) for i in indices])
             producers.sort(key=position.__getitem__)
-            norms.sort(key=registration_order.__getitem__)
+            norms = sorted(norm_channels, key=registration_order.__getitem__)
             size = _common_size(model, names, producers)
             shapes = set().union(*(output_shapes.get(m, set()) for m in (*producers, *norms)))
             groups.append((position[producers[0]], ChannelGroup(
@@ -246,9 +319,85 @@ def trace_structure(
                 norms=tuple(names[member] for member in norms),
                 kind=kind,
                 shape=shapes.pop() if len(shapes) == 1 else (size,),
+                norm_offsets=tuple(_slice_offset(model_name, names[norm], names[producers[0]],
+                                                 norm_channels[norm], size) for norm in norms),
             )))
     groups.sort(key=lambda entry: entry[0])
     return ModelStructure(tuple(group for _, group in groups), output_layer, tuple(input_shape))
+
+
+class _ChannelRegrouping(TorchFunctionMode):
+    """Within the block, finds the first operation that regroups the channels of a feature
+    map (batch, C, H, W): a channel or pixel shuffle, or a view, reshape or unflatten that
+    splits or merges C with another dimension (other than flattening (C, H, W) into features).
+    Channel groups cannot follow channels through such an operation.
+
+    Attributes:
+        found: None, or (name of the innermost module running it, description).
+    """
+
+    def __init__(self, running: list[str]) -> None:
+        super().__init__()
+        self.running = running
+        self.found: tuple[str, str] | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        source = args[0] if args else None
+        if self.found is None and isinstance(source, torch.Tensor) and source.dim() == 4 \
+                and isinstance(output, torch.Tensor):
+            if func in _CHANNEL_SHUFFLES:
+                self.found = (self.running[-1], f"{func.__name__} (a channel permutation)")
+            elif func in _RESHAPES and _regroups_channels(source.shape, output.shape):
+                self.found = (self.running[-1],
+                              f"a channel shuffle or split: {func.__name__} of the feature map "
+                              f"{tuple(source.shape)} into {tuple(output.shape)}")
+        return output
+
+
+def _regroups_channels(source: torch.Size, output: torch.Size) -> bool:
+    channels, height, width = source[1:]
+    if len(output) < 2 or output[1] == channels:
+        return False
+    return not (len(output) == 2 and output[1] == channels * height * width)
+
+
+def _refuse_unsupported(model_name: str, names: dict[nn.Module, str],
+                        forward_order: list[nn.Module], regrouping: _ChannelRegrouping) -> None:
+    """Raise ConfigError on the first construct that channel groups cannot describe."""
+    for module in forward_order:
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and not (
+                module.groups == module.in_channels == module.out_channels):
+            raise ConfigError(
+                f"{model_name}: layer {names[module]!r} is a grouped convolution (groups="
+                f"{module.groups}, {module.in_channels} → {module.out_channels} channels); "
+                "only depthwise convolutions (groups = in = out channels) are supported: "
+                "dropping single channels would leave its groups of unequal size")
+        if isinstance(module, _UNSUPPORTED_NORMS):
+            raise ConfigError(
+                f"{model_name}: layer {names[module]!r} is a {type(module).__name__}; only "
+                "BatchNorm layers are supported over prunable channels: this normalisation "
+                "mixes channels or turns a dropped channel's zero into its shift, so the "
+                "masked model would differ from the extracted one")
+    if regrouping.found is not None:
+        layer, construct = regrouping.found
+        raise ConfigError(
+            f"{model_name}: layer {layer or '(the model itself)'!r} runs {construct}; "
+            "channel groups cannot follow channels through it, so such models are not "
+            "supported")
+
+
+def _slice_offset(model_name: str, norm: str, group: str, readings: list[list[int]],
+                  size: int) -> int:
+    """The norm channel holding the group's first channel, given the norm channels that hold
+    its channels (one list per path from the group to the norm)."""
+    offset = readings[0][0]
+    if any(reading != list(range(offset, offset + size)) for reading in readings):
+        raise ConfigError(
+            f"{model_name}: BatchNorm {norm!r} reads the {size} channels of group {group!r} "
+            f"as norm channels {readings[0][:8]}...: not one slice in order (channels "
+            "permuted, repeated or partly read), which channel groups cannot describe")
+    return offset
 
 
 def _common_size(model: nn.Module, names: dict[nn.Module, str],
@@ -262,13 +411,21 @@ def _common_size(model: nn.Module, names: dict[nn.Module, str],
     return sizes.pop()
 
 
-def _output_layer(
-    model: nn.Module, names: dict[nn.Module, str], forward_order: list[nn.Module]
-) -> str:
+def _output_layer(model: nn.Module, names: dict[nn.Module, str],
+                  forward_order: list[nn.Module], logits) -> str:
     declared = getattr(model, "output_layer_name", None)
     if declared is not None:
         return declared
     linears = [module for module in forward_order if isinstance(module, nn.Linear)]
-    if not linears:
-        raise ConfigError(f"{type(model).__name__}: no Linear layer producing logits found")
-    return names[linears[-1]]
+    if linears:
+        return names[linears[-1]]
+    convs = [module for module in forward_order if isinstance(module, nn.Conv2d)]
+    last = convs[-1] if convs else None
+    if last is None or not isinstance(logits, torch.Tensor) \
+            or tuple(logits.shape[1:]) != (last.out_channels,):
+        raise ConfigError(
+            f"{type(model).__name__}: no Linear layer, and no conv producing the model's "
+            f"{tuple(logits.shape[1:]) if isinstance(logits, torch.Tensor) else ''} logits "
+            "per image as its channels; name the logit layer in the model's "
+            "output_layer_name")
+    return names[last]
