@@ -13,31 +13,53 @@ from dnnmod.errors import ArtifactError, ConfigError, DnnmodError
 from dnnmod.models import build_model
 from dnnmod.modules.moduleset import REQUIRED_PROVENANCE, ModuleSet
 from dnnmod.training.model_io import load_model, save_model
+from dnnmod.training.objectives import get_objective
 from dnnmod.training.train import Recipe, train
 
 #: hyperparameters small enough for a test; every registered approach needs an entry
 SMOKE = {
+    "cnnsplitter": {"population": 4, "generations": 2, "parents": 2, "elites": 1,
+                    "keep_top": [6, 4], "fitness_samples": 40},
     "gradsplitter": {"init_head_epochs": 1, "rounds": 1, "mask_epochs": 1, "head_epochs": 1,
                      "mask_lr": 0.1, "batch_size": 32, "max_train_samples": 96},
     "random": {"match": "gradsplitter"},
+    "mwt": {"metric_samples": 8},
+    "moda": {},
 }
 
 
 @pytest.fixture(scope="module")
-def base(small_digits, tmp_path_factory):
-    """A tiny trained simcnn and its real metadata, saved and reloaded as the CLI does."""
-    torch.manual_seed(0)
-    model = build_model("simcnn", small_digits.num_classes, width=0.0625)
-    result = train(model, small_digits, Recipe(epochs=1, batch_size=64, lr=0.05), seed=0)
-    path = tmp_path_factory.mktemp("base") / "model.safetensors"
-    save_model(path, result.model, _meta(small_digits))
-    return load_model(path)
+def trained_bases(small_digits, tmp_path_factory):
+    """Training kind → a tiny simcnn trained 1 epoch with that kind's objective and its real
+    metadata, saved and reloaded as the CLI does; built on first use."""
+    bases = {}
+
+    def base_of(kind: str):
+        if kind not in bases:
+            torch.manual_seed(0)
+            model = build_model("simcnn", small_digits.num_classes, width=0.0625)
+            objective = get_objective(kind)
+            result = train(model, small_digits, Recipe(epochs=1, batch_size=64, lr=0.05),
+                           seed=0, objective=objective)
+            path = tmp_path_factory.mktemp(f"base_{kind}") / "model.safetensors"
+            save_model(path, result.model, _meta(small_digits, objective))
+            bases[kind] = load_model(path)
+        return bases[kind]
+    return base_of
 
 
-def _meta(data) -> dict:
+@pytest.fixture(scope="module")
+def base(trained_bases):
+    """The standard-trained base model."""
+    return trained_bases("st")
+
+
+def _meta(data, objective=None) -> dict:
+    objective = objective or get_objective("st")
     return {"arch": "simcnn", "model": "simcnn", "dataset": "digits",
-            "num_classes": data.num_classes, "width": 0.0625, "options": {}, "training": "st",
-            "objective": {}, "normalization": {"mean": data.train.mean.tolist(),
+            "num_classes": data.num_classes, "width": 0.0625, "options": {},
+            "training": objective.name, "objective": objective.hyperparameters,
+            "normalization": {"mean": data.train.mean.tolist(),
                                                "std": data.train.std.tolist()},
             "seed": 0, "input_shape": list(data.test.images.shape[1:]),
             "metrics": {"test_accuracy": 0.0}, "wall_seconds": 0.0}
@@ -78,7 +100,9 @@ def test_defaults_resolve_and_bad_values_fail(name):
 
 
 @pytest.mark.parametrize("name", sorted(APPROACHES))
-def test_contract(name, base, small_digits, tmp_path, interrupt_after_epoch):
+def test_contract(name, trained_bases, small_digits, tmp_path, interrupt_after_epoch):
+    approach = get_approach(name)
+    base = trained_bases(approach.training_for(approach.resolve(SMOKE[name])))
     uninterrupted = _run(name, base, small_digits)
 
     # Provenance: the keys every module set records.

@@ -348,7 +348,7 @@ def test_train_command_trains_a_registered_kind_and_e1_lists_it(activation_penal
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--training", "nope"], "unknown training kind 'nope'; known: st"),
+    (["--training", "nope"], "unknown training kind 'nope'; known: moda, mwt, st"),
     (["--objective", '{"alpha": 1}'], "objectives.st: unknown keys ['alpha']"),
 ])
 def test_train_command_names_a_bad_training_kind_or_hyperparameter(arguments, message,

@@ -82,14 +82,6 @@ def schedule(hyperparameters: dict[str, Any]) -> list[Phase]:
     return [phase for phase in phases if phase.epochs > 0]
 
 
-def _training_subset(data, hyperparameters: dict[str, Any], seed: int):
-    limit = hyperparameters["max_train_samples"]
-    if limit is None or limit >= len(data.train):
-        return data.train
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
-    return data.train.take(order[:limit].sort().values.to(data.train.labels.device))
-
-
 def _module_set(model_meta, structure, masks, head, provenance=None) -> ModuleSet:
     return ModuleSet(approach=GradSplitter.name, classes=list(head.classes), masks=masks, head=head,
                      combination="argmax", base=base_identity(model_meta),
@@ -122,7 +114,7 @@ class GradSplitter(Approach):
         phases = schedule(hyperparameters)
         plan = [(index, phase) for index, phase in enumerate(phases)
                 for _ in range(phase.epochs)]
-        train_set = _training_subset(data, hyperparameters, seed)
+        train_set = data.train.sample(hyperparameters["max_train_samples"], seed)
         base_val_accuracy = accuracy(model, data.val)
         fingerprint = config_hash({"approach": self.name, "hyperparameters": hyperparameters,
                                    "seed": seed, "base": base_meta.get("weights_sha256")})

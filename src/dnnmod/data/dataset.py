@@ -46,6 +46,14 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.class_names, self.mean,
                         self.std)
 
+    def sample(self, limit: int | None, seed: int) -> ImageSet:
+        """A seeded random subset of ``limit`` images, in their original order (the whole set
+        when ``limit`` is None or not smaller than it)."""
+        if limit is None or limit >= len(self):
+            return self
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return self.take(order[:limit].sort().values.to(self.device))
+
     def subset(self, classes: Sequence[int], relabel: bool = True) -> ImageSet:
         """The images of ``classes``; with ``relabel`` their labels become 0..k-1 in the given
         order (and ``class_names`` follows), otherwise labels and names are kept."""

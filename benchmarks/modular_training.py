@@ -1,0 +1,107 @@
+"""Cost of modular training (MwT, MODA) against standard training, and union-network latency.
+
+Part 1: for each model, the same data, recipe, seed and machine train it with the ``st``,
+``mwt`` and ``mwt``-free ``moda`` objectives through the shared loop; the per-epoch time is the
+median of the epochs' ``seconds`` after the first (warm-up). Printed: seconds per epoch and the
+ratio to standard training (target: at most 1.1x).
+
+Part 2: the modular-trained models are decomposed (MwT, MODA at their defaults) and the union
+network of a sub-task of ``--subtask`` classes is timed against the base model it was cut from
+(batch of ``--batch`` test images, one warm-up pass, best of 5 passes), with parameter counts.
+
+    python benchmarks/modular_training.py                          # digits, demo models, CPU
+    python benchmarks/modular_training.py --device cuda --epochs 4 --threads 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dnnmod.approaches import run_approach
+from dnnmod.data import load_dataset, make_splits, prepare
+from dnnmod.models import build_model
+from dnnmod.modules.extract import count_parameters
+from dnnmod.modules.union import union_network
+from dnnmod.training.objectives import get_objective
+from dnnmod.training.train import Recipe, train
+
+KINDS = ("st", "mwt", "moda")
+
+
+def best_seconds(function, repeats: int = 5) -> float:
+    function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["simcnn:0.125", "vgg16:0.125"],
+                        help="arch:width entries")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--subtask", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else f"CPU, {args.threads} thread(s)")
+    print(f"device: {device_name}; torch {torch.__version__}")
+
+    root = Path(tempfile.mkdtemp(prefix="dnnmod-bench-"))
+    prepare("digits", root)
+    make_splits(root, "digits", seed=0)
+    data = load_dataset(root, "digits", seed=0, device=args.device)
+    recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=0.05, nesterov=True)
+    x, _ = data.test.float_batch(torch.arange(min(args.batch, len(data.test)),
+                                              device=data.test.labels.device))
+    classes = list(range(args.subtask))
+
+    for entry in args.models:
+        arch, width = entry.split(":")
+        trained, per_epoch = {}, {}
+        for kind in KINDS:
+            torch.manual_seed(0)
+            model = build_model(arch, data.num_classes, float(width))
+            result = train(model, data, recipe, seed=0, objective=get_objective(kind),
+                           device=args.device, progress=False)
+            seconds = [record.seconds for record in result.history]
+            per_epoch[kind] = statistics.median(seconds[1:] or seconds)
+            trained[kind] = result
+        print(f"\n{arch} width {width}: seconds per epoch ({len(data.train)} images)")
+        for kind in KINDS:
+            accuracy = trained[kind].history[-1].val_accuracy
+            print(f"  {kind:5s} {per_epoch[kind]:8.3f} s  x{per_epoch[kind] / per_epoch['st']:.2f}"
+                  f"  (val {accuracy:.1f}% after {args.epochs} epochs)")
+
+        print(f"{arch}: union network of classes {classes} vs its base model, "
+              f"batch {len(x)}")
+        for kind in ("mwt", "moda"):
+            model = trained[kind].model.eval()
+            meta = {"arch": arch, "dataset": "digits", "training": kind}
+            modules = run_approach(kind, model, meta, data, seed=0, device=args.device)
+            network = union_network(model, modules, classes)
+            with torch.no_grad():
+                base_s = best_seconds(lambda model=model: model(x))
+                union_s = best_seconds(lambda network=network: network(x))
+            print(f"  {kind:5s} base {base_s * 1e3:7.2f} ms, {count_parameters(model):8d} params"
+                  f" | union {union_s * 1e3:7.2f} ms, {count_parameters(network):8d} params"
+                  f" | latency x{union_s / base_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()

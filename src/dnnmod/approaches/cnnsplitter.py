@@ -1,0 +1,627 @@
+"""CNNSplitter (Qi et al., ASE 2022 / TOSEM 2023): modules found by a genetic search over
+groups of kernels.
+
+Search space. For class c, the kernels of each conv channel group (coupled layers are one
+group, so they share genes) are sorted by their importance for c and cut into contiguous
+groups: ``small_layer_groups`` (10) for a group of fewer than ``large_layer_kernels`` (256)
+kernels, ``large_layer_groups`` (100) otherwise, fewer when the layer has fewer kernels. One
+gene (bit) per group, 1 = keep it. Importance = the mean L1 norm of the kernel's post-ReLU map
+over validation images of class c predicted as c with confidence >= ``confidence``
+(:func:`~dnnmod.modules.activations.activation_statistics`, ``l1``).
+
+Initial population. Layer sensitivity: each group alone keeps the top ``sensitivity_ratio``
+kernels of every module (all other layers whole); the composed validation accuracy dropping
+more than ``sensitivity_margin_pp`` below the base model's marks the layer sensitive. Per
+solution and layer a keep ratio is drawn from ``sensitive_keep_ratios`` or
+``other_keep_ratios`` and floor(groups × ratio) groups are activated, drawn without replacement
+with probability ∝ exp((groups − 1 − rank) / 10).
+
+Search. One population per class, bred with DEAP's operators: the ``parents`` best solutions
+(steady-state selection) are paired at random, crossed at one point, and every gene of a child
+is reset to a random bit with probability ``mutation_rate``; the ``elites`` best solutions
+survive unchanged. Every solution of class c runs the base model with its kernels and emits
+only its class's logit (no head, no retraining); the N populations are scored together by
+composition (:func:`score_compositions`), and the generation whose best composition has the
+highest α·acc + (1 − α)·diff on the validation images is the result.
+
+Speed (spec's performance decision): a class's population runs as P channel masks through the
+one batched masked pass (:func:`~dnnmod.modules.inference.run`, chunked over images and
+modules), each distinct solution once: its own-class logits are cached and carried to the
+next generation (elites are not run again), and all compositions are scored from the cached
+logits with tensor operations. No pruned network is built during the search.
+
+Deviations from the paper and the reference implementation, all deliberate:
+- Sensitive layers are found automatically (accuracy drop at r = ``sensitivity_ratio`` above a
+  margin); the paper inspected the r = 0.1..1.0 curves by hand.
+- A class with no validation image predicted as itself with confidence >= ``confidence``
+  falls back to its correctly predicted images, then to all its images; the basis used per
+  class is recorded in the provenance (``importance_basis``). A channel group no ReLU carries
+  keeps its kernels in index order (importance 0). Residual groups with several ReLU sites
+  average their sites' L1 norms.
+- A solution whose genes would drop a whole layer gets that layer's most important group
+  back (a module cannot have an empty layer), after initialisation and after variation.
+- Mutation resets each gene with probability ``mutation_rate`` (DEAP's ``mutUniformInt``), so
+  ``mutation_rate`` × genes are reset on average rather than exactly that many.
+- Hierarchical pruning: classes are composed pairwise in index order ((0,1), (2,3), ...; an
+  odd one out joins at the next level), all combinations of the two parts' surviving
+  compositions are scored on the validation images of their classes (a tie between the
+  true and another module's logit counts as a miss), and the best
+  ``keep_top[level]`` survive (the last entry for deeper levels); the threshold of a level is
+  its ``keep_top``-th best fitness. Defaults: 500 pairs, 100 four-class and 50 eight-class
+  compositions. All combinations at the last (N-class) level are scored.
+- A solution's fitness is the best fitness of the N-class compositions containing it. One in
+  none of them (pruned earlier) is ranked below every such solution: DEAP fitness
+  (classes in the largest composition it was scored in, best fitness there), compared
+  lexicographically.
+- acc_prev_best of the first generation is 0, so its accuracy weight is α + γ.
+- Generation 0 is the initial population; ``generations`` breedings follow it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from deap import base, tools
+from torch import nn
+
+from dnnmod.approaches.base import Approach
+from dnnmod.artifacts import config_hash
+from dnnmod.errors import ConfigError
+from dnnmod.modules.activations import activation_statistics
+from dnnmod.modules.heads import OwnLogitHead
+from dnnmod.modules.inference import run
+from dnnmod.modules.moduleset import ModuleSet, base_identity
+from dnnmod.modules.structure import ModelStructure, trace_structure
+from dnnmod.resumable import ResumableLoop
+
+DEFAULTS: dict[str, Any] = {
+    "population": 100,          # solutions per class
+    "generations": 200,         # breedings after the initial population
+    "parents": 50,              # best solutions bred (steady-state selection)
+    "elites": 20,               # best solutions kept unchanged
+    "mutation_rate": 0.05,      # probability of resetting a gene (0.1 for SVHN in the paper)
+    "alpha": 0.9,               # weight of accuracy vs kernel-set difference
+    "gamma": 0.9,               # accuracy target of the adaptive weight (0.95 for SVHN)
+    "keep_top": [500, 100, 50],  # compositions kept per level: pairs, 4 classes, 8 (and on)
+    "small_layer_groups": 10,   # genes of a layer with fewer than large_layer_kernels kernels
+    "large_layer_groups": 100,  # genes of a larger layer
+    "large_layer_kernels": 256,
+    "confidence": 0.9,          # importance: images predicted as their class this surely
+    "sensitivity_ratio": 0.5,   # kernels each layer keeps in the sensitivity analysis
+    "sensitivity_margin_pp": 5.0,  # accuracy drop (pp) that marks a layer sensitive
+    "sensitive_keep_ratios": [0.6, 0.7, 0.8],
+    "other_keep_ratios": [0.4, 0.5, 0.6, 0.7],
+    "grouping": "importance",   # ablation: "random" cuts randomly ordered kernels into groups
+    "initialisation": "heuristic",  # ablation: "random" draws every gene uniformly
+    "fitness_samples": None,    # validation images scored per generation (None: all)
+}
+GROUPINGS = ("importance", "random")
+INITIALISATIONS = ("heuristic", "random")
+
+log = logging.getLogger(__name__)
+
+
+class _Fitness(base.Fitness):
+    """(classes of the largest composition the solution was scored in, best fitness there)."""
+
+    weights = (1.0, 1.0)
+
+
+class Solution(list):
+    """One candidate module's genes with its DEAP fitness. A plain class on purpose:
+    ``deap.creator`` types are process-global and would leak between runs."""
+
+    def __init__(self, genes: Sequence[int] = ()) -> None:
+        super().__init__(genes)
+        self.fitness = _Fitness()
+
+
+@dataclass(frozen=True)
+class GeneLayout:
+    """Where each class's kernels sit in a gene vector.
+
+    Attributes:
+        groups: conv channel group names, in forward order (one gene layer each).
+        genes_per_group: genes of each layer.
+        kernel_gene: group → (N, size) long tensor: for class position c, the gene index
+            (in the whole vector) that keeps each kernel of the group.
+    """
+
+    groups: tuple[str, ...]
+    genes_per_group: tuple[int, ...]
+    kernel_gene: dict[str, torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return sum(self.genes_per_group)
+
+    def layer_slices(self) -> list[slice]:
+        bounds = np.cumsum([0, *self.genes_per_group]).tolist()
+        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def decode(self, genes: torch.Tensor, position: int) -> dict[str, torch.Tensor]:
+        """Channel masks (P, size) per group of class ``position``'s solutions (P, genes)."""
+        kept = genes.bool()
+        return {group: kept[:, self.kernel_gene[group][position]] for group in self.groups}
+
+    def kernel_sets(self, genes: torch.Tensor, position: int) -> torch.Tensor:
+        """(P, kernels) bool: every kernel each solution keeps, groups concatenated."""
+        return torch.cat(list(self.decode(genes, position).values()), dim=1)
+
+
+def genes_for(size: int, hyperparameters: Mapping[str, Any]) -> int:
+    """Gene count of a layer of ``size`` kernels."""
+    large = size >= hyperparameters["large_layer_kernels"]
+    count = hyperparameters["large_layer_groups" if large else "small_layer_groups"]
+    return min(count, size)
+
+
+def gene_layout(structure: ModelStructure, order: Mapping[str, torch.Tensor],
+                hyperparameters: Mapping[str, Any]) -> GeneLayout:
+    """Genes of kernels ranked by ``order`` (group → (N, size): kernel indices, most important
+    first, per class): each layer's ranks cut into contiguous groups, one gene per group."""
+    groups, counts, kernel_gene, offset = [], [], {}, 0
+    for group in structure.conv_groups:
+        count = genes_for(group.size, hyperparameters)
+        gene_of_rank = torch.cat([torch.full((len(part),), offset + gene, dtype=torch.long)
+                                  for gene, part in enumerate(
+                                      torch.arange(group.size).tensor_split(count))])
+        ranks = order[group.name]
+        kernel_gene[group.name] = torch.empty_like(ranks).scatter_(
+            1, ranks, gene_of_rank.expand_as(ranks).contiguous())
+        groups.append(group.name)
+        counts.append(count)
+        offset += count
+    return GeneLayout(tuple(groups), tuple(counts), kernel_gene)
+
+
+def kernel_importance(model: nn.Module, structure: ModelStructure, images, num_classes: int,
+                      confidence: float) -> tuple[dict[str, torch.Tensor], dict[int, str]]:
+    """Group → (N, size) importance of each kernel per class, and the images each class's
+    importance rests on ("confident", else "correct", else "all" of its images)."""
+    probabilities = run(model, images).softmax(1)
+    surety, predicted = probabilities.max(1)
+    labels = images.labels.to(predicted.device)
+    chosen, basis = [], {}
+    for label in range(num_classes):
+        own = labels == label
+        candidates = (("confident", own & (predicted == label) & (surety >= confidence)),
+                      ("correct", own & (predicted == label)), ("all", own))
+        basis[label], keep = next(((name, keep) for name, keep in candidates if keep.any()),
+                                  candidates[-1])
+        chosen.append(keep.nonzero().flatten())
+    # activation_statistics names any class without a single image
+    subset = images.take(torch.cat(chosen).sort().values.to(images.labels.device))
+    statistics = activation_statistics(model, structure, subset, classes=range(num_classes))
+    view = statistics.group_view("l1", "mean")
+    importance = {group.name: view.get(group.name, torch.zeros(num_classes, group.size)).float()
+                  for group in structure.conv_groups}
+    return importance, basis
+
+
+def sensitive_layers(model: nn.Module, structure: ModelStructure, images,
+                     order: Mapping[str, torch.Tensor],
+                     hyperparameters: Mapping[str, Any]) -> dict[str, float]:
+    """Group → composed accuracy (%) when that layer alone keeps the top
+    ``sensitivity_ratio`` kernels of every module, all layers' compositions in one batched
+    pass (module (layer, c) masks only that layer)."""
+    groups = structure.conv_groups
+    classes = next(iter(order.values())).shape[0]
+    masks = {group.name: torch.ones(len(groups), classes, group.size, dtype=torch.bool)
+             for group in groups}
+    for layer, group in enumerate(groups):
+        kept = max(1, math.ceil(hyperparameters["sensitivity_ratio"] * group.size))
+        masks[group.name][layer] = torch.zeros(classes, group.size, dtype=torch.bool).scatter_(
+            1, order[group.name][:, :kept], True)
+    head = OwnLogitHead(list(range(classes)) * len(groups), classes)
+    scores = run(model, images, structure=structure, head=head,
+                 masks={name: mask.flatten(0, 1) for name, mask in masks.items()}).cpu()
+    predicted = scores.view(len(images), len(groups), classes).argmax(2)
+    correct = (predicted == images.labels.cpu()[:, None]).double().mean(0)
+    return {group.name: 100.0 * float(correct[layer]) for layer, group in enumerate(groups)}
+
+
+def rank_weights(count: int) -> np.ndarray:
+    """Probability of drawing each of ``count`` groups first, ∝ exp((count − 1 − rank) / 10):
+    important (low-rank) groups are preferred."""
+    weights = np.exp((count - 1 - np.arange(count)) / 10.0)
+    return weights / weights.sum()
+
+
+def initial_genes(layout: GeneLayout, sensitive: Sequence[bool], population: int,
+                  hyperparameters: Mapping[str, Any], generator: np.random.Generator
+                  ) -> torch.Tensor:
+    """(population, genes) uint8: heuristic (keep ratios and rank weights) or uniform."""
+    if hyperparameters["initialisation"] == "random":
+        genes = generator.integers(0, 2, size=(population, layout.length), dtype=np.uint8)
+        return repair(torch.from_numpy(genes), layout)
+    genes = np.zeros((population, layout.length), dtype=np.uint8)
+    for solution in range(population):
+        for layer, (where, count) in enumerate(zip(layout.layer_slices(),
+                                                   layout.genes_per_group, strict=True)):
+            ratios = hyperparameters["sensitive_keep_ratios" if sensitive[layer]
+                                     else "other_keep_ratios"]
+            active = max(1, math.floor(count * ratios[generator.integers(len(ratios))]))
+            chosen = generator.choice(count, size=active, replace=False, p=rank_weights(count))
+            genes[solution, where.start + chosen] = 1
+    return torch.from_numpy(genes)
+
+
+def repair(genes: torch.Tensor, layout: GeneLayout) -> torch.Tensor:
+    """``genes`` with every layer keeping at least its most important group."""
+    genes = genes.clone()
+    for where in layout.layer_slices():
+        empty = genes[:, where].sum(1) == 0
+        genes[empty, where.start] = 1
+    return genes
+
+
+@contextlib.contextmanager
+def drawing_from(generator: random.Random) -> Iterator[None]:
+    """DEAP's operators draw from the module-level ``random``: within the block they draw from
+    ``generator``'s stream (which advances), and the global stream is left as it was."""
+    saved = random.getstate()
+    random.setstate(generator.getstate())
+    try:
+        yield
+    finally:
+        generator.setstate(random.getstate())
+        random.setstate(saved)
+
+
+def breed(genes: torch.Tensor, fitness: torch.Tensor, layout: GeneLayout,
+          hyperparameters: Mapping[str, Any], generator: random.Random) -> torch.Tensor:
+    """The next population of one class: its elites, then children of its best parents."""
+    population = []
+    for row, value in zip(genes.tolist(), fitness.tolist(), strict=True):
+        solution = Solution(row)
+        solution.fitness.values = tuple(value)
+        population.append(solution)
+    toolbox = base.Toolbox()
+    toolbox.register("mate", tools.cxOnePoint)
+    toolbox.register("mutate", tools.mutUniformInt, low=0, up=1,
+                     indpb=hyperparameters["mutation_rate"])
+    elites = [toolbox.clone(s) for s in tools.selBest(population, hyperparameters["elites"])]
+    parents = tools.selBest(population, hyperparameters["parents"])
+    children: list[Solution] = []
+    with drawing_from(generator):
+        while len(elites) + len(children) < len(population):
+            first, second = (toolbox.clone(parent) for parent in random.sample(parents, 2))
+            toolbox.mate(first, second)
+            for child in (first, second):
+                toolbox.mutate(child)
+                children.append(child)
+    children = children[:len(population) - len(elites)]
+    return repair(torch.tensor([list(s) for s in elites + children], dtype=torch.uint8), layout)
+
+
+def population_logits(model: nn.Module, structure: ModelStructure, images,
+                      layout: GeneLayout, populations: torch.Tensor,
+                      caches: Sequence[dict[bytes, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+    """(N, P, images) own-class logits of every class's solutions (``populations``: (N, P,
+    genes)), and how many solutions were run.
+
+    Each distinct solution of class c absent from ``caches[c]`` (genes → logits) runs once;
+    all of them, of every class, are the masks of one batched pass, and the caches gain them.
+    """
+    keys = [[row.tobytes() for row in genes.numpy()] for genes in populations]
+    new = [list(dict.fromkeys(k for k in class_keys if k not in cache))
+           for class_keys, cache in zip(keys, caches, strict=True)]
+    owners = [c for c, class_new in enumerate(new) for _ in class_new]
+    if owners:
+        decoded = [layout.decode(populations[c][[keys[c].index(k) for k in class_new]], c)
+                   for c, class_new in enumerate(new) if class_new]
+        masks = {group: torch.cat([d[group] for d in decoded]) for group in layout.groups}
+        head = OwnLogitHead(owners, len(populations))
+        scores = run(model, images, structure=structure, masks=masks, head=head).cpu()
+        columns = iter(range(len(owners)))
+        for cache, class_new in zip(caches, new, strict=True):
+            cache.update({key: scores[:, next(columns)] for key in class_new})
+    logits = torch.stack([torch.stack([cache[k] for k in class_keys])
+                          for class_keys, cache in zip(keys, caches, strict=True)])
+    return logits, len(owners)
+
+
+@dataclass
+class _Composition:
+    """Surviving compositions of some classes: one solution index per class."""
+
+    classes: list[int]
+    solutions: torch.Tensor  # (K, len(classes)) long
+    difference_sum: torch.Tensor  # (K,) sum over module pairs of 1 − Jaccard
+    level: int
+
+
+@dataclass(frozen=True)
+class CompositionScores:
+    """Fitness of every solution and the scored N-class compositions.
+
+    Attributes:
+        fitness: (N, P, 2): classes of the largest composition a solution was scored in, and
+            its best fitness there (the DEAP fitness values).
+        solutions: (K, N) the solutions of each scored N-class composition.
+        accuracy: (K,) its accuracy on the images (fraction).
+        difference: (K,) its mean pairwise 1 − Jaccard of kernel sets.
+    """
+
+    fitness: torch.Tensor
+    solutions: torch.Tensor
+    accuracy: torch.Tensor
+    difference: torch.Tensor
+
+
+def jaccard_difference(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """(P1, P2): 1 − Jaccard index of the kernel sets (P1, kernels) × (P2, kernels)."""
+    a, b = first.double(), second.double()
+    intersection = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None] - intersection
+    return 1.0 - intersection / union.clamp_min(1.0)
+
+
+def score_compositions(logits: Sequence[torch.Tensor], labels: torch.Tensor,
+                       kernel_sets: Sequence[torch.Tensor], *, accuracy_weight: float,
+                       alpha: float, keep_top: Sequence[int],
+                       max_elements: int = 1 << 23) -> CompositionScores:
+    """Hierarchical composition pruning (see the module docstring).
+
+    ``logits[c]``: (P, images) own-class logits of class c's solutions; ``labels``: the
+    images' classes; ``kernel_sets[c]``: (P, kernels) bool. Fitness of a composition S =
+    ``accuracy_weight``·acc(S) + (1 − ``alpha``)·diff(S). ``max_elements`` bounds the
+    (compositions × images) comparisons held at once.
+    """
+    classes = len(logits)
+    population = logits[0].shape[0]
+    labels = labels.cpu()
+    difference = {(i, j): jaccard_difference(kernel_sets[i], kernel_sets[j])
+                  for i in range(classes) for j in range(i + 1, classes)}
+    fitness = torch.zeros(classes, population, 2, dtype=torch.float64)
+    parts = [_Composition([c], torch.arange(population)[:, None],
+                          torch.zeros(population, dtype=torch.float64), 0)
+             for c in range(classes)]
+    while len(parts) > 1:
+        merged = []
+        for first, second in zip(parts[::2], parts[1::2], strict=False):
+            level = max(first.level, second.level)
+            full = len(first.classes) + len(second.classes) == classes
+            accuracy, diff_sum = _merge_scores(first, second, logits, labels, difference,
+                                               max_elements)
+            joined = first.classes + second.classes
+            diff = diff_sum / (len(joined) * (len(joined) - 1) / 2)
+            score = accuracy_weight * accuracy + (1.0 - alpha) * diff
+            for part, best in ((first, score.amax(1)), (second, score.amax(0))):
+                for column, label in enumerate(part.classes):
+                    _record(fitness[label], part.solutions[:, column], best, len(joined))
+            keep = score.numel() if full else keep_top[min(level, len(keep_top) - 1)]
+            order = torch.sort(score.flatten(), descending=True, stable=True).indices[:keep]
+            rows, columns = order // score.shape[1], order % score.shape[1]
+            solutions = torch.cat([first.solutions[rows], second.solutions[columns]], dim=1)
+            merged.append(_Composition(joined, solutions, diff_sum.flatten()[order], level + 1))
+            if full:
+                result = CompositionScores(
+                    fitness, solutions[:, torch.tensor(joined).argsort()],
+                    accuracy.flatten()[order], diff.flatten()[order])
+        if len(parts) % 2:
+            merged.append(parts[-1])
+        parts = merged
+    return result
+
+
+def _record(fitness: torch.Tensor, solutions: torch.Tensor, best: torch.Tensor,
+            size: int) -> None:
+    """Solutions scored in a composition of ``size`` classes: (size, their best fitness)."""
+    top = torch.full((fitness.shape[0],), -math.inf, dtype=torch.float64)
+    top.scatter_reduce_(0, solutions, best.double(), "amax")
+    scored = torch.isfinite(top)
+    fitness[scored, 0] = float(size)
+    fitness[scored, 1] = top[scored]
+
+
+def _merge_scores(first: _Composition, second: _Composition, logits, labels, difference,
+                  max_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy and summed pairwise difference of every (first, second) composition pair."""
+    joined = first.classes + second.classes
+    on = torch.isin(labels, torch.tensor(joined))
+    image_labels = labels[on]
+
+    def extremes(part: _Composition) -> tuple[torch.Tensor, torch.Tensor]:
+        # The true class's logit (−inf off the part) and the highest logit of the part's other
+        # modules: an image counts as right when its true logit beats every other module's
+        # (a tie counts as a miss).
+        stacked = torch.stack([logits[label][part.solutions[:, column]][:, on]
+                               for column, label in enumerate(part.classes)])
+        true = torch.full_like(stacked[0], -math.inf)
+        for column, label in enumerate(part.classes):
+            mine = image_labels == label
+            true[:, mine] = stacked[column][:, mine]
+            stacked[column][:, mine] = -math.inf
+        return true, stacked.amax(0)
+
+    true_a, other_a = extremes(first)
+    true_b, other_b = extremes(second)
+    rows = max(1, max_elements // max(1, len(second.solutions) * len(image_labels)))
+    accuracy = torch.cat([
+        (torch.maximum(true_a[i:i + rows, None], true_b[None])
+         > torch.maximum(other_a[i:i + rows, None], other_b[None])).double().mean(2)
+        for i in range(0, len(first.solutions), rows)])
+    diff_sum = first.difference_sum[:, None] + second.difference_sum[None]
+    for column_a, label_a in enumerate(first.classes):
+        for column_b, label_b in enumerate(second.classes):
+            pair = (difference[label_a, label_b] if label_a < label_b
+                    else difference[label_b, label_a].T)
+            diff_sum = diff_sum + pair[first.solutions[:, column_a]][
+                :, second.solutions[:, column_b]]
+    return accuracy, diff_sum
+
+
+class CNNSplitter(Approach):
+    name = "cnnsplitter"
+    defaults = DEFAULTS
+
+    def resolve(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        hp = super().resolve(overrides)
+        where = f"approaches.{self.name}"
+
+        def fail(key: str, requirement: str) -> None:
+            raise ConfigError(f"{where}.{key}: must be {requirement}, got {hp[key]!r}")
+
+        for key in ("population", "small_layer_groups", "large_layer_groups",
+                    "large_layer_kernels"):
+            if hp[key] < 1:
+                fail(key, "at least 1")
+        if hp["population"] < 2:
+            fail("population", "at least 2 (crossover needs two parents)")
+        if hp["generations"] < 0:
+            fail("generations", ">= 0")
+        if not 2 <= hp["parents"] <= hp["population"]:
+            fail("parents", f"between 2 and population ({hp['population']})")
+        if not 0 <= hp["elites"] < hp["population"]:
+            fail("elites", f"between 0 and population - 1 ({hp['population'] - 1})")
+        for key in ("mutation_rate", "alpha", "gamma", "confidence"):
+            if not 0 <= hp[key] <= 1:
+                fail(key, "in [0, 1]")
+        if not 0 < hp["sensitivity_ratio"] <= 1:
+            fail("sensitivity_ratio", "in (0, 1]")
+        for key in ("sensitive_keep_ratios", "other_keep_ratios"):
+            if not hp[key] or not all(isinstance(r, (int, float)) and not isinstance(r, bool)
+                                      and 0 < r <= 1 for r in hp[key]):
+                fail(key, "a non-empty list of ratios in (0, 1]")
+        if not hp["keep_top"] or not all(isinstance(k, int) and not isinstance(k, bool)
+                                         and k >= 1 for k in hp["keep_top"]):
+            fail("keep_top", "a non-empty list of positive integers")
+        if hp["grouping"] not in GROUPINGS:
+            fail("grouping", f"one of {list(GROUPINGS)}")
+        if hp["initialisation"] not in INITIALISATIONS:
+            fail("initialisation", f"one of {list(INITIALISATIONS)}")
+        samples = hp["fitness_samples"]
+        if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool)
+                                    or samples < 1):
+            fail("fitness_samples", "a positive integer or null")
+        return hp
+
+    def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
+                   hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",
+                   checkpoint: Path | None = None, progress: bool | None = None,
+                   references=None) -> ModuleSet:
+        hp = hyperparameters
+        model = model.to(device).eval()
+        structure = trace_structure(model, (1, *data.train.images.shape[1:]))
+        classes = list(range(data.num_classes))
+        if len(classes) < 2:
+            raise ConfigError(f"{self.name}: needs at least two classes to compose")
+        images = data.val.sample(hp["fitness_samples"], seed)
+        labels = images.labels.cpu()
+        base_scores = run(model, images).cpu()
+        base_accuracy = 100.0 * (base_scores.argmax(1) == labels).float().mean().item()
+
+        importance, basis = kernel_importance(model, structure, data.val, len(classes),
+                                              hp["confidence"])
+        order = {name: torch.sort(value, dim=1, descending=True, stable=True).indices
+                 for name, value in importance.items()}
+        sensitivity = (sensitive_layers(model, structure, images, order, hp)
+                       if hp["initialisation"] == "heuristic" else {})
+        sensitive = [base_accuracy - sensitivity.get(g.name, base_accuracy)
+                     > hp["sensitivity_margin_pp"] for g in structure.conv_groups]
+        if hp["grouping"] == "random":
+            shuffler = torch.Generator().manual_seed(seed)
+            order = {g.name: torch.stack([torch.randperm(g.size, generator=shuffler)
+                                          for _ in classes]) for g in structure.conv_groups}
+        layout = gene_layout(structure, order, hp)
+
+        fingerprint = config_hash({"approach": self.name, "hyperparameters": hp, "seed": seed,
+                                   "base": base_meta.get("weights_sha256")})
+        loop = ResumableLoop(checkpoint, fingerprint, hp["generations"] + 1, desc=self.name,
+                             unit="generation", progress=progress)
+        logbook = tools.Logbook()
+        statistics = tools.Statistics(key=lambda solution: solution.fitness.values[1])
+        for name, reduce in (("mean", np.mean), ("max", np.max), ("min", np.min)):
+            statistics.register(name, reduce)
+        populations, fitness, cached, best_compositions = None, None, None, []
+        accuracy_prev_best = 0.0
+        if loop.state is not None:
+            state = loop.state
+            populations, fitness = state["populations"], state["fitness"]
+            cached, best_compositions = state["logits"], state["best_compositions"]
+            previous = populations
+            accuracy_prev_best = state["accuracy_prev_best"]
+            for record in state["logbook"]:
+                logbook.record(**record)
+
+        for generation in loop.steps():
+            stream = seed * 1_000_003 + generation
+            if populations is None:
+                numbers = np.random.default_rng(stream)
+                populations = torch.stack([initial_genes(layout, sensitive, hp["population"],
+                                                         hp, numbers) for _ in classes])
+            else:
+                draws = random.Random(stream)
+                populations = torch.stack([breed(populations[c], fitness[c], layout, hp, draws)
+                                           for c in classes])
+            caches = [{} if cached is None else
+                      {row.tobytes(): column for row, column in
+                       zip(previous[c].numpy(), cached[c], strict=True)} for c in classes]
+            cached, evaluations = population_logits(model, structure, images, layout,
+                                                    populations, caches)
+            previous, logits = populations, list(cached)
+            weight = hp["alpha"] + max(0.0, hp["gamma"] - accuracy_prev_best)
+            scores = score_compositions(
+                logits, labels, [layout.kernel_sets(populations[c], c) for c in classes],
+                accuracy_weight=weight, alpha=hp["alpha"], keep_top=hp["keep_top"])
+            fitness = scores.fitness
+            selection = hp["alpha"] * scores.accuracy + (1 - hp["alpha"]) * scores.difference
+            best = int(selection.argmax())
+            accuracy_prev_best = float(scores.accuracy.max())
+            chosen = torch.stack([populations[c, scores.solutions[best, c]] for c in classes])
+            best_compositions.append(chosen)
+            kept = torch.stack([layout.kernel_sets(chosen[c:c + 1], c)[0] for c in classes])
+            solutions = []
+            for c in classes:
+                for genes, value in zip(populations[c].tolist(), fitness[c].tolist(),
+                                        strict=True):
+                    solution = Solution(genes)
+                    solution.fitness.values = tuple(value)
+                    solutions.append(solution)
+            logbook.record(generation=generation, evaluations=evaluations,
+                           **{f"fitness_{k}": float(v)
+                              for k, v in statistics.compile(solutions).items()},
+                           val_accuracy=100.0 * float(scores.accuracy[best]),
+                           difference=float(scores.difference[best]),
+                           selection=float(selection[best]),
+                           krr=float(kept.double().mean()))
+            entry = logbook[-1]
+            log.info("generation %d/%d: val %.2f%% diff %.3f KRR %.3f (%d new solutions)",
+                     generation, hp["generations"], entry["val_accuracy"], entry["difference"],
+                     entry["krr"], evaluations)
+            loop.save(generation, {
+                "populations": populations, "fitness": fitness, "logits": cached,
+                "best_compositions": best_compositions,
+                "accuracy_prev_best": accuracy_prev_best, "logbook": list(logbook),
+            }, postfix={"val": f"{entry['val_accuracy']:.1f}%", "krr": f"{entry['krr']:.2f}"})
+
+        records = list(logbook)
+        selected = max(range(len(records)), key=lambda g: records[g]["selection"])
+        genes = best_compositions[selected]
+        masks = {group: torch.cat([layout.decode(genes[c:c + 1], c)[group] for c in classes])
+                 for group in layout.groups}
+        provenance = {
+            "approach": self.name, "hyperparameters": hp, "seed": seed,
+            "wall_seconds": loop.wall_seconds, "selected_generation": selected,
+            "val_accuracy": records[selected]["val_accuracy"],
+            "base_val_accuracy": base_accuracy, "fitness_samples": len(images),
+            "genes": layout.length, "importance_basis": {str(c): basis[c] for c in classes},
+            "layer_sensitivity": sensitivity,
+            "sensitive_layers": [g for g, s in zip(layout.groups, sensitive, strict=True) if s],
+            "logbook": records,
+        }
+        return ModuleSet(approach=self.name, classes=classes, masks=masks,
+                         head=OwnLogitHead(classes, len(classes)), combination="argmax",
+                         base=base_identity(base_meta), structure=structure,
+                         provenance=provenance)

@@ -1,0 +1,219 @@
+"""CNNSplitter: genes, initialisation, composition fitness, batched evaluation, resume."""
+
+from __future__ import annotations
+
+import math
+
+import deap.creator
+import numpy as np
+import pytest
+import torch
+from conftest import Interrupted
+
+import dnnmod.resumable
+from dnnmod.approaches import run_approach
+from dnnmod.approaches.cnnsplitter import (
+    CNNSplitter,
+    gene_layout,
+    genes_for,
+    initial_genes,
+    jaccard_difference,
+    population_logits,
+    rank_weights,
+    score_compositions,
+)
+from dnnmod.errors import ConfigError
+from dnnmod.models import build_model
+from dnnmod.modules.extract import extract_module
+from dnnmod.modules.inference import run
+from dnnmod.modules.structure import trace_structure
+from dnnmod.training.train import Recipe, train
+
+TINY = {"population": 4, "generations": 2, "parents": 2, "elites": 1, "keep_top": [6, 4],
+        "fitness_samples": 40}
+META = {"arch": "simcnn", "dataset": "digits", "num_classes": 10, "width": 0.0625}
+
+
+@pytest.fixture(scope="module")
+def model(small_digits):
+    torch.manual_seed(0)
+    net = build_model("simcnn", small_digits.num_classes, width=0.0625)
+    return train(net, small_digits, Recipe(epochs=1, batch_size=64, lr=0.05), seed=0).model
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model, small_digits):
+    return run_approach("cnnsplitter", model, META, small_digits, TINY, seed=0)
+
+
+def _structure(net, data):
+    return trace_structure(net, (1, *data.train.images.shape[1:]))
+
+
+def _identity_order(structure, classes):
+    return {g.name: torch.arange(g.size).expand(classes, -1).contiguous()
+            for g in structure.conv_groups}
+
+
+def test_genes_cut_ranked_kernels_into_contiguous_groups():
+    hp = CNNSplitter().resolve({})
+    assert [genes_for(n, hp) for n in (4, 10, 64, 255, 256, 512)] == [4, 10, 10, 10, 100, 100]
+    net = build_model("vgg16", 10, width=0.5)  # sizes 32 .. 256: both gene counts
+    structure = trace_structure(net, (1, 3, 32, 32))
+    generator = torch.Generator().manual_seed(0)
+    order = {g.name: torch.stack([torch.randperm(g.size, generator=generator)
+                                  for _ in range(2)]) for g in structure.conv_groups}
+    layout = gene_layout(structure, order, hp)
+    assert layout.genes_per_group == tuple(genes_for(g.size, hp) for g in structure.conv_groups)
+    assert 100 in layout.genes_per_group and 10 in layout.genes_per_group
+    for group, where in zip(structure.conv_groups, layout.layer_slices(), strict=True):
+        for c in range(2):
+            genes_by_rank = layout.kernel_gene[group.name][c][order[group.name][c]]
+            # ranks in order map to non-decreasing genes of this layer, sizes differing by <= 1
+            assert (genes_by_rank.diff() >= 0).all()
+            sizes = torch.bincount(genes_by_rank - where.start)
+            assert len(sizes) == where.stop - where.start and sizes.max() - sizes.min() <= 1
+
+
+def test_coupled_layers_share_one_gene_layer():
+    net = build_model("resnet20", 10, width=0.25)
+    structure = trace_structure(net, (1, 3, 32, 32))
+    coupled = [g for g in structure.conv_groups if len(g.convs) > 1]
+    assert coupled, "resnet20's residual stages couple convs"
+    hp = CNNSplitter().resolve({})
+    layout = gene_layout(structure, _identity_order(structure, 3), hp)
+    assert layout.groups == tuple(g.name for g in structure.conv_groups)
+    genes = torch.zeros(1, layout.length, dtype=torch.uint8)
+    first = layout.groups.index(coupled[0].name)
+    genes[0, layout.layer_slices()[first].start] = 1
+    decoded = layout.decode(genes, 0)
+    assert decoded[coupled[0].name].sum() == math.ceil(coupled[0].size / 10)
+
+
+def test_heuristic_initialisation_prefers_important_groups():
+    weights = rank_weights(10)
+    assert np.isclose(weights.sum(), 1.0)
+    assert np.allclose(weights[:-1] / weights[1:], math.exp(0.1))
+    net = build_model("simcnn", 10, width=0.25)
+    structure = trace_structure(net, (1, 3, 32, 32))
+    hp = CNNSplitter().resolve({"sensitive_keep_ratios": [0.8], "other_keep_ratios": [0.4]})
+    layout = gene_layout(structure, _identity_order(structure, 1), hp)
+    sensitive = [layer % 2 == 0 for layer in range(len(layout.groups))]
+    genes = initial_genes(layout, sensitive, 2000, hp, np.random.default_rng(0))
+    for layer, (where, count) in enumerate(zip(layout.layer_slices(), layout.genes_per_group,
+                                               strict=True)):
+        active = genes[:, where].sum(1)
+        assert (active == math.floor(count * (0.8 if sensitive[layer] else 0.4))).all()
+    frequency = genes[:, layout.layer_slices()[1]].double().mean(0)
+    assert frequency[0] > frequency[-1] + 0.05
+    assert (frequency.diff() < 0.03).all()  # roughly decreasing with rank
+    uniform = initial_genes(layout, sensitive, 2000, {**hp, "initialisation": "random"},
+                            np.random.default_rng(0))
+    assert abs(uniform.double().mean().item() - 0.5) < 0.02
+
+
+def test_jaccard_difference():
+    a = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)
+    b = torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    assert torch.allclose(jaccard_difference(a, b), torch.tensor([[2 / 3, 0.0]],
+                                                                  dtype=torch.float64))
+
+
+def test_hierarchical_pruning_keeps_the_best_compositions():
+    classes, population = 4, 3
+    labels = torch.arange(classes).repeat_interleave(2)
+    logits = []
+    for c in range(classes):
+        perfect = (labels == c).float()  # 1 on its own images, 0 elsewhere: always right
+        logits.append(torch.stack([perfect, torch.full_like(perfect, 1.5),
+                                   torch.full_like(perfect, -1.0)]))
+    kernels = [torch.ones(population, 4, dtype=torch.bool)] * classes
+    scores = score_compositions(logits, labels, kernels, accuracy_weight=1.2, alpha=0.9,
+                                keep_top=[9])
+    assert scores.solutions.shape == (81, 4)  # nothing pruned: 9 x 9 full compositions
+    assert scores.solutions[0].tolist() == [0, 0, 0, 0] and scores.accuracy[0] == 1.0
+    assert (scores.fitness[:, 0] == torch.tensor([4.0, 1.2], dtype=torch.float64)).all()
+    assert (scores.fitness[:, 1:, 1] < 1.2).all()
+    assert torch.equal(scores.difference, torch.zeros(81, dtype=torch.float64))
+
+    pruned = score_compositions(logits, labels, kernels, accuracy_weight=1.2, alpha=0.9,
+                                keep_top=[1])
+    assert pruned.solutions.tolist() == [[0, 0, 0, 0]]
+    # solutions pruned at the pair level rank below every member of a full composition
+    assert (pruned.fitness[:, 0, 0] == 4).all() and (pruned.fitness[:, 1:, 0] == 2).all()
+
+
+def test_composition_difference_is_the_mean_pairwise_jaccard_difference():
+    labels = torch.arange(3)
+    logits = [(labels == c).float()[None] for c in range(3)]  # one solution per class
+    kernels = [torch.tensor([[1, 1, 0, 0]]), torch.tensor([[0, 1, 1, 0]]),
+               torch.tensor([[0, 0, 0, 1]])]  # differences 2/3, 1, 1
+    scores = score_compositions(logits, labels, [k.bool() for k in kernels],
+                                accuracy_weight=0.9, alpha=0.9, keep_top=[5])
+    assert math.isclose(scores.difference.item(), 8 / 9)
+    assert math.isclose(scores.fitness[0, 0, 1].item(), 0.9 + 0.1 * 8 / 9)
+
+
+def test_batched_population_equals_extracted_modules(model, small_digits):
+    structure = _structure(model, small_digits)
+    hp = CNNSplitter().resolve({})
+    generator = torch.Generator().manual_seed(1)
+    order = {g.name: torch.stack([torch.randperm(g.size, generator=generator)
+                                  for _ in range(10)]) for g in structure.conv_groups}
+    layout = gene_layout(structure, order, hp)
+    populations = torch.randint(0, 2, (10, 3, layout.length), generator=generator,
+                                dtype=torch.uint8)
+    populations[:, :, [where.start for where in layout.layer_slices()]] = 1
+    images = small_digits.val.take(range(24))
+    logits, evaluated = population_logits(model, structure, images, layout, populations,
+                                          [{} for _ in range(10)])
+    assert evaluated == 30 and logits.shape == (10, 3, 24)
+    for c in (0, 7):
+        for p in range(3):
+            keep = {g: m[0] for g, m in layout.decode(populations[c, p:p + 1], c).items()}
+            module = extract_module(model, structure, keep)
+            expected = run(module, images)[:, c]
+            assert torch.allclose(logits[c, p], expected, atol=1e-5)
+
+
+def test_resumes_after_a_kill_with_the_same_result(model, small_digits, uninterrupted,
+                                                   tmp_path, interrupt_after_epoch):
+    checkpoint = tmp_path / "resume.pt"
+    undo = interrupt_after_epoch(dnnmod.resumable, 1)
+    with pytest.raises(Interrupted):
+        run_approach("cnnsplitter", model, META, small_digits, TINY, seed=0,
+                     checkpoint=checkpoint)
+    undo.undo()
+    stored = torch.load(checkpoint, weights_only=True)
+    assert stored["step"] == 1 and stored["state"]["populations"].shape[:2] == (10, 4)
+    resumed = run_approach("cnnsplitter", model, META, small_digits, TINY, seed=0,
+                           checkpoint=checkpoint)
+    assert all(torch.equal(resumed.masks[g], uninterrupted.masks[g])
+               for g in uninterrupted.masks)
+    assert resumed.provenance["logbook"] == uninterrupted.provenance["logbook"]
+    assert len(resumed.provenance["logbook"]) == TINY["generations"] + 1
+
+
+def test_runs_are_seeded_and_leave_deap_creator_alone(model, small_digits, uninterrupted):
+    before = set(vars(deap.creator))
+    random_ablation = {**TINY, "grouping": "random", "initialisation": "random",
+                       "mutation_rate": 0.2}
+    first = uninterrupted
+    other = run_approach("cnnsplitter", model, META, small_digits, random_ablation, seed=0)
+    again = run_approach("cnnsplitter", model, META, small_digits, TINY, seed=0)
+    assert set(vars(deap.creator)) == before
+    assert all(torch.equal(first.masks[g], again.masks[g]) for g in first.masks)
+    assert any(not torch.equal(first.masks[g], other.masks[g]) for g in first.masks)
+    assert other.provenance["layer_sensitivity"] == {}
+    record = first.provenance["logbook"][-1]
+    assert {"generation", "fitness_mean", "fitness_max", "val_accuracy", "krr"} <= set(record)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ({"parents": 1}, "parents"), ({"elites": 6}, "elites"), ({"keep_top": [0]}, "keep_top"),
+    ({"grouping": "kmeans"}, "grouping"), ({"other_keep_ratios": [1.5]}, "other_keep_ratios"),
+    ({"fitness_samples": 0}, "fitness_samples"),
+])
+def test_bad_hyperparameters_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=rf"approaches\.cnnsplitter\.{key}: must be"):
+        CNNSplitter().resolve({"population": 6, "parents": 4, "elites": 2, **override})
