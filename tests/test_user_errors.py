@@ -67,6 +67,22 @@ BAD_INPUTS = {
                                   "--model", str(model), "--data-root", str(root),
                                   "--out", str(out)],
         r"lacks key 'base"),
+    "split of an unknown dataset": (
+        lambda root, model, out: ["data", "split", "--dataset", "imagenet", "--root",
+                                  str(out.parent), "--seed", "0"],
+        r"imagenet"),
+    "task from an unconfigured class": (
+        lambda root, model, out: ["data", "derive", "--task", "pair", "--root", str(root),
+                                  "--spec", '{"parts": [{"dataset": "digits", "classes": [42]}]}'],
+        r"tasks\.pair"),
+    "E1 table of a missing model": (
+        lambda root, model, out: ["table", "base-models", "--models", str(out.parent / "m.st"),
+                                  "--out", str(out)],
+        r"m\.json: file not found"),
+    "E2 table of missing metrics": (
+        lambda root, model, out: ["table", "modularization", "--metrics",
+                                  str(out.parent / "x.json"), "--out", str(out)],
+        r"x\.json: file not found"),
     "unknown dataset": (
         lambda root, model, out: ["data", "prepare", "--dataset", "imagenet", "--root",
                                   str(out.parent)],
