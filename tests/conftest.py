@@ -1,8 +1,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 from dnnmod.data import DatasetSplits, load_dataset, make_splits, prepare
+from dnnmod.models import build_model
+from dnnmod.training.model_io import save_model
+from dnnmod.training.objectives import get_objective
+from dnnmod.training.train import Recipe, train
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +55,33 @@ def interrupt_after_epoch(monkeypatch):
         return monkeypatch
 
     return arm
+
+
+def randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm statistics and affine parameters, so a norm's shift is far from zero
+    and a leak of dropped channels through it would show."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_(0.0, 0.5, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+                module.weight.normal_(1.0, 0.3, generator=generator)
+                module.bias.normal_(0.0, 0.5, generator=generator)
+    return model.eval()
+
+
+def train_modular(kind: str, data, directory, width: float = 0.0625):
+    """A simcnn trained one epoch with training kind ``kind`` and saved under ``directory``:
+    (TrainResult, weights path)."""
+    torch.manual_seed(0)
+    objective = get_objective(kind)
+    result = train(build_model("simcnn", data.num_classes, width=width), data,
+                   Recipe(epochs=1, batch_size=64, lr=0.05), seed=0, objective=objective)
+    path = directory / "model.safetensors"
+    save_model(path, result.model, {
+        "arch": "simcnn", "model": "simcnn", "dataset": "digits",
+        "num_classes": data.num_classes, "width": width, "options": {}, "training": kind,
+        "objective": objective.hyperparameters, "seed": 0,
+        "normalization": {"mean": data.train.mean.tolist(), "std": data.train.std.tolist()}})
+    return result, path

@@ -6,6 +6,7 @@ import functools
 import pytest
 import torch
 import torchvision
+from conftest import randomise_norms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -22,20 +23,6 @@ from dnnmod.modules.extract import (
 )
 from dnnmod.modules.masking import masked_logits
 from dnnmod.modules.structure import ModelStructure, trace_structure
-
-
-def randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BatchNorm statistics and affine parameters, so a norm's shift is far from zero
-    and a leak of dropped channels through it would show."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.normal_(0.0, 0.5, generator=generator)
-                module.running_var.uniform_(0.5, 2.0, generator=generator)
-                module.weight.normal_(1.0, 0.3, generator=generator)
-                module.bias.normal_(0.0, 0.5, generator=generator)
-    return model.eval()
 
 
 def random_keep(structure: ModelStructure, seed: int) -> dict[str, torch.Tensor]:

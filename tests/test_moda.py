@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import train_modular
 
 from dnnmod.approaches import get_approach, run_approach
 from dnnmod.approaches.moda import activation_terms
 from dnnmod.errors import ConfigError
-from dnnmod.models import build_model
 from dnnmod.modules.activations import activation_statistics
 from dnnmod.modules.masking import masked_logits
 from dnnmod.modules.union import union_masks, union_network
-from dnnmod.training.model_io import load_model, save_model
+from dnnmod.training.model_io import load_model
 from dnnmod.training.objectives import get_objective
-from dnnmod.training.train import Recipe, train
 
 WIDTH = 0.0625
 
@@ -47,18 +46,7 @@ def test_bad_hyperparameters_are_named():
 
 @pytest.fixture(scope="module")
 def modular(small_digits, tmp_path_factory):
-    torch.manual_seed(0)
-    objective = get_objective("moda")
-    result = train(build_model("simcnn", small_digits.num_classes, width=WIDTH), small_digits,
-                   Recipe(epochs=1, batch_size=64, lr=0.05), seed=0, objective=objective)
-    path = tmp_path_factory.mktemp("moda") / "model.safetensors"
-    meta = {"arch": "simcnn", "model": "simcnn", "dataset": "digits",
-            "num_classes": small_digits.num_classes, "width": WIDTH, "options": {},
-            "training": "moda", "objective": objective.hyperparameters,
-            "normalization": {"mean": small_digits.train.mean.tolist(),
-                              "std": small_digits.train.std.tolist()}, "seed": 0}
-    save_model(path, result.model, meta)
-    return result, path
+    return train_modular("moda", small_digits, tmp_path_factory.mktemp("moda"), WIDTH)
 
 
 def test_training_records_losses_and_reloads_identically(modular, small_digits):

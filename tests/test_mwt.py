@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import train_modular
 from torch import nn
 
 from dnnmod.approaches import run_approach
@@ -20,9 +21,8 @@ from dnnmod.models import build_model
 from dnnmod.modules.masking import masked_logits
 from dnnmod.modules.structure import trace_structure
 from dnnmod.modules.union import fine_tune_head, union_masks, union_network
-from dnnmod.training.model_io import load_model, save_model
+from dnnmod.training.model_io import load_model
 from dnnmod.training.objectives import get_objective
-from dnnmod.training.train import Recipe, train
 
 WIDTH = 0.0625
 
@@ -87,18 +87,7 @@ def test_threshold_and_per_layer_fallback():
 @pytest.fixture(scope="module")
 def modular(small_digits, tmp_path_factory):
     """A simcnn trained 1 epoch with MwT, saved and reloaded."""
-    torch.manual_seed(0)
-    objective = get_objective("mwt")
-    result = train(build_model("simcnn", small_digits.num_classes, width=WIDTH), small_digits,
-                   Recipe(epochs=1, batch_size=64, lr=0.05), seed=0, objective=objective)
-    path = tmp_path_factory.mktemp("mwt") / "model.safetensors"
-    meta = {"arch": "simcnn", "model": "simcnn", "dataset": "digits",
-            "num_classes": small_digits.num_classes, "width": WIDTH, "options": {},
-            "training": "mwt", "objective": objective.hyperparameters,
-            "normalization": {"mean": small_digits.train.mean.tolist(),
-                              "std": small_digits.train.std.tolist()}, "seed": 0}
-    save_model(path, result.model, meta)
-    return result, path
+    return train_modular("mwt", small_digits, tmp_path_factory.mktemp("mwt"), WIDTH)
 
 
 def test_modular_training_records_its_losses_and_reloads_identically(modular, small_digits):

@@ -22,6 +22,7 @@ import re
 import pytest
 import torch
 import torchvision
+from conftest import randomise_norms
 from torch import nn
 
 from dnnmod.data import ImageSet
@@ -144,16 +145,7 @@ def build(name: str) -> nn.Module:
     """The network, with random BatchNorm statistics and affine parameters: a norm's shift far
     from zero makes a leak of dropped channels through it show."""
     torch.manual_seed(0)
-    model = NETWORKS[name][0]()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.normal_(0.0, 0.5, generator=generator)
-                module.running_var.uniform_(0.5, 2.0, generator=generator)
-                module.weight.normal_(1.0, 0.3, generator=generator)
-                module.bias.normal_(0.0, 0.5, generator=generator)
-    return model.eval()
+    return randomise_norms(NETWORKS[name][0](), seed=1)
 
 
 def random_module_set(model: nn.Module, name: str) -> ModuleSet:
