@@ -14,7 +14,6 @@ from dnnmod.approaches.mwt import (
     GatedConv,
     MaskGenerator,
     gated_convs,
-    mask_similarities,
     threshold_with_fallback,
 )
 from dnnmod.models import build_model
@@ -22,7 +21,7 @@ from dnnmod.modules.masking import masked_logits
 from dnnmod.modules.structure import trace_structure
 from dnnmod.modules.union import fine_tune_head, union_masks, union_network
 from dnnmod.training.model_io import load_model
-from dnnmod.training.objectives import get_objective
+from dnnmod.training.objectives import get_objective, pair_similarities
 
 WIDTH = 0.0625
 
@@ -62,14 +61,14 @@ def test_gated_conv_scales_the_normalised_output_by_the_mask():
 def test_cohesion_and_coupling_on_hand_made_masks():
     labels = torch.tensor([0, 0, 1, 1])
     aligned = torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 1.0, 0], [0, 3.0, 0]])
-    cohesion, coupling = mask_similarities([aligned], labels)
+    cohesion, coupling = pair_similarities([aligned], labels)
     assert cohesion.item() == pytest.approx(1.0) and coupling.item() == pytest.approx(0.0)
     loss, parts = get_objective("mwt").loss(torch.zeros(4, 2), labels, {"a": aligned})
     assert parts["cohesion"] == pytest.approx(1.0)
     assert loss.item() == pytest.approx(math.log(2))  # α(1 − 1) + β·0 adds nothing
 
     # Batch without same-class pairs: no cohesion term, coupling still there.
-    cohesion, coupling = mask_similarities([aligned[[0, 2]]], torch.tensor([0, 1]))
+    cohesion, coupling = pair_similarities([aligned[[0, 2]]], torch.tensor([0, 1]))
     assert cohesion is None and coupling.item() == pytest.approx(0.0)
     loss, parts = get_objective("mwt").loss(torch.zeros(2, 2), torch.tensor([0, 1]),
                                             {"a": aligned[[0, 2]]})

@@ -45,7 +45,7 @@ from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.masking import ensure_nonempty
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import trace_structure
-from dnnmod.training.objectives import Objective, register_objective
+from dnnmod.training.objectives import Objective, pair_similarities, register_objective
 
 
 @register_objective
@@ -84,23 +84,9 @@ def activation_terms(activations: list[torch.Tensor], labels: torch.Tensor
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Affinity, dispersion (None where the batch has no such pair) and compactness of a batch,
     averaged over layers; ``activations``: one (batch, C) or (batch, C, H, W) tensor per layer."""
-    first, second = torch.triu_indices(len(labels), len(labels), 1, device=labels.device)
-    same = labels[first] == labels[second]
-    affinities, dispersions, compactnesses = [], [], []
-    for activation in activations:
-        vectors = activation.float()
-        if vectors.dim() == 4:
-            vectors = vectors.mean((2, 3))
-        compactnesses.append(vectors.abs().mean())
-        unit = nn.functional.normalize(vectors, dim=1)
-        similarity = (unit[first] * unit[second]).sum(1)
-        if same.any():
-            affinities.append(similarity[same].mean())
-        if (~same).any():
-            dispersions.append(similarity[~same].mean())
-    return (torch.stack(affinities).mean() if affinities else None,
-            torch.stack(dispersions).mean() if dispersions else None,
-            torch.stack(compactnesses).mean())
+    vectors = [a.float().mean((2, 3)) if a.dim() == 4 else a.float() for a in activations]
+    affinity, dispersion = pair_similarities(vectors, labels)
+    return affinity, dispersion, torch.stack([v.abs().mean() for v in vectors]).mean()
 
 
 class MODA(Approach):

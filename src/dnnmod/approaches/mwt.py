@@ -55,7 +55,7 @@ from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.inference import batches, eval_mode
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import trace_structure
-from dnnmod.training.objectives import Objective, register_objective
+from dnnmod.training.objectives import Objective, pair_similarities, register_objective
 
 
 class GeneratorLinear(nn.Linear):
@@ -150,7 +150,7 @@ class MwTTraining(Objective):
 
     def loss(self, logits, labels, captured):
         cross_entropy = nn.functional.cross_entropy(logits, labels)
-        cohesion, coupling = mask_similarities(list(captured.values()), labels)
+        cohesion, coupling = pair_similarities(list(captured.values()), labels)
         loss = cross_entropy
         parts = {"cross_entropy": cross_entropy.item()}
         if cohesion is not None:
@@ -160,27 +160,6 @@ class MwTTraining(Objective):
             loss = loss + self.hyperparameters["beta"] * coupling
             parts["coupling"] = coupling.item()
         return loss, parts
-
-
-def mask_similarities(masks: list[torch.Tensor], labels: torch.Tensor
-                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Mean cosine similarity of the masks of same-class and of different-class sample pairs
-    (i < j) of a batch, averaged over layers; None where the batch has no such pair.
-
-    ``masks``: one (batch, K) tensor per masked layer.
-    """
-    first, second = torch.triu_indices(len(labels), len(labels), 1, device=labels.device)
-    same = labels[first] == labels[second]
-    cohesions, couplings = [], []
-    for mask in masks:
-        unit = nn.functional.normalize(mask.float(), dim=1)
-        similarity = (unit[first] * unit[second]).sum(1)
-        if same.any():
-            cohesions.append(similarity[same].mean())
-        if (~same).any():
-            couplings.append(similarity[~same].mean())
-    return (torch.stack(cohesions).mean() if cohesions else None,
-            torch.stack(couplings).mean() if couplings else None)
 
 
 def threshold_with_fallback(frequency: torch.Tensor, threshold: float, step: float

@@ -105,3 +105,24 @@ class StandardTraining(Objective):
         cross_entropy = nn.functional.cross_entropy(logits, labels)
         return cross_entropy, {"cross_entropy": cross_entropy.item()}
 
+
+def pair_similarities(vectors: list[torch.Tensor], labels: torch.Tensor
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Mean cosine similarity of the vectors of same-class and of different-class sample pairs
+    (i < j) of a batch, averaged over layers; None where the batch has no such pair. MwT's
+    cohesion/coupling (of masks) and MODA's affinity/dispersion (of activations) both are this.
+
+    ``vectors``: one (batch, K) tensor per layer.
+    """
+    first, second = torch.triu_indices(len(labels), len(labels), 1, device=labels.device)
+    same = labels[first] == labels[second]
+    cohesions, couplings = [], []
+    for layer in vectors:
+        unit = nn.functional.normalize(layer.float(), dim=1)
+        similarity = (unit[first] * unit[second]).sum(1)
+        if same.any():
+            cohesions.append(similarity[same].mean())
+        if (~same).any():
+            couplings.append(similarity[~same].mean())
+    return (torch.stack(cohesions).mean() if cohesions else None,
+            torch.stack(couplings).mean() if couplings else None)
