@@ -22,6 +22,11 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/modularize.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/reuse_patching.smk"
+include: "workflow/rules/reuse_newtask.smk"
+include: "workflow/rules/reuse_subtasks.smk"
+include: "workflow/rules/pan_rajan.smk"
+include: "workflow/rules/reuse_replacement.smk"
 
 
 rule all:

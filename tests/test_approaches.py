@@ -25,6 +25,7 @@ SMOKE = {
     "random": {"match": "gradsplitter"},
     "mwt": {"metric_samples": 8},
     "moda": {},
+    "pan_rajan": {},
 }
 
 

@@ -1,5 +1,6 @@
 """DVC round trip: run a tiny study, push to a local remote, pull into a fresh clone and
-regenerate the tables there without retraining anything."""
+regenerate the tables and the report there without retraining anything; metrics and plots
+shown, and diffed between two commits."""
 
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ def test_push_pull_and_regenerate_without_retraining(tmp_path):
     sh(origin, "git", "add", "-A")
     sh(origin, "git", "commit", "-qm", "tiny study")
     sh(origin, "dvc", "push")
+    # A second commit changing only the E8 constants: only the cost table and report rerun,
+    # and `dvc metrics diff` shows the CO2e that changed between the two commits.
+    write_config(origin, {**TINY, "energy": {"grid_gco2e_per_kwh": 100.0}})
+    sh(origin, "dvc", "repro")
+    sh(origin, "git", "commit", "-qam", "cleaner grid")
+    diff = sh(origin, "dvc", "metrics", "diff", "HEAD~1", "HEAD")
+    assert "results/tiny/metrics/e8_cost.json" in diff and "scenario/reuse.co2e_g" in diff
+    assert "e1_base_models.json" not in diff  # nothing else changed
+    sh(origin, "dvc", "push")
 
     clone = tmp_path / "clone"
     sh(tmp_path, "git", "clone", "-q", str(origin), str(clone))
@@ -54,8 +64,21 @@ def test_push_pull_and_regenerate_without_retraining(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:]
     ran = {line.split()[1].rstrip(":") for line in run.stdout.splitlines()
            if line.startswith(("rule ", "localrule "))}
-    assert ran <= {"table_base_models", "table_modularization", "all"}, ran
+    assert ran <= {"table_base_models", "table_modularization", "table_cost", "study_report",
+                   "all"}, ran
     for table in ("e1_base_models.csv", "e2_modularization.csv"):
         produced = (clone / "results/tiny/tables" / table).read_text()
         assert produced == (origin / "results/tiny/tables" / table).read_text()
     assert "tiny" in sh(clone, "dvc", "metrics", "show")
+    assert "dvc_plots/index.html" in sh(clone, "dvc", "plots", "show")
+
+    # `make report`'s command on the pulled results: only the cost table and the report run.
+    (clone / "results/tiny/report.html").unlink()
+    report = snakemake(clone, "--cores", "1", "--configfile", configfile, "--allowed-rules",
+                       "table_cost", "study_report", "--forcerun", "table_cost",
+                       "study_report", "--", "results/tiny/report.html")
+    assert report.returncode == 0, report.stdout[-3000:]
+    ran = {line.split()[1].rstrip(":") for line in report.stdout.splitlines()
+           if line.startswith(("rule ", "localrule "))}
+    assert ran == {"table_cost", "study_report"}, ran
+    assert "e2_accuracy_vs_krr" in (clone / "results/tiny/report.html").read_text()

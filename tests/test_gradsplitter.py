@@ -51,6 +51,27 @@ def test_selection_prefers_fewest_kernels_within_the_loss_threshold():
     assert gradsplitter.select_epoch(history, base_val_accuracy=99.0, max_loss_pp=1.0) == 0
 
 
+def test_mask_travel_spreads_one_distance_over_the_steps_of_a_mask_phase():
+    reference = resolve_hyperparameters("gradsplitter", {})
+    assert gradsplitter.effective_mask_lr(reference, 45_000) == 0.001  # mask_lr as given
+    travel = resolve_hyperparameters("gradsplitter", {"mask_travel": 3.5, "mask_epochs": 5,
+                                                      "batch_size": 64})
+    # 5 epochs of ceil(45000 / 64) = 704 steps: about the reference's 0.001 on CIFAR-10 ...
+    assert gradsplitter.effective_mask_lr(travel, 45_000) == pytest.approx(3.5 / 3520)
+    # ... and 40x larger on a dataset 40x smaller, so a score can travel as far in a phase.
+    assert gradsplitter.effective_mask_lr(travel, 1_125) == pytest.approx(3.5 / 90)
+
+
+def test_run_records_the_effective_mask_lr(trained, small_digits):
+    model, meta = trained
+    hyperparameters = resolve_hyperparameters("gradsplitter", {**TINY, "mask_travel": 2.0,
+                                                               "batch_size": 64})
+    modules = gradsplitter.GradSplitter().modularize(model, meta, small_digits, hyperparameters,
+                                                     seed=1, progress=False)
+    # 128 samples, batch 64, 1 mask epoch: 2 steps.
+    assert modules.provenance["effective_mask_lr"] == pytest.approx(1.0)
+
+
 def _run(trained, data, checkpoint=None):
     model, meta = trained
     hyperparameters = resolve_hyperparameters("gradsplitter", TINY)

@@ -87,7 +87,109 @@ BAD_INPUTS = {
         lambda root, model, out: ["data", "prepare", "--dataset", "imagenet", "--root",
                                   str(out.parent)],
         r"unknown dataset 'imagenet'"),
+    "E4 pair of the wrong shape": (
+        lambda root, model, out: _new_task(root, model, out, [["digits", 3]]),
+        r"--pairs: expected \[dataset A, class a, dataset B, class b\] entries"),
+    "E4 pairs of two kinds": (
+        lambda root, model, out: _new_task(root, model, out, [["digits", 3, "digits", 8],
+                                                              ["digits", 3, "shapes", 1]]),
+        r"--pairs: mixes pairs within one dataset and pairs across two"),
+    "E4 missing candidate module set": (
+        lambda root, model, out: _new_task(root, model, out, [["digits", 3, "digits", 8]],
+                                           modules=out.parent / "gone.safetensors"),
+        r"gone\.json: file not found"),
+    "E4 unknown selection split": (
+        lambda root, model, out: [*_new_task(root, model, out, [["digits", 3, "digits", 8]]),
+                                  "--selection-split", "test"],
+        r"selection split 'test' is not one of \['val', 'train'\]"),
+    "E4 table of missing composed records": (
+        lambda root, model, out: ["reuse", "new-task-table", "--composed",
+                                  str(out.parent / "composed.json"), "--scratch", str(model),
+                                  "--out", str(out)],
+        r"composed\.json: file not found"),
+    "E3 unknown weak type": (
+        lambda root, model, out: _patch(root, model, out, f"sloppy={model}"),
+        r"--weak sloppy=\.\.\.: unknown weak type 'sloppy'"),
+    "E3 weak model not trained on a weak task": (
+        lambda root, model, out: _patch(root, model, out, f"simple={model}"),
+        r"model\.safetensors: the weak model was not trained on a derived task"),
+    "E3 table of missing patch records": (
+        lambda root, model, out: ["reuse", "patch-table", "--metrics",
+                                  str(out.parent / "patch.json"), "--out", str(out)],
+        r"patch\.json: file not found"),
+    "E3 figure of missing patch records": (
+        lambda root, model, out: ["reuse", "patch-figure", "--metrics",
+                                  str(out.parent / "patch.json"), "--out", str(out)],
+        r"patch\.json: file not found"),
+    "E5 sub-task settings with an unknown key": (
+        lambda root, model, out: _subtasks(root, model, out, '{"max_subset": 3}'),
+        r"reuse\.subtasks: unknown keys \['max_subset'\]"),
+    "E5 missing module set": (
+        lambda root, model, out: _subtasks(root, model, out, "{}",
+                                           modules=out.parent / "gone.safetensors"),
+        r"gone\.json: file not found"),
+    "E5 table of a missing sub-task table": (
+        lambda root, model, out: ["reuse", "subtasks-table", "--subtasks",
+                                  str(out.parent / "subtasks.csv"), "--out", str(out)],
+        r"subtasks\.csv: file not found"),
+    "E5 figure of a missing sub-task table": (
+        lambda root, model, out: ["reuse", "subtasks-figure", "--subtasks",
+                                  str(out.parent / "subtasks.csv"), "--out", str(out)],
+        r"subtasks\.csv: file not found"),
+    "E8 cost of a study without benchmark files": (
+        lambda root, model, out: ["table", "cost", "--results", str(out.parent), "--out",
+                                  str(out), "--scenarios", str(out.with_suffix(".json"))],
+        r"benchmarks: no benchmark files"),
+    "E8 energy constant out of range": (
+        lambda root, model, out: ["table", "cost", "--results", str(out.parent), "--energy",
+                                  '{"pue": 0.5}', "--out", str(out), "--scenarios",
+                                  str(out.with_suffix(".json"))],
+        r"energy\.pue: 0\.5 is out of range"),
+    "HTML report of a folder without results": (
+        lambda root, model, out: ["report", "html", "--results", str(out.parent), "--out",
+                                  str(out)],
+        r"no tables/\*\.csv and no figures/\*\.png"),
+    "Pan & Rajan tangling rate out of range": (
+        lambda root, model, out: ["modularize", "--approach", "pan_rajan", "--model",
+                                  str(model), "--seed", "0", "--data-root", str(root),
+                                  "--out", str(out), "--hyperparameters",
+                                  '{"tangling_rate": 2}'],
+        r"approaches\.pan_rajan\.tangling_rate: 2 is out of range"),
+    "Table 1 of a missing decomposition record": (
+        lambda root, model, out: ["table", "pan-rajan", "--costs", str(out.parent / "c.json"),
+                                  "--out", str(out)],
+        r"c\.json: file not found"),
+    "E6 replacement with a missing module set": (
+        lambda root, model, out: ["reuse", "replace", "--weaker-model", str(model),
+                                  "--weaker-modules", str(out.parent / "weak.safetensors"),
+                                  "--stronger-model", str(model), "--stronger-modules",
+                                  str(out.parent / "weak.safetensors"), "--data-root",
+                                  str(root), "--device", "cpu", "--out", str(out)],
+        r"weak\.json: file not found"),
+    "E6 table of a missing record": (
+        lambda root, model, out: ["reuse", "replace-table", "--records",
+                                  str(out.parent / "r.json"), "--out", str(out)],
+        r"r\.json: file not found"),
 }
+
+
+def _patch(root, model, out, weak):
+    return ["reuse", "patch", "--modules", str(model.with_name("modules.safetensors")),
+            "--model", str(model), "--weak", weak, "--setting", "s", "--data-root", str(root),
+            "--out", str(out)]
+
+
+def _subtasks(root, model, out, settings, modules=None):
+    return ["reuse", "subtasks", "--modules",
+            str(modules or model.with_name("modules.safetensors")), "--model", str(model),
+            "--settings", settings, "--data-root", str(root), "--out", str(out)]
+
+
+def _new_task(root, model, out, pairs, modules=None):
+    return ["reuse", "new-task", "--approach", "gradsplitter", "--setting", "s", "--model",
+            "simcnn", "--pairs", json.dumps(pairs), "--candidate",
+            str(modules or model.with_name("modules.safetensors")), str(model),
+            "--data-root", str(root), "--out", str(out), "--device", "cpu"]
 
 
 def _no_base(out: Path) -> Path:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from dnnmod.devices import select_device
@@ -200,6 +201,228 @@ def cmd_table_modularization(args: argparse.Namespace) -> None:
                                 Path(args.summary) if args.summary else None)
 
 
+def cmd_table_cost(args: argparse.Namespace) -> None:
+    from dnnmod.report.cost import write_cost_report
+
+    write_cost_report(Path(args.results), args.energy, Path(args.out), Path(args.scenarios),
+                      Path(args.figure) if args.figure else None,
+                      Path(args.metrics) if args.metrics else None)
+
+
+def cmd_report_html(args: argparse.Namespace) -> None:
+    from dnnmod.report.html import build_report
+
+    contents = build_report(Path(args.results), Path(args.out), args.config,
+                            Path(args.captions) if args.captions else None)
+    log.info("wrote %s: %d tables, %d figures, %d jobs", args.out, len(contents["tables"]),
+             len(contents["figures"]), contents["jobs"])
+
+
+def cmd_reuse_patch(args: argparse.Namespace) -> None:
+    claim = select_device(args.device)
+    from dnnmod.artifacts import write_json
+    from dnnmod.reuse.patching import patch_weak_models
+
+    record = patch_weak_models(Path(args.modules), Path(args.model),
+                               [(weak_type, Path(path)) for weak_type, path in args.weak],
+                               Path(args.data_root), args.setting, device=claim.device)
+    record["device"] = _device_name(claim.device)
+    write_json(args.out, record)
+    for row in record["rows"]:
+        log.info("%s %s TC %s: precision %.2f -> %.2f, recall %.2f -> %.2f", record["approach"],
+                 row["weak_type"], row["target_name"], row["weak_precision"],
+                 row["patched_precision"], row["weak_recall"], row["patched_recall"])
+    claim.release()
+
+
+def cmd_reuse_patch_table(args: argparse.Namespace) -> None:
+    from dnnmod.report.patching import write_patching_table
+
+    write_patching_table([Path(p) for p in args.metrics], Path(args.out),
+                         Path(args.summary) if args.summary else None)
+
+
+def cmd_reuse_patch_figure(args: argparse.Namespace) -> None:
+    from dnnmod.report.patching import patching_figure
+
+    patching_figure([Path(p) for p in args.metrics], Path(args.out))
+
+
+def cmd_reuse_new_task(args: argparse.Namespace) -> None:
+    from dnnmod.reuse.newtask import setting_kind
+
+    pairs = [_pair(entry) for entry in args.pairs] if isinstance(args.pairs, list) else None
+    if not pairs:
+        raise ConfigError(f"--pairs: expected a non-empty JSON list of [dataset A, class a, "
+                          f"dataset B, class b]; got {args.pairs!r}")
+    kinds = {setting_kind(p.dataset_a, p.dataset_b) for p in pairs}
+    if len(kinds) != 1:
+        raise ConfigError("--pairs: mixes pairs within one dataset and pairs across two; a "
+                          "setting holds one kind")
+    claim = select_device(args.device)
+    from dnnmod.artifacts import write_json
+    from dnnmod.data import load_prepared
+    from dnnmod.reuse.newtask import compose_new_tasks, load_candidates
+
+    started = time.monotonic()
+    candidates = load_candidates([(Path(modules), Path(model)) for modules, model in
+                                  args.candidate], Path(args.data_root), args.selection_split,
+                                 claim.device)
+    wrong = [c for c in candidates if c.modules.approach != args.approach]
+    seeds = sorted({c.meta["seed"] for c in candidates})
+    if wrong:
+        raise ConfigError(f"--candidate: {wrong[0].source} holds {wrong[0].modules.approach} "
+                          f"modules, not {args.approach} ones")
+    if len(seeds) != 1:
+        raise ConfigError(f"--candidate: module sets of base models of different seeds {seeds}")
+    tests = {pair.task: load_prepared(Path(args.data_root), pair.task, claim.device)[1]
+             for pair in pairs}
+    records = compose_new_tasks(candidates, pairs, tests)
+    write_json(args.out, {
+        "experiment": "e4_new_tasks", "setting": args.setting, "kind": kinds.pop(),
+        "approach": args.approach, "model": args.model, "seed": seeds[0],
+        "selection_split": args.selection_split,
+        "candidates": [{**c.describe(), "selection_f1": c.f1} for c in candidates],
+        "pairs": records, "seconds": time.monotonic() - started,
+        "device": _device_name(claim.device)})
+    for record in records:
+        log.info("%s %s: composed %.2f%% (modules of %s, %s)", args.approach, record["pair"],
+                 record["composed_accuracy"], record["module_a"]["model"],
+                 record["module_b"]["model"])
+    claim.release()
+
+
+def _pair(entry):
+    from dnnmod.reuse.newtask import Pair
+
+    if (not isinstance(entry, list) or len(entry) != 4
+            or not all(isinstance(v, str) for v in entry[::2])
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry[1::2])):
+        raise ConfigError(f"--pairs: expected [dataset A, class a, dataset B, class b] "
+                          f"entries; got {entry!r}")
+    return Pair(*entry)
+
+
+def cmd_reuse_new_task_table(args: argparse.Namespace) -> None:
+    from dnnmod.report.newtask import write_new_task_report
+
+    write_new_task_report([Path(p) for p in args.composed], [Path(p) for p in args.scratch],
+                          Path(args.out), Path(args.metrics) if args.metrics else None)
+
+
+def cmd_reuse_new_task_figure(args: argparse.Namespace) -> None:
+    from dnnmod.report.newtask import new_task_figure
+
+    new_task_figure([Path(p) for p in args.composed], [Path(p) for p in args.scratch],
+                    Path(args.out))
+
+
+def cmd_reuse_subtasks(args: argparse.Namespace) -> None:
+    from dnnmod.reuse.subtasks import resolve_settings
+
+    settings = resolve_settings(args.settings)  # bad keys and values fail before loading
+    claim = select_device(args.device)
+    from dnnmod.data import load_dataset
+    from dnnmod.modules.moduleset import ModuleSet
+    from dnnmod.reuse.subtasks import check_st_model, evaluate_subtasks, write_subtasks
+    from dnnmod.training.model_io import load_model
+
+    _configure_torch(claim.device, args.threads)
+    model, meta = load_model(args.model, device=claim.device)
+    modules = ModuleSet.load(args.modules, base=meta)
+    st_model = model if meta["training"] == "st" else None
+    if args.st_model and Path(args.st_model).resolve() != Path(args.model).resolve():
+        st_model, st_meta = load_model(args.st_model, device=claim.device)
+        check_st_model(st_meta, meta, args.st_model)
+    data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
+    frame, summary = evaluate_subtasks(model, modules, data, settings, st_model=st_model,
+                                       seed=meta["seed"])
+    write_subtasks(Path(args.out), frame, summary, meta, modules, _device_name(claim.device))
+    log.info("%s on %s/%s: %d sub-tasks in %.1f s (+ %.1f s shared passes), composed %.2f%% "
+             "vs base %.2f%% on average", modules.approach, meta["dataset"], meta["model"],
+             summary["subsets"], summary["subsets_seconds"], summary["shared_seconds"],
+             frame["composed_accuracy"].mean(), frame["base_accuracy"].mean())
+    claim.release()
+
+
+def cmd_reuse_subtasks_table(args: argparse.Namespace) -> None:
+    from dnnmod.report.subtasks import write_subtask_report
+
+    write_subtask_report([Path(p) for p in args.subtasks], Path(args.out),
+                         Path(args.metrics) if args.metrics else None)
+
+
+def cmd_reuse_subtasks_figure(args: argparse.Namespace) -> None:
+    from dnnmod.report.subtasks import subtask_figure
+
+    subtask_figure([Path(p) for p in args.subtasks], Path(args.out))
+
+
+def cmd_evaluate_decomposition(args: argparse.Namespace) -> None:
+    claim = select_device(args.device)
+    from dnnmod.artifacts import write_json
+    from dnnmod.data import load_dataset
+    from dnnmod.modules.moduleset import ModuleSet
+    from dnnmod.report.pan_rajan import decomposition_cost
+    from dnnmod.training.model_io import load_model
+
+    model, meta = load_model(args.model, device=claim.device)
+    modules = ModuleSet.load(args.modules, base=meta)
+    data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
+    record = decomposition_cost(model, meta, modules, data.test)
+    write_json(args.out, record)
+    log.info("%s on %s/%s: top-1 %.2f%% -> %.2f%%, top-5 %.2f%% -> %.2f%%, Jaccard %.3f",
+             modules.approach, meta["dataset"], meta["model"], record["model_top1"],
+             record["composed_top1"], record["model_top5"], record["composed_top5"],
+             record["jaccard"])
+    claim.release()
+
+
+def cmd_table_pan_rajan(args: argparse.Namespace) -> None:
+    from dnnmod.report.pan_rajan import write_decomposition_report
+
+    write_decomposition_report([Path(p) for p in args.costs], Path(args.out),
+                               Path(args.summary) if args.summary else None)
+
+
+def cmd_reuse_replace(args: argparse.Namespace) -> None:
+    claim = select_device(args.device)
+    from dnnmod.artifacts import write_json
+    from dnnmod.data import load_dataset
+    from dnnmod.modules.moduleset import ModuleSet
+    from dnnmod.reuse.replacement import replacement_record
+    from dnnmod.training.model_io import load_model
+
+    _configure_torch(claim.device, args.threads)
+    sides = []
+    for model_path, modules_path in ((args.weaker_model, args.weaker_modules),
+                                     (args.stronger_model, args.stronger_modules)):
+        model, meta = load_model(model_path, device=claim.device)
+        sides.append((model, meta, ModuleSet.load(modules_path, base=meta)))
+    meta = sides[0][1]
+    data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
+    record = replacement_record(sides[0], sides[1], data.test, _device_name(claim.device))
+    write_json(args.out, record)
+    log.info("%s %s: weaker composed %.2f%%, stronger %.2f%%, swapped mean %.2f%%",
+             record["approach"], record["dataset"], record["weaker_composed_top1"],
+             record["stronger_composed_top1"],
+             sum(row["top1"] for row in record["rows"]) / len(record["rows"]))
+    claim.release()
+
+
+def cmd_reuse_replace_table(args: argparse.Namespace) -> None:
+    from dnnmod.reuse.replacement import write_replacement_table
+
+    write_replacement_table([Path(p) for p in args.records], Path(args.out),
+                            Path(args.summary) if args.summary else None)
+
+
+def cmd_reuse_replace_figure(args: argparse.Namespace) -> None:
+    from dnnmod.reuse.replacement import replacement_figure
+
+    replacement_figure([Path(p) for p in args.records], Path(args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dnnmod", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -280,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="metrics JSON path")
     _device_argument(evaluate)
     evaluate.set_defaults(func=cmd_evaluate_modules)
+    decomposition = verbs.add_parser(
+        "evaluate-decomposition", help="Pan & Rajan's Table 1 measures of a module set: model "
+                                       "and composed top-1/top-5, model-module Jaccard")
+    decomposition.add_argument("--modules", required=True, help="module set (*.safetensors)")
+    decomposition.add_argument("--model", required=True, help="its base model (*.safetensors)")
+    decomposition.add_argument("--data-root", default="data")
+    decomposition.add_argument("--out", required=True, help="JSON path")
+    _device_argument(decomposition)
+    decomposition.set_defaults(func=cmd_evaluate_decomposition)
 
     table = verbs.add_parser("table", help="build result tables").add_subparsers(
         dest="table_command", required=True)
@@ -294,6 +526,159 @@ def build_parser() -> argparse.ArgumentParser:
     e2.add_argument("--figure", help="accuracy-vs-KRR scatter (PNG; a PDF is written beside)")
     e2.add_argument("--summary", help="JSON path for DVC metrics")
     e2.set_defaults(func=cmd_table_modularization)
+    table_1 = table.add_parser("pan-rajan", help="Pan & Rajan's Table 1: decomposition cost "
+                                                 "per module set, published beside")
+    table_1.add_argument("--costs", nargs="+", required=True,
+                         help="evaluate-decomposition JSON files")
+    table_1.add_argument("--out", required=True, help="CSV path (.md rendering written beside)")
+    table_1.add_argument("--summary", help="JSON path for DVC metrics")
+    table_1.set_defaults(func=cmd_table_pan_rajan)
+    cost = table.add_parser("cost", help="E8: time, device, energy and CO2e of every job, from "
+                                         "the benchmark files; reuse against retraining")
+    cost.add_argument("--results", required=True, help="the study's results/<study> folder")
+    cost.add_argument("--energy", type=_json_arg, default={},
+                      help="JSON overriding the energy constants (config energy)")
+    cost.add_argument("--out", required=True, help="per-job CSV path (.md, .tex beside)")
+    cost.add_argument("--scenarios", required=True, help="per-stage and scenario totals CSV")
+    cost.add_argument("--figure", help="energy/CO2e bars (PNG; a PDF is written beside)")
+    cost.add_argument("--metrics", help="JSON path for DVC metrics")
+    cost.set_defaults(func=cmd_table_cost)
+
+    report = verbs.add_parser("report", help="build the study report").add_subparsers(
+        dest="report_command", required=True)
+    report_html = report.add_parser("html", help="one self-contained HTML file: every table "
+                                                 "and figure, config, environment, job times")
+    report_html.add_argument("--results", required=True, help="the study's results/<study>")
+    report_html.add_argument("--out", required=True, help="HTML path")
+    report_html.add_argument("--captions", help="folder of <table or figure name>.rst captions")
+    report_html.add_argument("--config", type=_json_arg, default={},
+                             help="JSON study configuration shown in the report")
+    report_html.set_defaults(func=cmd_report_html)
+
+    reuse = verbs.add_parser("reuse", help="reuse module sets: patching (E3), new tasks (E4), "
+                                           "sub-tasks (E5), replacement (E6)"
+                             ).add_subparsers(dest="reuse_command", required=True)
+    patch = reuse.add_parser("patch", help="E3: patch weak models with a strong model's "
+                                           "target-class modules (min-max protocol)")
+    patch.add_argument("--modules", required=True, help="module set (*.safetensors)")
+    patch.add_argument("--model", required=True,
+                       help="the strong model it was cut from (*.safetensors)")
+    patch.add_argument("--weak", type=_named_path, action="append", required=True,
+                       metavar="TYPE=PATH",
+                       help="a weak model (simple, underfit or overfit) trained on a weak task "
+                            "whose last class is the target class; repeatable")
+    patch.add_argument("--setting", required=True, help="patching setting name (tables)")
+    patch.add_argument("--data-root", default="data")
+    patch.add_argument("--out", required=True, help="metrics JSON path")
+    _device_argument(patch)
+    patch.set_defaults(func=cmd_reuse_patch)
+    patch_table = reuse.add_parser("patch-table", help="E3 table: weak vs patched per target "
+                                                       "class, averages, published beside")
+    patch_table.add_argument("--metrics", nargs="+", required=True,
+                             help="reuse patch JSON files")
+    patch_table.add_argument("--out", required=True, help="CSV path (.md rendering beside)")
+    patch_table.add_argument("--summary", help="JSON path for DVC metrics")
+    patch_table.set_defaults(func=cmd_reuse_patch_table)
+    patch_figure = reuse.add_parser("patch-figure", help="E3 figure: weak vs patched P/R/F1 "
+                                                         "per target class")
+    patch_figure.add_argument("--metrics", nargs="+", required=True,
+                              help="reuse patch JSON files")
+    patch_figure.add_argument("--out", required=True, help="PNG path (a PDF is written beside)")
+    patch_figure.set_defaults(func=cmd_reuse_patch_figure)
+    new_task = reuse.add_parser("new-task", help="E4: compose binary classifiers for class "
+                                                 "pairs from the modules chosen by best F1")
+    new_task.add_argument("--approach", required=True, help="approach of every candidate")
+    new_task.add_argument("--setting", required=True, help="setting name (tables)")
+    new_task.add_argument("--model", required=True,
+                          help="the setting's from-scratch baseline model name (tables)")
+    new_task.add_argument("--pairs", type=_json_arg, required=True,
+                          help='JSON list of [dataset A, class a, dataset B, class b], e.g. '
+                               '\'[["digits", 3, "shapes", 1]]\'; each pair\'s test images '
+                               "are those of its derived task pair_<A>_<a>_<B>_<b>")
+    new_task.add_argument("--candidate", nargs=2, action="append", required=True,
+                          metavar=("MODULES", "MODEL"),
+                          help="a candidate module set and its base model; repeatable")
+    new_task.add_argument("--selection-split", default="val",
+                          help="split of each candidate's dataset the modules are chosen on by "
+                               "binary F1 (val or train; default val)")
+    new_task.add_argument("--data-root", default="data")
+    new_task.add_argument("--out", required=True, help="composed-records JSON path")
+    _device_argument(new_task)
+    new_task.set_defaults(func=cmd_reuse_new_task)
+    for verb, func, what in (
+            ("new-task-table", cmd_reuse_new_task_table,
+             "E4 table: composed vs from-scratch accuracy per pair and on average"),
+            ("new-task-figure", cmd_reuse_new_task_figure,
+             "E4 figure: accuracy difference per pair and on average")):
+        report = reuse.add_parser(verb, help=what)
+        report.add_argument("--composed", nargs="+", required=True,
+                            help="reuse new-task JSON files")
+        report.add_argument("--scratch", nargs="+", required=True,
+                            help="from-scratch models of the pairs (*.safetensors)")
+        report.add_argument("--out", required=True,
+                            help="CSV path (.md beside)" if verb.endswith("table")
+                            else "PNG path (a PDF is written beside)")
+        if verb.endswith("table"):
+            report.add_argument("--metrics", help="JSON path for DVC metrics")
+        report.set_defaults(func=func)
+    subtasks = reuse.add_parser("subtasks", help="E5: every sub-task of a module set's classes "
+                                                 "(sizes 2..N, or a seeded sample): composed "
+                                                 "accuracy vs the base model, size, FLOPs")
+    subtasks.add_argument("--modules", required=True, help="module set (*.safetensors)")
+    subtasks.add_argument("--model", required=True,
+                          help="the base model it was cut from (*.safetensors)")
+    subtasks.add_argument("--st-model",
+                          help="the standard-trained model of the same architecture, dataset "
+                               "and seed, for the ST column (default: --model when it is one)")
+    subtasks.add_argument("--settings", type=_json_arg, default={},
+                          help="JSON: max_subsets, samples_per_size, seed, union_subsets, "
+                               "fine_tune_epochs, fine_tune_lr, fine_tune_batch_size")
+    subtasks.add_argument("--data-root", default="data")
+    subtasks.add_argument("--out", required=True,
+                          help="per-sub-task CSV path (a JSON run record is written beside)")
+    subtasks.add_argument("--threads", type=int, help="CPU threads for torch")
+    _device_argument(subtasks)
+    subtasks.set_defaults(func=cmd_reuse_subtasks)
+    for verb, func, what, out in (
+            ("subtasks-table", cmd_reuse_subtasks_table,
+             "E5 table: mean accuracy, size and FLOPs per approach and |T|",
+             "CSV path (.md beside)"),
+            ("subtasks-figure", cmd_reuse_subtasks_figure,
+             "E5 figure: accuracy, size and FLOPs vs |T|, one line per approach",
+             "PNG path (a PDF is written beside)")):
+        report = reuse.add_parser(verb, help=what)
+        report.add_argument("--subtasks", nargs="+", required=True,
+                            help="per-sub-task CSV files of reuse subtasks")
+        report.add_argument("--out", required=True, help=out)
+        if verb.endswith("table"):
+            report.add_argument("--metrics", help="JSON path for DVC metrics")
+        report.set_defaults(func=func)
+    replace = reuse.add_parser("replace", help="E6: swap each class's module of a weaker model "
+                                               "for a stronger model's; composed top-1/top-5")
+    for role in ("weaker", "stronger"):
+        replace.add_argument(f"--{role}-model", required=True,
+                             help=f"the {role} base model (*.safetensors)")
+        replace.add_argument(f"--{role}-modules", required=True,
+                             help=f"the module set cut from the {role} model")
+    replace.add_argument("--data-root", default="data")
+    replace.add_argument("--out", required=True, help="per-pair JSON record path")
+    replace.add_argument("--threads", type=int, help="CPU threads for torch")
+    _device_argument(replace)
+    replace.set_defaults(func=cmd_reuse_replace)
+    for verb, func, what, out in (
+            ("replace-table", cmd_reuse_replace_table,
+             "E6 table: composed accuracy per swapped class, published beside",
+             "CSV path (.md beside)"),
+            ("replace-figure", cmd_reuse_replace_figure,
+             "E6 figure: composed top-1 per swapped class, no-swap baselines as lines",
+             "PNG path (a PDF is written beside)")):
+        report = reuse.add_parser(verb, help=what)
+        report.add_argument("--records", nargs="+", required=True,
+                            help="JSON records of reuse replace")
+        report.add_argument("--out", required=True, help=out)
+        if verb.endswith("table"):
+            report.add_argument("--summary", help="JSON path for DVC metrics")
+        report.set_defaults(func=func)
     return parser
 
 

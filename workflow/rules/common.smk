@@ -3,11 +3,13 @@ import os
 from pathlib import Path
 
 from dnnmod.approaches import APPROACHES, get_approach
+from dnnmod.reuse import newtask, patching
 from dnnmod.study import check_study_config, expand_base_models, expand_modularizations
 from dnnmod.training.objectives import StandardTraining, training_kinds
 
 # Semantic checks the schema cannot express (names exist, references resolve), before any job.
 check_study_config(config)
+patching.check_patching_config(config)
 
 STUDY = config["study"]
 RESULTS = f"results/{STUDY}"
@@ -15,6 +17,8 @@ DATA = config["data"]["root"]
 SEEDS = config["seeds"]
 BASE_MODELS = expand_base_models(config)
 MODULARIZATIONS = expand_modularizations(config)
+# Derived tasks: those configured, and those experiments derive (E3's weak-model tasks).
+TASKS = {**config["tasks"], **patching.weak_tasks(config)}
 # Where jobs run is machine-specific: handed to jobs through the environment, never as a
 # rule parameter, so moving between a laptop and a GPU server does not trigger retraining.
 os.environ.update(DNNMOD_DEVICE=config["device"])
@@ -93,6 +97,37 @@ def all_outputs():
             f"{RESULTS}/figures/e2_accuracy_vs_krr.png",
             f"{RESULTS}/metrics/e2_modularization.json",
         ]
+    if PATCHING:
+        outputs += [
+            f"{RESULTS}/tables/e3_patching.csv",
+            f"{RESULTS}/figures/e3_patching.png",
+            f"{RESULTS}/metrics/e3_patching.json",
+        ]
+    if NEW_TASKS:
+        outputs += [
+            f"{RESULTS}/tables/e4_new_tasks.csv",
+            f"{RESULTS}/figures/e4_new_tasks.png",
+            f"{RESULTS}/metrics/e4_new_tasks.json",
+        ]
+    if SUBTASKS is not None and MODULARIZATIONS:
+        outputs += [
+            f"{RESULTS}/tables/e5_subtask_reuse.csv",
+            f"{RESULTS}/figures/e5_subtask_reuse.png",
+            f"{RESULTS}/metrics/e5_subtask_reuse.json",
+        ]
+    if pan_rajan_costs():
+        outputs += [
+            f"{RESULTS}/tables/pan_rajan_decomposition.csv",
+            f"{RESULTS}/metrics/pan_rajan_decomposition.json",
+        ]
+    if REPLACEMENTS:
+        outputs += [
+            f"{RESULTS}/tables/e6_replacement.csv",
+            f"{RESULTS}/figures/e6_replacement.png",
+            f"{RESULTS}/metrics/e6_replacement.json",
+        ]
+    # Last: the cost table and the HTML report read everything above (report_inputs).
+    outputs += report_outputs()
     return outputs
 
 
@@ -129,7 +164,277 @@ def reference_module_sets(wildcards):
 
 def task_sources(wildcards):
     """The prepared images of the datasets a derived task draws from."""
-    parts = config["tasks"][wildcards.task]["parts"]
+    parts = TASKS[wildcards.task]["parts"]
     return list(
         dict.fromkeys(f"{DATA}/{part['dataset']}/images.safetensors" for part in parts)
     )
+
+
+# E3 patching: weak models per (setting, strong model, weak type, target class), each patched
+# with the target-class module of every approach that decomposes the strong model.
+
+PATCHING = patching.patching_config(config)
+
+
+def weak_model_weights(setting, model, weak_type, target_class, seed):
+    return f"{RESULTS}/patching/weak/{setting}/{model}/{weak_type}/tc{target_class}/seed{seed}/model.safetensors"
+
+
+def weak_task_of(wildcards):
+    return patching.weak_task_name(wildcards.setting, int(wildcards.target_class))
+
+
+def weak_model_entry(wildcards):
+    name = patching.weak_model_name(
+        config, wildcards.setting, wildcards.model, wildcards.weak_type
+    )
+    return config["models"][name]
+
+
+def weak_models_of(wildcards):
+    """(weak type, weights) of every weak model of a setting's strong model."""
+    return [
+        (
+            weak_type,
+            weak_model_weights(
+                wildcards.setting, wildcards.model, weak_type, tc, wildcards.seed
+            ),
+        )
+        for tc in PATCHING["settings"][wildcards.setting]["target_classes"]
+        for weak_type in patching.WEAK_TYPES
+    ]
+
+
+def weak_task_splits(wildcards):
+    return [
+        f"{DATA}/{patching.weak_task_name(wildcards.setting, tc)}/splits/seed{wildcards.seed}.safetensors"
+        for tc in PATCHING["settings"][wildcards.setting]["target_classes"]
+    ]
+
+
+def patched_modules(wildcards):
+    """The module set a patch reads, and the strong model it was cut from."""
+    dataset = PATCHING["settings"][wildcards.setting]["dataset"]
+    return {
+        "modules": f"{RESULTS}/modules/{dataset}/{wildcards.model}/{wildcards.approach}/seed{wildcards.seed}/modules.safetensors",
+        "strong": model_weights(
+            dataset, wildcards.model, training_of(wildcards.approach), wildcards.seed
+        ),
+    }
+
+
+def patching_metrics():
+    if not PATCHING:
+        return []
+    return [
+        f"{RESULTS}/patching/{name}/{model}/{approach}/seed{seed}/metrics.json"
+        for name, setting in PATCHING["settings"].items()
+        for model in setting["models"]
+        for approach in patching.patched_approaches(config, setting["dataset"], model)
+        for seed in SEEDS
+    ]
+
+
+# E4 new tasks (reuse.new_tasks): per setting, class pairs composed from the modules chosen by
+# best binary F1 among each approach's module sets of the pool models, against the setting's
+# model trained from scratch on each pair.
+
+NEW_TASKS = newtask.plan_new_tasks(config, MODULARIZATIONS)
+NEW_TASK_PAIRS = {pair.task: pair for plan in NEW_TASKS.values() for pair in plan.pairs}
+# Each pair is a derived task (derive_task makes it): the scratch baseline trains on it and
+# both the baseline and the composed model are tested on its test images.
+TASKS.update({task: pair.task_spec() for task, pair in NEW_TASK_PAIRS.items()})
+
+
+def new_task_scratch_weights(task, model, seed):
+    return f"{RESULTS}/new_tasks/scratch/{task}/{model}/seed{seed}/model.safetensors"
+
+
+def new_task_candidates(wildcards):
+    """(module set, base model) of every candidate of a setting and approach, in pool order."""
+    approach, seed = wildcards.approach, wildcards.seed
+    return [
+        (
+            f"{RESULTS}/modules/{dataset}/{model}/{approach}/seed{seed}/modules.safetensors",
+            model_weights(dataset, model, training_of(approach), seed),
+        )
+        for dataset, model in NEW_TASKS[wildcards.setting].candidates[approach]
+    ]
+
+
+def new_task_inputs(wildcards):
+    """What composing a setting's pairs reads: the candidates, the selection splits of the
+    two datasets and the pairs' derived tasks (their test images)."""
+    plan = NEW_TASKS[wildcards.setting]
+    candidates = new_task_candidates(wildcards)
+    return {
+        "modules": [modules for modules, _ in candidates],
+        "models": [weights for _, weights in candidates],
+        "splits": [
+            f"{DATA}/{dataset}/splits/seed{wildcards.seed}.safetensors"
+            for dataset in dict.fromkeys(plan.datasets)
+        ],
+        "pairs": [f"{DATA}/{pair.task}/images.safetensors" for pair in plan.pairs],
+    }
+
+
+def new_task_composed():
+    return [
+        f"{RESULTS}/new_tasks/{name}/{approach}/seed{seed}/composed.json"
+        for name, plan in NEW_TASKS.items()
+        for approach in plan.candidates
+        for seed in SEEDS
+    ]
+
+
+def new_task_scratch_models():
+    """The from-scratch baseline of every pair of every setting, once per seed."""
+    return sorted(
+        {
+            new_task_scratch_weights(pair.task, plan.model, seed)
+            for plan in NEW_TASKS.values()
+            for pair in plan.pairs
+            for seed in SEEDS
+        }
+    )
+
+
+# E5 sub-task reuse (reuse.subtasks; absent = no E5): every module set of the study.
+
+
+def subtask_config(config):
+    """reuse.subtasks, its union approaches checked to be registered; None when E5 is off."""
+    subtasks = config.get("reuse", {}).get("subtasks")
+    if subtasks is not None:
+        unknown = sorted(set(subtasks.get("union_approaches", [])) - set(APPROACHES))
+        if unknown:
+            raise ValueError(
+                f"reuse.subtasks.union_approaches: unknown approaches {unknown}; "
+                f"known: {', '.join(sorted(APPROACHES))}"
+            )
+    return subtasks
+
+
+SUBTASKS = subtask_config(config)
+
+
+def subtask_settings(approach):
+    """What one E5 unit reads of reuse.subtasks: union networks are built only for the
+    approaches that compose sub-tasks as union networks (union_approaches)."""
+    settings = {k: v for k, v in SUBTASKS.items() if k != "union_approaches"}
+    if approach not in SUBTASKS["union_approaches"]:
+        settings["union_subsets"] = 0
+    return settings
+
+
+def st_model_weights(wildcards):
+    """The standard-trained model of a module set's architecture, dataset and seed."""
+    return model_weights(
+        wildcards.dataset, wildcards.model, StandardTraining.name, wildcards.seed
+    )
+
+
+def subtask_tables():
+    return [
+        f"{RESULTS}/reuse/subtasks/{dataset}/{model}/{approach}/seed{seed}/subtasks.csv"
+        for (approach, dataset, model) in MODULARIZATIONS
+        for seed in SEEDS
+    ]
+
+
+# Pan & Rajan's Table 1 (pan_rajan.smk): every pan_rajan module set of the study.
+
+
+def pan_rajan_costs():
+    return [
+        f"{RESULTS}/modules/{dataset}/{model}/{approach}/seed{seed}/decomposition_cost.json"
+        for (approach, dataset, model) in MODULARIZATIONS
+        if approach == "pan_rajan"
+        for seed in SEEDS
+    ]
+
+
+# E6 replacement (reuse.replacement; absent = no E6): per pair of a weaker and a stronger
+# model of one dataset and per approach, both decomposed by a modularize entry.
+
+
+def replacement_units(config):
+    """(approach, dataset, weaker, stronger) of every E6 unit, checked to have module sets."""
+    replacement = config.get("reuse", {}).get("replacement")
+    if replacement is None:
+        return []
+    decomposed = set(MODULARIZATIONS)
+    units = []
+    for position, pair in enumerate(replacement["pairs"]):
+        for approach in replacement.get("approaches", ["pan_rajan"]):
+            for role in ("weaker", "stronger"):
+                if (approach, pair["dataset"], pair[role]) not in decomposed:
+                    raise ValueError(
+                        f"reuse.replacement.pairs[{position}].{role}: no modularize entry "
+                        f"makes {approach} modules of {pair[role]} on {pair['dataset']} "
+                        "(add one under modularize)"
+                    )
+            units.append((approach, pair["dataset"], pair["weaker"], pair["stronger"]))
+    return units
+
+
+REPLACEMENTS = replacement_units(config)
+
+
+def replacement_records():
+    return [
+        f"{RESULTS}/reuse/replacement/{dataset}/{approach}/{weaker}/{stronger}/seed{seed}.json"
+        for (approach, dataset, weaker, stronger) in REPLACEMENTS
+        for seed in SEEDS
+    ]
+
+
+def replacement_weights(role):
+    """Input function: the weights of the weaker or the stronger model of an E6 unit."""
+
+    def weights(wildcards):
+        return model_weights(
+            wildcards.dataset,
+            getattr(wildcards, role),
+            training_of(wildcards.approach),
+            wildcards.seed,
+        )
+
+    return weights
+
+
+def replacement_modules(role):
+    """Input function: the module set of the weaker or the stronger model of an E6 unit."""
+
+    def modules(wildcards):
+        return (
+            f"{RESULTS}/modules/{wildcards.dataset}/{getattr(wildcards, role)}/"
+            f"{wildcards.approach}/seed{wildcards.seed}/modules.safetensors"
+        )
+
+    return modules
+
+
+# The study report (report.smk): E8 cost from every job's benchmark file, then one HTML file.
+# Both run after every other table and figure of all_outputs(), whatever experiment adds them.
+
+COST_OUTPUTS = [
+    f"{RESULTS}/tables/e8_cost.csv",
+    f"{RESULTS}/figures/e8_energy.png",
+    f"{RESULTS}/metrics/e8_cost.json",
+]
+REPORT_HTML = f"{RESULTS}/report.html"
+
+
+def report_outputs():
+    return [*COST_OUTPUTS, REPORT_HTML]
+
+
+def study_outputs():
+    """Every table, figure and metrics file of the study but the report's own."""
+    return [path for path in all_outputs() if path not in report_outputs()]
+
+
+def report_captions():
+    """The captions the HTML report shows (a changed caption rebuilds the report only)."""
+    return sorted(str(path) for path in Path("workflow/report").glob("*.rst"))

@@ -54,12 +54,12 @@ rule derive_task:
     benchmark:
         f"{RESULTS}/benchmarks/data/{{task}}/derive.tsv"
     wildcard_constraints:
-        task="|".join(config["tasks"]) or "(?!)",  # no tasks: matches nothing
+        task="|".join(TASKS) or "(?!)",  # no tasks: matches nothing
     conda:
         "../../environment.yml"
     params:
         root=lambda wc, output: data_root(output.meta),
-        spec=lambda wc: as_json(config["tasks"][wc.task]),
+        spec=lambda wc: as_json(TASKS[wc.task]),
     shell:
         "dnnmod data derive --task {wildcards.task} --root {params.root} "
         "--spec {params.spec:q} 2> {log}"

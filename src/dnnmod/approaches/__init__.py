@@ -17,13 +17,15 @@ from dnnmod.approaches.cnnsplitter import CNNSplitter
 from dnnmod.approaches.gradsplitter import GradSplitter
 from dnnmod.approaches.moda import MODA
 from dnnmod.approaches.mwt import MwT
+from dnnmod.approaches.pan_rajan import PanRajan
 from dnnmod.approaches.random_kernels import RandomKernels
 from dnnmod.errors import ConfigError, UnknownNameError
 from dnnmod.modules.moduleset import REQUIRED_PROVENANCE, ModuleSet, check_provenance
 
 APPROACHES: dict[str, Approach] = {
     approach.name: approach
-    for approach in (CNNSplitter(), GradSplitter(), RandomKernels(), MwT(), MODA())
+    for approach in (CNNSplitter(), GradSplitter(), RandomKernels(), MwT(), MODA(),
+                     PanRajan())
 }
 
 

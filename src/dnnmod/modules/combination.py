@@ -63,3 +63,19 @@ def argmax(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         raise ArtifactError(f"combination 'argmax' takes one score per module; got scores of "
                             f"shape {tuple(scores.shape)}")
     return classes[scores.argmax(dim=1)]
+
+
+@combination_rule("voting")
+def voting(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Pan & Rajan's vote over (batch, M, 2) scores (V_c, V_uc): module m votes for its class
+    when V_c > V_uc; one vote → that class; several → the voter with the highest V_c; none →
+    the module with the highest V_c. Returns the class, never the voter's position (the
+    authors' earlier code returned the position)."""
+    if scores.dim() != 3 or scores.shape[2] != 2:
+        raise ArtifactError(f"combination 'voting' takes (V_c, V_uc) per module, scores of "
+                            f"shape (batch, M, 2); got {tuple(scores.shape)}")
+    concerned, unconcerned = scores[..., 0], scores[..., 1]
+    votes = concerned > unconcerned
+    among_voters = torch.where(votes, concerned, torch.finfo(concerned.dtype).min)
+    chosen = torch.where(votes.any(dim=1), among_voters.argmax(dim=1), concerned.argmax(dim=1))
+    return classes[chosen]

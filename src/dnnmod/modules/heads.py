@@ -113,7 +113,50 @@ class LogitMLPHead(Head):
         return head.eval()
 
 
-HEADS: dict[str, type[Head]] = {head.kind: head for head in (OwnLogitHead, LogitMLPHead)}
+class ConcernVotesHead(Head):
+    """Pan & Rajan's output layer of two nodes per module, scores (batch, M, 2).
+
+    V_c is the module's own class's logit; V_uc has as weights and bias the means of the
+    other classes' weights and biases, so (the output layer being linear) it equals the mean
+    of the other classes' logits. No parameters; the combination rule is ``voting``.
+    """
+
+    kind = "concern_votes"
+
+    def __init__(self, classes: Sequence[int], num_outputs: int) -> None:
+        super().__init__(classes, num_outputs)
+        if num_outputs < 2:
+            raise ArtifactError(f"a concern_votes head needs at least 2 base-model classes "
+                                f"(the unconcerned node averages the others); got {num_outputs}")
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        index = torch.tensor(self.classes, device=logits.device)
+        concerned = logits[torch.arange(len(index), device=logits.device), :, index]
+        unconcerned = (logits.sum(dim=2) - concerned) / (self.num_outputs - 1)
+        return torch.stack([concerned, unconcerned], dim=2).transpose(0, 1)
+
+    def subset(self, index: Sequence[int]) -> ConcernVotesHead:
+        return ConcernVotesHead([self.classes[i] for i in index], self.num_outputs)
+
+    def for_module(self, position: int) -> nn.Module:
+        return _ConcernVotes(self.classes[position], self.num_outputs)
+
+
+class _ConcernVotes(nn.Module):
+    """(batch, N) logits → (batch, 2): V_c and V_uc of one module."""
+
+    def __init__(self, column: int, num_outputs: int) -> None:
+        super().__init__()
+        self.column, self.num_outputs = column, num_outputs
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        concerned = logits[:, self.column]
+        unconcerned = (logits.sum(dim=1) - concerned) / (self.num_outputs - 1)
+        return torch.stack([concerned, unconcerned], dim=1)
+
+
+HEADS: dict[str, type[Head]] = {head.kind: head for head in (OwnLogitHead, LogitMLPHead,
+                                                              ConcernVotesHead)}
 
 
 def build_head(kind: str, classes: Sequence[int], num_outputs: int,

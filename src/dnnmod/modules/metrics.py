@@ -16,19 +16,23 @@ positions; see :mod:`dnnmod.modules.masking`); every metric below states how it 
   of kept channels are not), as fractions of the base model, mean over modules;
 - overlap: mean pairwise Jaccard index of the modules' kept-kernel sets, kernels read as for
   KRR (channel view, unmasked conv groups kept by every module);
-- per-module binary precision, recall and F1 for "is it my class".
+- per-module binary precision, recall and F1 for "is it my class";
+- model–module Jaccard index (Pan & Rajan): active output elements of the module over the
+  model's, over the masked groups.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from sklearn.metrics import precision_recall_fscore_support
+from sklearn.metrics import precision_recall_fscore_support, top_k_accuracy_score
 from torch import nn
 
+from dnnmod.errors import ConfigError
 from dnnmod.modules.extract import count_flops, count_parameters, extract_module
 from dnnmod.modules.inference import accuracy as model_accuracy
 from dnnmod.modules.inference import run
@@ -46,6 +50,25 @@ def module_scores(model: nn.Module, modules: ModuleSet, images) -> torch.Tensor:
 def composed_accuracy(modules: ModuleSet, scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Accuracy (%) of the composed prediction on samples of the set's classes."""
     return 100.0 * (modules.predict(scores) == labels).float().mean().item()
+
+
+def top_k_accuracy(scores: torch.Tensor, classes: Sequence[int], labels: torch.Tensor,
+                   k: int = 5) -> float:
+    """Top-k accuracy (%) of ranking the classes by score: ``scores`` (samples, M), or (samples,
+    M, 2) votes ranked by their first column (Pan & Rajan: by V_c); module m recognises
+    ``classes[m]``; every label must be one of them. With k >= M every sample counts."""
+    classes = [int(c) for c in classes]
+    if k >= len(classes):
+        return 100.0
+    position = {label: index for index, label in enumerate(classes)}
+    try:
+        truth = [position[int(label)] for label in labels.tolist()]
+    except KeyError as err:
+        raise ConfigError(f"top-{k} accuracy: label {err.args[0]} is none of the classes "
+                          f"{classes}") from None
+    ranking = scores[..., 0] if scores.dim() == 3 else scores
+    return 100.0 * top_k_accuracy_score(truth, ranking.double().cpu().numpy(), k=k,
+                                        labels=list(range(len(classes))))
 
 
 def binary_metrics(modules: ModuleSet, scores: torch.Tensor, labels: torch.Tensor
@@ -105,6 +128,24 @@ def kernel_overlap(modules: ModuleSet) -> float:
         return 0.0
     jaccard = [((kept[a] & kept[b]).sum() / (kept[a] | kept[b]).sum()).item() for a, b in pairs]
     return sum(jaccard) / len(jaccard)
+
+
+def model_module_jaccard(modules: ModuleSet) -> list[float]:
+    """Jaccard index between the model and each module (Pan & Rajan's Table 1): the module's
+    active elements over the model's, a module being a subset of its model. Elements are the
+    output values per image of every masked group: (channel, h, w) positions of a conv group
+    with a traced spatial shape (a channel mask keeps all positions of a kept channel),
+    channels of one without, units of a linear group. Unmasked groups are left out, as they
+    are the same in both."""
+    kept, total = torch.zeros(len(modules)), 0
+    for group in modules.structure.groups:
+        mask = modules.masks.get(group.name)
+        if mask is None:
+            continue
+        positions = math.prod(group.shape[1:]) if mask.dim() == 2 else 1
+        kept += mask.flatten(1).sum(dim=1).cpu().float() * positions
+        total += math.prod(group.shape)
+    return (kept / total).tolist() if total else [1.0] * len(modules)
 
 
 def module_costs(model: nn.Module, modules: ModuleSet) -> list[dict[str, float]]:

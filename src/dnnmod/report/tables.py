@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from dnnmod.artifacts import atomic_write, read_json, write_json
+from dnnmod.report.figures import approach_style, pyplot, save_figure
 from dnnmod.training.model_io import read_model_record
 
 
@@ -59,39 +60,120 @@ def base_model_table(weights_paths: list[Path]) -> pd.DataFrame:
                                           ignore_index=True)
 
 
-def summarize_seeds(table: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
+def summarize_seeds(table: pd.DataFrame, keys: list[str], values: list[str],
+                    over: str = "seeds") -> pd.DataFrame:
     """Mean and sample standard deviation over seeds of ``values`` per group of ``keys``:
-    columns ``<value>_mean``, ``<value>_std`` (0 for a single seed) and ``seeds``."""
+    columns ``<value>_mean``, ``<value>_std`` (0 for a single seed) and ``<over>`` (the group
+    size). A value with a ``published_<value>`` column gets the published figure and
+    ``<value>_minus_published`` (our mean minus it) beside."""
     grouped = table.groupby(keys, sort=True)
-    summary = grouped[values].agg(["mean", "std"]).fillna(0.0)
+    summary = grouped[values].agg(["mean", "std"])
     summary.columns = [f"{value}_{stat}" for value, stat in summary.columns]
-    summary["seeds"] = grouped.size()
+    for value in values:
+        # One seed has no spread (0), but a value missing in every seed stays missing.
+        measured = summary[f"{value}_mean"].notna()
+        summary.loc[measured, f"{value}_std"] = summary.loc[measured, f"{value}_std"].fillna(0.0)
+    for value in published_pairs(table, values):
+        # One published figure per group (the same paper cell for every seed).
+        summary[f"published_{value}"] = grouped[f"published_{value}"].first()
+        summary[f"{value}_minus_published"] = (summary[f"{value}_mean"]
+                                               - summary[f"published_{value}"])
+    summary[over] = grouped.size()
     return summary.reset_index()
 
 
-def _mean_std_view(summary: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
+def published_pairs(table: pd.DataFrame, values: list[str]) -> list[str]:
+    """The ``values`` that have a ``published_<value>`` column in ``table``."""
+    return [value for value in values if f"published_{value}" in table.columns]
+
+
+def with_published_differences(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with ``<column>_minus_published`` right after each ``published_<column>``
+    whose ``<column>`` is there too (empty where nothing is published)."""
+    table = table.copy()
+    for published_column in [c for c in table.columns if c.startswith("published_")]:
+        column = published_column.removeprefix("published_")
+        if column not in table.columns or f"{column}_minus_published" in table.columns:
+            continue
+        difference = (pd.to_numeric(table[column], errors="coerce")
+                      - pd.to_numeric(table[published_column], errors="coerce"))
+        table.insert(table.columns.get_loc(published_column) + 1,
+                     f"{column}_minus_published", difference)
+    return table
+
+
+def _mean_std_view(summary: pd.DataFrame, keys: list[str], values: list[str],
+                   over: str) -> pd.DataFrame:
+    """What a reader compares: mean ± std per value, the published figure and our difference
+    to it beside (empty cells where the paper has none)."""
     view = summary[keys].copy()
     for value in values:
         view[value] = [f"{m:.2f} ± {s:.2f}" for m, s in
                        zip(summary[f"{value}_mean"], summary[f"{value}_std"], strict=True)]
-    view["seeds"] = summary["seeds"]
+        if f"published_{value}" in summary.columns:
+            view[f"{value} (published)"] = summary[f"published_{value}"]
+            view[f"{value} Δ"] = summary[f"{value}_minus_published"]
+    view[over] = summary[over]
     return view
 
 
+def _blank_missing(frame: pd.DataFrame) -> pd.DataFrame:
+    """Missing cells (no published figure) as empty cells rather than ``nan``."""
+    return frame.astype(object).where(frame.notna(), None)
+
+
+def _math_glyphs(latex: str) -> str:
+    # pdflatex has no text-mode glyphs for these two.
+    return latex.replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+
+
+def latex_table(frame: pd.DataFrame, caption: str, label: str) -> str:
+    """A booktabs ``table`` environment of ``frame`` (needs ``\\usepackage{booktabs}``)."""
+    tabular = _math_glyphs(frame.to_latex(index=False, escape=True, na_rep="--",
+                                          float_format="%.2f"))
+    caption = _math_glyphs("".join(rf"\{c}" if c in "&%$#_{}" else c
+                                   for c in caption.replace("\\", "/")))
+    return ("\\begin{table}[ht]\n\\centering\n\\small\n"
+            f"\\caption{{{caption}}}\n\\label{{{label}}}\n{tabular}\\end{{table}}\n")
+
+
 def write_table(table: pd.DataFrame, csv_path: Path, title: str, keys: list[str],
-                values: list[str]) -> None:
+                values: list[str], *, over: str = "seeds", notes: str = "",
+                summary: bool = True) -> None:
     """Write the tidy per-seed CSV, its mean ± std summary over seeds (``*_summary.csv``) and
-    a Markdown rendering of both (``.md``), all atomically."""
-    summary = summarize_seeds(table, keys, values)
-    summary_path = csv_path.with_name(f"{csv_path.stem}_summary.csv")
-    for frame, path in ((table, csv_path), (summary, summary_path)):
+    Markdown (``.md``) and LaTeX (``.tex``, booktabs) renderings of both, all atomically.
+
+    Every ``published_<column>`` gets ``<column>_minus_published`` beside it, in the CSVs and
+    the renderings. ``over`` names what the summary averages over (``seeds``, or e.g. ``jobs``);
+    ``notes`` (a paragraph: method, constants) goes under the title; ``summary=False`` writes
+    the table alone, for tables that already hold one row per group (totals).
+    """
+    csv_path = Path(csv_path)
+    table = with_published_differences(table)
+    frames = [(table, csv_path)]
+    sections: list[tuple[str, pd.DataFrame]] = []
+    if summary:
+        summarized = summarize_seeds(table, keys, values, over)
+        frames.append((summarized, csv_path.with_name(f"{csv_path.stem}_summary.csv")))
+        sections += [(f"Mean ± std over {over}", _mean_std_view(summarized, keys, values, over)),
+                     ("Per seed" if over == "seeds" else "Every row", table)]
+    else:
+        sections.append(("", table))
+    for frame, path in frames:
         with atomic_write(path) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.4f")
-    markdown = (f"# {title}\n\n## Mean ± std over seeds\n\n"
-                f"{_mean_std_view(summary, keys, values).to_markdown(index=False)}\n\n"
-                f"## Per seed\n\n{table.to_markdown(index=False, floatfmt='.2f')}\n")
+    markdown = [f"# {title}\n"] + ([f"{notes}\n"] if notes else [])
+    latex = [f"% {title}: rendered from {csv_path.name}; needs \\usepackage{{booktabs}}"]
+    for index, (heading, frame) in enumerate(sections):
+        rendered = _blank_missing(frame)
+        markdown += ([f"## {heading}\n"] if heading else []) + [
+            f"{rendered.to_markdown(index=False, floatfmt='.2f')}\n"]
+        latex.append(latex_table(rendered, f"{title}: {heading}" if heading else title,
+                                 f"tab:{csv_path.stem}:{index}"))
     with atomic_write(csv_path.with_suffix(".md")) as tmp:
-        tmp.write_text(markdown)
+        tmp.write_text("\n".join(markdown))
+    with atomic_write(csv_path.with_suffix(".tex")) as tmp:
+        tmp.write_text("\n".join(latex))
 
 
 # E2 columns with a published counterpart: (our column, published metric, scale to our unit).
@@ -140,16 +222,12 @@ def modularization_table(metrics_paths: list[Path]) -> pd.DataFrame:
 def accuracy_vs_krr_figure(table: pd.DataFrame, path: Path) -> None:
     """Scatter of composed accuracy against KRR, one point per (approach, model, dataset);
     written as ``path`` (PNG) and the same name with ``.pdf``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     means = table.groupby(["approach", "model", "dataset"], as_index=False)[
         ["krr", "composed_accuracy"]].mean()
-    figure, axes = plt.subplots(figsize=(6, 4.5))
+    figure, axes = pyplot().subplots(figsize=(6, 4.5))
     for approach, points in means.groupby("approach"):
-        axes.scatter(100 * points.krr, points.composed_accuracy, label=approach, s=40)
+        axes.scatter(100 * points.krr, points.composed_accuracy, label=approach, s=40,
+                     **approach_style(approach))
         for point in points.itertuples():
             axes.annotate(f"{point.model}/{point.dataset}", (100 * point.krr,
                           point.composed_accuracy), fontsize=7, xytext=(4, 2),
@@ -160,10 +238,7 @@ def accuracy_vs_krr_figure(table: pd.DataFrame, path: Path) -> None:
     axes.legend(title="approach")
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    for target in (path, path.with_suffix(".pdf")):
-        with atomic_write(target) as tmp:
-            figure.savefig(tmp, format=target.suffix.lstrip("."))
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def write_base_model_report(weights_paths: list[Path], csv_path: Path,
@@ -179,6 +254,17 @@ def write_base_model_report(weights_paths: list[Path], csv_path: Path,
             for row in table.itertuples()})
 
 
+E2_NOTES = (
+    "krr: kernels kept per module over the model's, averaged over modules; module_size and "
+    "flops_fraction: parameters and FLOPs of the physically extracted module over the "
+    "model's. MwT and MODA decompose their own modular-trained model (base_accuracy is "
+    "that model's). pan_rajan switches off output positions, not kernels: a channel counts "
+    "as kept when any of its positions is active, so its krr stays near 1 by the method's "
+    "design; its own measure, the model-module Jaccard index of active positions, is in "
+    "pan_rajan_decomposition. random keeps as many kernels per layer as the approach it "
+    "matches, chosen at random: the floor every approach should beat.")
+
+
 def write_modularization_report(metrics_paths: list[Path], csv_path: Path,
                                 figure_path: Path | None = None,
                                 summary_path: Path | None = None) -> None:
@@ -187,7 +273,8 @@ def write_modularization_report(metrics_paths: list[Path], csv_path: Path,
     write_table(table, csv_path, title="E2 modularization",
                 keys=["dataset", "model", "approach"],
                 values=["composed_accuracy", "accuracy_loss_pp", "krr", "module_size",
-                        "flops_fraction", "overlap", "mean_f1", "seconds"])
+                        "flops_fraction", "overlap", "mean_f1", "seconds"],
+                notes=E2_NOTES)
     if figure_path:
         accuracy_vs_krr_figure(table, figure_path)
     if summary_path:

@@ -1,0 +1,170 @@
+"""E4 table and figure: composed binary classifiers against the same architecture trained from
+scratch on each pair, per pair and on average, published averages beside.
+
+Both read the same per-unit results, the composed records of ``dnnmod reuse new-task`` (one
+JSON per setting, approach and seed) and the from-scratch models' metadata, so the table and
+the figure are rebuilt independently of each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from dnnmod.artifacts import read_json, write_json
+from dnnmod.errors import ArtifactError
+from dnnmod.report.figures import approach_style, pyplot, save_figure
+from dnnmod.report.tables import published, write_table
+from dnnmod.training.model_io import read_model_record
+
+MEAN = "mean"
+#: published rows of each setting kind (GradSplitter's "new_task" row is CIFAR-10 x SVHN);
+#: Pan & Rajan's inter-dataset number with continuous learning ("new_task_inter_continuous")
+#: is not beside ours: that variant is not reproduced here
+PUBLISHED_SETTINGS = {"inter": ("new_task_inter", "new_task"), "intra": ("new_task_intra",)}
+PUBLISHED_METRIC = "accuracy_loss_vs_scratch_pct"
+VALUES = ["composed_accuracy", "scratch_accuracy", "accuracy_difference_pp"]
+COMPOSED_KEYS = ("setting", "kind", "approach", "model", "seed", "pairs")
+NOTES = ("accuracy_difference_pp = composed − from-scratch test accuracy on the pair's test "
+         "images; pair = mean rows average over the pairs, the published means beside them. "
+         "An approach appears in a setting when it decomposed a pool model of both datasets. "
+         "Not reproduced: GradSplitter's pool of models trained on Dirichlet-imbalanced "
+         "subsets, Pan & Rajan's continuous learning (published -7.63 inter-dataset).")
+
+
+def _published_difference(reference: pd.DataFrame, approach: str,
+                          kind: str) -> tuple[float | None, str]:
+    """The published mean difference composed − scratch (pp) for an approach (our name) and
+    setting kind, and its source."""
+    rows = reference[(reference.approach == approach) & (reference.metric == PUBLISHED_METRIC)
+                     & reference.setting.isin(PUBLISHED_SETTINGS.get(kind, ()))]
+    if rows.empty:
+        return None, ""
+    row = rows.iloc[0]
+    return -float(row.value), f"{row.source} {row.table}"
+
+
+def _scratch_models(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
+    """(pair task, model name, seed) → metadata of a from-scratch model."""
+    return {(meta["dataset"], meta["model"], meta["seed"]): meta
+            for meta in map(read_model_record, paths)}
+
+
+def new_task_table(composed_paths: list[Path], scratch_paths: list[Path]) -> pd.DataFrame:
+    """One row per (setting, approach, seed, pair) and one ``pair = mean`` row per (setting,
+    approach, seed): composed and from-scratch test accuracy (%) on the pair's test images and
+    their difference (pp); the published mean difference beside the mean rows."""
+    scratch = _scratch_models(scratch_paths)
+    reference = published()
+    rows = []
+    for path in composed_paths:
+        result = read_json(path)
+        missing = [key for key in COMPOSED_KEYS if key not in result]
+        if missing:
+            raise ArtifactError(f"{path}: not a reuse new-task record (lacks {missing})")
+        common = {key: result[key] for key in ("setting", "kind", "approach", "model", "seed")}
+        pair_rows = []
+        for record in result["pairs"]:
+            key = (record["task"], result["model"], result["seed"])
+            if key not in scratch:
+                raise ArtifactError(f"{path}: no from-scratch {result['model']} (seed "
+                                    f"{result['seed']}) on {record['task']} among the given "
+                                    "scratch models")
+            baseline = scratch[key]
+            scratch_accuracy = baseline["metrics"]["test_accuracy"]
+            pair_rows.append({
+                **common, "pair": record["pair"], "task": record["task"],
+                **{f"{field}_{side}": record[f"{field}_{side}"] for side in ("a", "b")
+                   for field in ("dataset", "class", "class_name")},
+                "module_a": _module_label(record["module_a"]),
+                "selection_f1_a": record["module_a"]["selection_f1"],
+                "module_b": _module_label(record["module_b"]),
+                "selection_f1_b": record["module_b"]["selection_f1"],
+                "test_images": record["test_images"],
+                "composed_accuracy": record["composed_accuracy"],
+                "scratch_accuracy": scratch_accuracy,
+                "accuracy_difference_pp": record["composed_accuracy"] - scratch_accuracy,
+                "scratch_selected_epoch": baseline["selected_epoch"],
+                "scratch_epochs": len(baseline["history"]),
+            })
+        value, source = _published_difference(reference, result["approach"], result["kind"])
+        mean = {**common, "pair": MEAN, "pairs": len(pair_rows),
+                **{column: sum(r[column] for r in pair_rows) / len(pair_rows)
+                   for column in VALUES},
+                "published_accuracy_difference_pp": value, "published_source": source}
+        rows += [*pair_rows, mean]
+    table = pd.DataFrame(rows)
+    # Mean rows leave the per-pair counts empty: nullable integers keep the others integral.
+    integral = ["class_a", "class_b", "test_images", "scratch_selected_epoch", "scratch_epochs",
+                "pairs"]
+    table[integral] = table[integral].astype("Int64")
+    table["is_mean"] = table.pair == MEAN
+    return table.sort_values(["setting", "approach", "seed", "is_mean", "task"],
+                             ignore_index=True).drop(columns="is_mean")
+
+
+def _module_label(module: dict) -> str:
+    return f"{module['model']}/{module['training']}"
+
+
+def write_new_task_report(composed_paths: list[Path], scratch_paths: list[Path],
+                          csv_path: Path, metrics_path: Path | None = None) -> None:
+    """E4 as CSV + Markdown (``write_table``), and its DVC metrics: the mean difference per
+    setting, approach and seed."""
+    table = new_task_table(composed_paths, scratch_paths)
+    write_table(table, csv_path, title="E4 new tasks: composed modules vs training from scratch",
+                keys=["setting", "approach", "pair"], values=VALUES, notes=NOTES)
+    if metrics_path:
+        means = table[table.pair == MEAN]
+        write_json(metrics_path, {
+            f"{row.setting}/{row.approach}/seed{row.seed}": {
+                "mean_accuracy_difference_pp": row.accuracy_difference_pp,
+                "mean_composed_accuracy": row.composed_accuracy,
+                "mean_scratch_accuracy": row.scratch_accuracy, "pairs": int(row.pairs)}
+            for row in means.itertuples()})
+
+
+def new_task_figure(composed_paths: list[Path], scratch_paths: list[Path], path: Path) -> None:
+    """Accuracy difference composed − scratch per pair and on average (mean over seeds), one
+    panel per setting, one bar colour per approach, the published mean as the approach's
+    marker; written as ``path`` (PNG) and the same name with ``.pdf``."""
+    table = new_task_table(composed_paths, scratch_paths)
+    settings = sorted(table.setting.unique())
+    plt = pyplot()
+    widest = max(table[table.setting == s].pair.nunique() for s in settings)
+    figure, axes = plt.subplots(len(settings), 1, squeeze=False,
+                                figsize=(max(6.0, 0.45 * widest + 2), 3.6 * len(settings)))
+    for ax, setting in zip(axes[:, 0], settings, strict=True):
+        rows = table[table.setting == setting]
+        means = rows.groupby(["approach", "pair"], as_index=False, sort=False).agg(
+            difference=("accuracy_difference_pp", "mean"),
+            published=("published_accuracy_difference_pp", "first"))
+        pairs = [p for p in rows.pair.unique() if p != MEAN] + [MEAN]
+        approaches = sorted(rows.approach.unique())
+        width = 0.8 / len(approaches)
+        for offset, approach in enumerate(approaches):
+            ours = means[means.approach == approach].set_index("pair")
+            style = approach_style(approach)
+            xs = [i - 0.4 + width * (offset + 0.5) for i in range(len(pairs))]
+            ys = [ours.difference.get(p, float("nan")) for p in pairs]
+            ax.bar(xs, ys, width, color=style["color"], alpha=0.6, label=approach)
+            # The marker shows a difference of zero, which has no bar.
+            ax.plot(xs, ys, linestyle="none", markersize=5, label="_nolegend_", **style)
+            published_mean = ours.published.get(MEAN)
+            if published_mean is not None and not pd.isna(published_mean):
+                ax.plot(xs[-1], published_mean, linestyle="none", markeredgecolor="black",
+                        markersize=9, label=f"{approach}: published mean", **style)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.use_sticky_edges = False  # bars stick to 0: markers there would be cut in half
+        ax.margins(y=0.1)
+        ax.axvline(len(pairs) - 1.5, color="gray", linewidth=0.6, linestyle=":")
+        ax.set_xticks(range(len(pairs)), pairs, rotation=60, ha="right", fontsize=7)
+        kind = rows.kind.iloc[0]
+        ax.set_title(f"{setting} ({kind}-dataset pairs, baseline {rows.model.iloc[0]})")
+        ax.set_xlabel("class pair (dataset/class index), then the mean over pairs")
+        ax.set_ylabel("composed − scratch accuracy (pp)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    save_figure(figure, path)

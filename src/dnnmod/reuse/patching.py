@@ -1,0 +1,349 @@
+"""E3: patching weak models with the target-class module of a strong model (ASE/TOSEM protocol).
+
+A weak model is trained on a *weak task*: classes of another dataset plus one target class
+(TC) of the strong model's dataset (CIFAR: nine CIFAR-100 classes + one CIFAR-10 class; SVHN:
+digits 6-9 + one of the digits 0-4 the strong model knows). Its last part is always the TC, so
+the TC is the weak model's last output column. Three weak types:
+
+- ``simple``: a small architecture, weights of its best validation epoch;
+- ``overfit``: the full architecture without dropout or augmentation, plain SGD at a constant
+  learning rate, weights of the run's last epoch (``epochs`` of the ``full`` recipe);
+- ``underfit``: the same run stopped at epoch ``round(underfit_fraction * epochs)``. With a
+  constant learning rate and per-epoch seeded shuffling, a run of that many epochs replays the
+  long run's first epochs exactly (on the CPU), so it *is* the long run's checkpoint there.
+
+Patching (min-max protocol): the TC module's score is min-max normalised with the minimum and
+maximum of the module's scores on the weak task's TC validation images, then replaces the TC
+column of the weak model's softmax; the prediction is the argmax. Deviation from the papers,
+stated: calibrated scores are not clipped to [0, 1] (scores beyond the validation range keep
+their order; the argmax is what counts). Measured, weak vs patched: TC precision, recall and
+F1 (scikit-learn, binary "is it the TC") and accuracy on the non-TC test images.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from sklearn.metrics import precision_recall_fscore_support
+
+from dnnmod.errors import ArtifactError, ConfigError, UnknownNameError
+
+WEAK_TYPES = ("simple", "underfit", "overfit")
+PROTOCOLS = ("minmax",)
+METRICS = ("precision", "recall", "f1", "non_tc_accuracy")
+
+
+# Configuration: `reuse.patching` (workflow/schemas/config.schema.yaml, config/README.md).
+
+
+def patching_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The study's ``reuse.patching`` section, or None when the study does not patch."""
+    return (config.get("reuse") or {}).get("patching")
+
+
+def weak_task_name(setting: str, target_class: int) -> str:
+    """The derived task a weak model of ``setting`` with target class ``target_class`` trains on."""
+    return f"e3_{setting}_tc{target_class}"
+
+
+def weak_task_spec(setting: Mapping[str, Any], target_class: int) -> dict[str, Any]:
+    """The ``tasks`` entry of one weak task: the other classes, then the TC (last part)."""
+    spec = {"parts": [dict(setting["others"]),
+                      {"dataset": setting["dataset"], "classes": [target_class]}]}
+    for key in ("samples_per_class", "seed"):
+        if key in setting:
+            spec[key] = setting[key]
+    return spec
+
+
+def weak_tasks(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every weak task the study's patching needs, by name (none without ``reuse.patching``)."""
+    section = patching_config(config)
+    if not section:
+        return {}
+    return {weak_task_name(name, tc): weak_task_spec(setting, tc)
+            for name, setting in section["settings"].items()
+            for tc in setting["target_classes"]}
+
+
+def underfit_epochs(epochs: int, fraction: float) -> int:
+    """The underfit checkpoint's epoch: ``round(fraction * epochs)``, at least 1."""
+    return max(1, round(fraction * epochs))
+
+
+def weak_recipe(config: Mapping[str, Any], weak_type: str) -> dict[str, Any]:
+    """The training recipe (config values) of a weak type."""
+    section = patching_config(config)
+    if weak_type not in WEAK_TYPES:
+        raise UnknownNameError("weak type", weak_type, WEAK_TYPES)
+    if weak_type == "simple":
+        return dict(config["recipes"][section["recipes"]["simple"]])
+    full = dict(config["recipes"][section["recipes"]["full"]])
+    if weak_type == "underfit":
+        full["epochs"] = underfit_epochs(full["epochs"], section.get("underfit_fraction", 0.5))
+    return full
+
+
+def weak_model_name(config: Mapping[str, Any], setting: str, model: str, weak_type: str) -> str:
+    """The ``models`` entry a weak type of ``model`` uses: its simple or its full architecture."""
+    weak = patching_config(config)["settings"][setting]["models"][model]
+    return weak["simple" if weak_type == "simple" else "full"]
+
+
+def patched_approaches(config: Mapping[str, Any], dataset: str, model: str) -> list[str]:
+    """Every approach with a module set of ``model`` on ``dataset``: all of them are patched."""
+    from dnnmod.study import expand_modularizations
+
+    return sorted({approach for approach, d, m in expand_modularizations(config)
+                   if (d, m) == (dataset, model)})
+
+
+def check_patching_config(config: Mapping[str, Any]) -> None:
+    """Names in ``reuse.patching`` resolve, recipes fit the weak-model rules, weak tasks are
+    valid; ConfigError naming the key at fault (the schema checks types and shapes)."""
+    from dnnmod.data import DATASETS, Task
+    from dnnmod.study import expand_base_models
+
+    section = patching_config(config)
+    if not section:
+        return
+    where = "reuse.patching"
+    protocol = section.get("protocol", "minmax")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"{where}.protocol: {UnknownNameError('protocol', protocol, PROTOCOLS)}")
+    recipes = section["recipes"]
+    for role, name in recipes.items():
+        if name not in config["recipes"]:
+            raise ConfigError(f"{where}.recipes.{role}: {name!r} is not defined under recipes "
+                              f"(defined: {sorted(config['recipes'])})")
+    if config["recipes"][recipes["simple"]].get("selection", "last") != "best_val":
+        raise ConfigError(f"{where}.recipes.simple: recipe {recipes['simple']!r} must select the "
+                          "best validation epoch (selection: best_val), as the protocol does")
+    full = config["recipes"][recipes["full"]]
+    rules = [(full.get("schedule", "cosine") == "constant",
+              "a constant learning rate (schedule: constant): underfit is the overfit run's "
+              "earlier checkpoint, which a shorter run reproduces only at a constant rate"),
+             (not full.get("augmentation"), "no augmentation (augmentation: [])"),
+             (full.get("selection", "last") == "last", "the last epoch (selection: last)")]
+    for ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{where}.recipes.full: recipe {recipes['full']!r} must train "
+                              f"with {rule}")
+    base_models = expand_base_models(config)
+    tasks = config.get("tasks") or {}
+    class_counts = {name: DATASETS[name].num_classes for name in config["datasets"]
+                    if name in DATASETS}
+    class_counts |= {name: sum(len(part["classes"]) for part in entry["parts"])
+                     for name, entry in tasks.items()}
+    for name, setting in section["settings"].items():
+        here = f"{where}.settings.{name}"
+        dataset = setting["dataset"]
+        if dataset not in class_counts:
+            raise ConfigError(f"{here}.dataset: {dataset!r} is not a configured dataset or task")
+        for tc in setting["target_classes"]:
+            if not 0 <= tc < class_counts[dataset]:
+                raise ConfigError(f"{here}.target_classes: class {tc} is out of range: "
+                                  f"{dataset} has {class_counts[dataset]} classes")
+        for model, weak in setting["models"].items():
+            if (dataset, model) not in base_models:
+                raise ConfigError(f"{here}.models.{model}: {model} on {dataset} is not a base "
+                                  "model of this study (add it under base_models)")
+            if not patched_approaches(config, dataset, model):
+                raise ConfigError(f"{here}.models.{model}: no modularize entry decomposes "
+                                  f"{model} on {dataset}: there is no module to patch with")
+            for role, weak_name in weak.items():
+                if weak_name not in config["models"]:
+                    raise ConfigError(f"{here}.models.{model}.{role}: {weak_name!r} is not "
+                                      f"defined under models (defined: "
+                                      f"{sorted(config['models'])})")
+        for tc in setting["target_classes"]:
+            task_name = weak_task_name(name, tc)
+            if task_name in tasks or task_name in DATASETS:
+                raise ConfigError(f"{here}: its weak task {task_name!r} clashes with a "
+                                  "configured task or dataset of that name")
+            try:
+                Task.from_config(task_name, weak_task_spec(setting, tc)).check(class_counts)
+            except ConfigError as err:
+                raise ConfigError(f"{here}: {err}") from None
+
+
+# The patch itself.
+
+
+def minmax_calibration(scores: torch.Tensor) -> tuple[float, float]:
+    """Minimum and maximum of a module's scores on the TC validation images."""
+    if scores.numel() == 0:
+        raise ConfigError("min-max calibration needs target-class validation images; the weak "
+                          "task's validation split has none (raise samples_per_class.train)")
+    return scores.min().item(), scores.max().item()
+
+
+def calibrate(scores: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``(scores - low) / (high - low)``; a module constant on the validation images (high ==
+    low) is only shifted, so it still ranks test images."""
+    span = high - low
+    return (scores - low) / (span if span > 0 else 1.0)
+
+
+def patched_predictions(weak_probabilities: torch.Tensor, calibrated: torch.Tensor,
+                        tc_column: int) -> torch.Tensor:
+    """Argmax over the weak model's softmax with column ``tc_column`` replaced by the module's
+    calibrated score."""
+    patched = weak_probabilities.clone()
+    patched[:, tc_column] = calibrated
+    return patched.argmax(dim=1)
+
+
+def target_metrics(labels: torch.Tensor, predictions: torch.Tensor, tc_column: int
+                   ) -> dict[str, float]:
+    """TC precision, recall and F1 (binary, "is it the TC") and non-TC accuracy, in %."""
+    labels, predictions = labels.cpu().numpy(), predictions.cpu().numpy()
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels == tc_column, predictions == tc_column, average="binary", zero_division=0)
+    others = labels != tc_column
+    non_tc = (predictions[others] == labels[others]).mean() if others.any() else float("nan")
+    return {"precision": 100 * float(precision), "recall": 100 * float(recall),
+            "f1": 100 * float(f1), "non_tc_accuracy": 100 * float(non_tc)}
+
+
+def target_of(task_meta: Mapping[str, Any], strong_dataset: str, where: str) -> tuple[int, int]:
+    """(TC index in the strong model's dataset, TC column of the weak model) of a weak task:
+    its last part, one class of the strong model's dataset."""
+    source = task_meta.get("source")
+    parts = source.get("parts") if isinstance(source, dict) and source.get("kind") == "task" \
+        else None
+    if not parts:
+        raise ArtifactError(f"{where}: the weak model was not trained on a derived task; a "
+                            "weak task is other classes plus one target class (its last part)")
+    last = parts[-1]
+    if last["dataset"] != strong_dataset or len(last["classes"]) != 1:
+        raise ArtifactError(f"{where}: the weak task's last part ({last['dataset']}, classes "
+                            f"{last['classes']}) is not one class of the strong model's dataset "
+                            f"{strong_dataset!r}")
+    return int(last["classes"][0]), int(task_meta["num_classes"]) - 1
+
+
+def module_output(scores: torch.Tensor) -> torch.Tensor:
+    """One module's output per image from its scores, (images, 1) or (images, 1, 2): a head
+    with one score gives it; a head with two, Pan & Rajan's concern votes (V_c, V_uc), gives the
+    margin V_c - V_uc, positive where the module claims its class (our choice: Pan & Rajan have
+    no patching experiment)."""
+    if scores.dim() == 2:
+        return scores[:, 0]
+    if scores.dim() == 3 and scores.shape[2] == 2:
+        return scores[:, 0, 0] - scores[:, 0, 1]
+    raise ArtifactError(f"module scores of shape {tuple(scores.shape[1:])} per image: patching "
+                        "takes one score, or two concern votes (V_c, V_uc), per module")
+
+
+def calibrated_module_scores(strong_model, modules, weak_data, normalization: Mapping[str, Any],
+                             tc_column: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The TC module's min-max calibrated scores on the weak task's test images, and the
+    calibration. ``modules`` holds the one TC module; it sees images normalised as its strong
+    model was trained (``normalization``), not with the weak task's statistics."""
+    from dnnmod.modules.metrics import module_scores
+
+    def as_strong_input(images):
+        device = images.labels.device
+        return replace(images, mean=torch.tensor(normalization["mean"], device=device),
+                       std=torch.tensor(normalization["std"], device=device))
+
+    val_tc = weak_data.val.take((weak_data.val.labels == tc_column).nonzero().flatten())
+    low, high = minmax_calibration(module_output(module_scores(strong_model, modules,
+                                                               as_strong_input(val_tc))))
+    scores = module_output(module_scores(strong_model, modules, as_strong_input(weak_data.test)))
+    return calibrate(scores, low, high), {"min": low, "max": high,
+                                          "val_tc_images": len(val_tc)}
+
+
+def weak_vs_patched(weak_model, test, calibrated: torch.Tensor, tc_column: int
+                    ) -> dict[str, float]:
+    """The weak model's and the patched model's TC metrics on the ImageSet ``test``."""
+    from dnnmod.modules.inference import run
+
+    probabilities = torch.softmax(run(weak_model, test), dim=1)
+    weak = target_metrics(test.labels, probabilities.argmax(dim=1), tc_column)
+    patched = target_metrics(test.labels, patched_predictions(probabilities, calibrated,
+                                                              tc_column), tc_column)
+    return {**{f"weak_{key}": value for key, value in weak.items()},
+            **{f"patched_{key}": value for key, value in patched.items()}}
+
+
+def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequence[tuple[str, Path]],
+                      data_root: Path, setting: str, device: str = "cpu") -> dict[str, Any]:
+    """Patch every weak model (weak type, weights path) with the TC module of the module set at
+    ``modules_path``, cut from the strong model at ``strong_path``; the record the E3 table and
+    figure read (one row per weak model). Each weak task is loaded, and its module scores
+    computed, once for all weak models trained on it."""
+    from dnnmod.data import load_dataset
+    from dnnmod.modules.moduleset import ModuleSet
+    from dnnmod.training.model_io import load_model, read_model_record
+
+    started = time.monotonic()
+    for weak_type, _ in weak_paths:
+        if weak_type not in WEAK_TYPES:
+            raise ConfigError(f"--weak {weak_type}=...: "
+                              f"{UnknownNameError('weak type', weak_type, WEAK_TYPES)}")
+    # Every weak model's task must fit the strong model before anything heavy is loaded.
+    strong_meta = read_model_record(strong_path)
+    weak_metas, targets = [], {}
+    for _, path in weak_paths:
+        weak_metas.append(read_model_record(path))
+        task = weak_metas[-1]["dataset"]
+        targets[task] = target_of(load_task_meta(data_root, task), strong_meta["dataset"],
+                                  str(path))
+    strong_model, strong_meta = load_model(strong_path, device=device)
+    modules = ModuleSet.load(modules_path, base=strong_meta)
+    rows, tasks = [], {}
+    for (weak_type, path), weak_meta in zip(weak_paths, weak_metas, strict=True):
+        task, seed = weak_meta["dataset"], weak_meta["seed"]
+        tc, tc_column = targets[task]
+        if (task, seed) not in tasks:
+            weak_data = load_dataset(data_root, task, seed, device=device)
+            tasks[task, seed] = (weak_data.test, *calibrated_module_scores(
+                strong_model, modules.subset([tc]), weak_data, strong_meta["normalization"],
+                tc_column))
+        test, calibrated, calibration = tasks[task, seed]
+        weak_model, _ = load_model(path, device=device)
+        rows.append({
+            "weak_type": weak_type, "target_class": tc,
+            "target_name": strong_meta["class_names"][tc], "tc_column": tc_column,
+            "weak_model": weak_meta["model"], "weak_arch": weak_meta["arch"],
+            "weak_task": task, "weak_epochs": len(weak_meta["history"]),
+            "weak_selected_epoch": weak_meta["selected_epoch"],
+            **{f"weak_{split}_accuracy": weak_meta["metrics"][f"{split}_accuracy"]
+               for split in ("train", "val", "test")},
+            "calibration": calibration, "test_images": len(test),
+            "tc_test_images": int((test.labels == tc_column).sum()),
+            **weak_vs_patched(weak_model, test, calibrated, tc_column)})
+    return {"protocol": "minmax", "setting": setting, "approach": modules.approach,
+            "model": strong_meta["model"], "arch": strong_meta["arch"],
+            "dataset": strong_meta["dataset"],
+            "source_dataset": source_dataset(load_task_meta(data_root, strong_meta["dataset"])),
+            "training": strong_meta["training"],
+            "seed": modules.provenance["seed"], "strong_test_accuracy":
+            strong_meta["metrics"]["test_accuracy"], "rows": rows,
+            "seconds": time.monotonic() - started}
+
+
+def load_task_meta(data_root: Path, task: str) -> dict[str, Any]:
+    """meta.json of a prepared dataset or derived task."""
+    from dnnmod.artifacts import read_json
+
+    return read_json(Path(data_root) / task / "meta.json")
+
+
+def source_dataset(meta: Mapping[str, Any]) -> str:
+    """The dataset the images of a dataset or task come from (a task of classes of one dataset,
+    such as SVHN digits 0-4, names that dataset): the name published numbers are filed under."""
+    source = meta.get("source")
+    if isinstance(source, dict) and source.get("kind") == "task":
+        datasets = {part["dataset"] for part in source["parts"]}
+        if len(datasets) == 1:
+            return datasets.pop()
+    return meta["name"]
