@@ -2,14 +2,12 @@
 module of class k swapped for class k's module of a stronger model of the same dataset,
 composed N-class top-1/top-5 test accuracy per k.
 
-All 2N modules (the weaker set's and the stronger set's) run as one composed network,
-:meth:`ComposedModel.from_parts <dnnmod.modules.compose.ComposedModel.from_parts>` (each part
-normalises the [0, 1] images with its own base model's statistics), once over the test
-images. A composition's output is its parts' scores side by side, and a module's score does
-not depend on the other parts, so the composition swapping class k is the weaker set's score
-columns with column k taken from the stronger set's, combined by the sets' rule (``voting``
-for Pan & Rajan): one pass instead of N composed networks. The baselines are the two module
-sets composed unchanged and the two base models.
+The scores of all 2N modules (the weaker set's and the stronger set's) are computed once over
+the test images, one batched masked pass per set. A module's score does not depend on the
+other modules, so the composition swapping class k is the weaker set's score columns with
+column k taken from the stronger set's, combined by the sets' rule (``voting`` for Pan &
+Rajan): no module is extracted, and no network is built per swap. The baselines are the two
+module sets composed unchanged and the two base models.
 
 The two module sets must recognise the same classes of the same dataset and combine scores by
 the same rule; the models may differ in architecture (the paper swaps between ResNets).
@@ -27,9 +25,8 @@ from torch import nn
 from dnnmod.artifacts import read_json, write_json
 from dnnmod.errors import ConfigError
 from dnnmod.modules.combination import combine_scores
-from dnnmod.modules.compose import ComposedModel, ComposedPart
-from dnnmod.modules.inference import CUDA_IMAGES_PER_MODULE, run
-from dnnmod.modules.metrics import top_k_accuracy
+from dnnmod.modules.inference import run
+from dnnmod.modules.metrics import module_scores, top_k_accuracy
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.report.figures import approach_style, pyplot, save_figure
 from dnnmod.report.tables import published, published_value, write_table
@@ -54,20 +51,12 @@ def check_pair(weaker: ModuleSet, stronger: ModuleSet, where: str) -> None:
 
 @torch.no_grad()
 def replacement_scores(weaker: tuple[nn.Module, ModuleSet], stronger: tuple[nn.Module, ModuleSet],
-                       test, images_per_pass: int = CUDA_IMAGES_PER_MODULE) -> torch.Tensor:
+                       test) -> torch.Tensor:
     """Scores of the weaker set's N modules then the stronger set's N on the ImageSet ``test``:
-    (images, 2N) or (images, 2N, k), from one composed network of the 2N parts."""
-    parts = [ComposedPart(model, modules, label) for model, modules in (weaker, stronger)
-             for label in modules.classes]
-    composed = ComposedModel.from_parts(parts, weaker[1].combination)
-    device = test.labels.device
-    composed.to(device)
-    chunks = []
-    for start in range(0, len(test), images_per_pass):
-        x, _ = test.unit_batch(torch.arange(start, min(start + images_per_pass, len(test)),
-                                            device=device))
-        chunks.append(composed(x).float())
-    return torch.cat(chunks)
+    (images, 2N) or (images, 2N, k). One batched masked pass per set; every swap is then a
+    choice of columns, so no module is extracted or run twice."""
+    return torch.cat([module_scores(model, modules, test).float()
+                      for model, modules in (weaker, stronger)], dim=1)
 
 
 def replace_modules(weaker: tuple[nn.Module, ModuleSet], stronger: tuple[nn.Module, ModuleSet],
