@@ -33,7 +33,8 @@ SLURM_TINY = {**TINY, "resources": {"train": {"runtime": 10, "mem_mb": 1000}}}
 
 # Every rule but `all` (a local rule) is a SLURM job; these declare `gpu: 1`.
 SLURM_RULES = {"prepare_dataset", "split_dataset", "train_base_model", "table_base_models",
-               "modularize", "evaluate_modules", "table_modularization"}
+               "modularize", "evaluate_modules", "table_modularization", "table_cost",
+               "study_report"}
 GPU_RULES = {"train_base_model", "modularize", "evaluate_modules"}
 
 SLURM_CONF = """\
