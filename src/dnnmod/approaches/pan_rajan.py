@@ -62,7 +62,7 @@ from dnnmod.modules.activations import ActivationStatistics, activation_statisti
 from dnnmod.modules.heads import ConcernVotesHead
 from dnnmod.modules.masking import ensure_nonempty, mask_shapes
 from dnnmod.modules.moduleset import ModuleSet, base_identity
-from dnnmod.modules.structure import ChannelGroup, ModelStructure, trace_structure
+from dnnmod.modules.structure import ChannelGroup, ModelStructure, probe, trace_structure
 
 
 class PanRajan(Approach):
@@ -226,13 +226,6 @@ def _feeding_group(model: nn.Module, structure: ModelStructure) -> ChannelGroup 
     handles = [layers[name].register_forward_hook(
         lambda _module, _inputs, _output, name=name: calls.append(name))
         for name in (*owner, structure.output_layer)]
-    reference = next(model.parameters())
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *structure.input_shape[1:]), device=reference.device,
-                              dtype=reference.dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
+    probe(model, structure.input_shape, handles)
     before = calls[:calls.index(structure.output_layer)]
     return owner[before[-1]] if before else None

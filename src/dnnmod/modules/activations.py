@@ -47,7 +47,7 @@ from torch import nn
 
 from dnnmod.errors import ConfigError
 from dnnmod.modules.inference import batches, plan_pass
-from dnnmod.modules.structure import ModelStructure
+from dnnmod.modules.structure import ModelStructure, eval_mode, probe
 
 if TYPE_CHECKING:
     from dnnmod.data.dataset import ImageSet
@@ -148,17 +148,9 @@ def activation_sites(model: nn.Module, structure: ModelStructure) -> dict[str, s
     def record(module: nn.Module, _inputs, output) -> None:
         calls.append((module, output.shape[1], output.dim()))
 
-    handles = [module.register_forward_hook(record) for module in model.modules()
-               if isinstance(module, (nn.ReLU, *_PRODUCERS))]
-    reference = next(model.parameters())
-    example = torch.zeros((1, *structure.input_shape[1:]), device=reference.device,
-                          dtype=reference.dtype)
-    try:
-        with _eval_mode(model), torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    probe(model, structure.input_shape, [module.register_forward_hook(record)
+                                         for module in model.modules()
+                                         if isinstance(module, (nn.ReLU, *_PRODUCERS))])
 
     relu_calls = [index for index, (module, _, _) in enumerate(calls)
                   if isinstance(module, nn.ReLU)]
@@ -272,7 +264,7 @@ def activation_statistics(model: nn.Module, structure: ModelStructure, images: I
 
     # Planned inside the eval-mode context: the planning probe's own mode restoring would
     # otherwise set every submodule to the model's mode.
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         plan = plan_pass(model, (1, *images.images.shape[1:]), None, device, budget)
         # Per-position sums cast one site's output to float64 (twice its size, plus a mask),
         # about as much again as the three activations per image the plan counts: halve it.
@@ -320,15 +312,3 @@ def _site_hooks(model: nn.Module, sites: Iterable[str],
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside, every submodule's own mode restored afterwards."""
-    training_modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in training_modes.items():
-            module.training = training

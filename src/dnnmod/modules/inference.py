@@ -10,38 +10,27 @@ pass. Gradients are off unless asked for.
 Chunk sizes (measured with benchmarks/composed_inference.py on a 2-core CPU): a repeated batch
 beyond about 320 images runs slower than one module at a time there (memory-bound), so a CPU
 pass holds at most 320 repeated images (512 for a plain pass); a GPU takes 256 images per
-module, as many modules at once as the activation memory budget allows.
+module, as many modules at once as the activation memory budget allows. With a
+:class:`~dnnmod.modules.masking.KeptChannelPass`, modules run one at a time as their
+kept-channel sub-networks, in plain-pass chunks of images.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dnnmod.modules.masking import check_masks, masked_logits
-from dnnmod.modules.structure import ModelStructure
+from dnnmod.modules.masking import KeptChannelPass, check_masks, masked_logits
+from dnnmod.modules.structure import ModelStructure, eval_mode, probe
 
 CPU_MASKED_IMAGES = 320
 CPU_PLAIN_IMAGES = 512
 CUDA_IMAGES_PER_MODULE = 256
 #: activation memory one pass may use, by device type (bytes); CUDA: also <= half the free memory
 MEMORY_BUDGET = {"cpu": 2 << 30, "cuda": 8 << 30}
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode within the block; afterwards every layer gets its own mode back
-    (a model may hold layers in another mode than itself, such as a frozen BatchNorm)."""
-    modes = {module: module.training for module in model.modules()}
-    try:
-        yield model.eval()
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 @dataclass(frozen=True)
@@ -63,15 +52,7 @@ def activation_bytes_per_image(model: nn.Module, input_shape: tuple[int, ...]) -
             largest = max(largest, output[:1].numel() * output.element_size())
 
     leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [leaf.register_forward_hook(record) for leaf in leaves]
-    reference = next(model.parameters())
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(torch.zeros((1, *input_shape[1:]), device=reference.device,
-                              dtype=reference.dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
+    probe(model, input_shape, [leaf.register_forward_hook(record) for leaf in leaves])
     return 3 * largest
 
 
@@ -106,13 +87,14 @@ def batches(images, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 def run(model: nn.Module, images, *, structure: ModelStructure | None = None,
         masks: Mapping[str, torch.Tensor] | None = None,
         head: Callable[[torch.Tensor], torch.Tensor] | None = None, grad: bool = False,
-        budget: int | None = None) -> torch.Tensor:
+        budget: int | None = None, kept_pass: KeptChannelPass | None = None) -> torch.Tensor:
     """Outputs of ``model`` on every image of an ImageSet, in eval mode.
 
     Without ``masks``: the logits, (images, N). With ``masks`` (group name → (M, ...) tensor,
     see :func:`~dnnmod.modules.masking.masked`): every module's logits, (M, images, N), or
     with ``head`` (a :class:`~dnnmod.modules.heads.Head`, or its subset for a module chunk via
-    ``head.subset``) the module scores, (images, M).
+    ``head.subset``) the module scores, (images, M). With ``kept_pass`` (built for this model
+    and structure), the modules run one at a time as their kept-channel sub-networks.
     """
     reference = next(model.parameters())
     input_shape = (1, *images.images.shape[1:])
@@ -123,6 +105,12 @@ def run(model: nn.Module, images, *, structure: ModelStructure | None = None,
         if structure is None:
             raise ValueError("a masked pass needs the model's structure")
         modules = check_masks(structure, masks)
+        if kept_pass is not None:  # one module at a time: plain-pass batches
+            plan = plan_pass(model, input_shape, None, reference.device, budget)
+            masks = {name: mask.to(reference.device) for name, mask in masks.items()}
+            logits = torch.cat([kept_pass.logits(masks, x).float()
+                                for x, _ in batches(images, plan.images)], dim=1)
+            return head(logits) if head is not None else logits
         plan = plan_pass(model, input_shape, modules, reference.device, budget)
         per_chunk = []
         for first in range(0, modules, plan.modules):

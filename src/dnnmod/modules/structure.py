@@ -27,6 +27,8 @@ comes out as the norm's shift).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +187,32 @@ class ModelStructure:
                 raise ArtifactError(f"group {group.name}: shape {group.shape} does not start "
                                     f"with its size {group.size}")
         return structure
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode within the block; afterwards every layer gets its own mode back
+    (a model may hold layers in another mode than itself, such as a frozen BatchNorm)."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        yield model.eval()
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def probe(model: nn.Module, input_shape: Sequence[int], handles: Sequence = ()) -> None:
+    """One forward pass of a zero image (``input_shape`` without its batch size) through
+    ``model`` in eval mode without gradients, for the hooks of ``handles``: they are removed
+    afterwards, also when the pass fails."""
+    reference = next(model.parameters())
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros((1, *input_shape[1:]), device=reference.device,
+                              dtype=reference.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def trace_structure(

@@ -1,0 +1,138 @@
+"""The kept-channel pass of GradSplitter's search: the same losses, score gradients and logits
+as the straightforward masked pass, and a fallback wherever it could differ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomise_norms
+from torch import nn
+
+import dnnmod.approaches.gradsplitter as gradsplitter
+from dnnmod.data import ImageSet
+from dnnmod.models import build_model
+from dnnmod.modules.heads import LogitMLPHead
+from dnnmod.modules.inference import run
+from dnnmod.modules.masking import KeptChannelPass, masked_logits
+from dnnmod.modules.structure import trace_structure
+
+MODULES = 3
+SHAPES = [("simcnn", 0.125), ("vgg16", 0.125), ("resnet20", 0.5)]
+
+
+def _frozen(arch: str, width: float) -> nn.Module:
+    torch.manual_seed(0)
+    model = randomise_norms(build_model(arch, MODULES, width))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def _scores(structure, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Module 0 keeps every kernel, the others a random half (scores ±1 and in between)."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = {}
+    for group in structure.conv_groups:
+        values = torch.rand(MODULES, group.size, generator=generator) * 2 - 1
+        values[0] = values[0].abs() + 0.1
+        values[1:, 0] = 0.5  # every module keeps something of every group
+        scores[group.name] = values
+    return scores
+
+
+def _loss_and_gradients(model, structure, kept_pass, scores, head, x, y):
+    trainable = {name: s.clone().requires_grad_(True) for name, s in scores.items()}
+    head.zero_grad(set_to_none=True)
+    loss = gradsplitter.mask_loss(model, structure, kept_pass, trainable, head, x, y, alpha=0.1)
+    loss.backward()
+    gradients = torch.cat([trainable[name].grad.flatten() for name in scores])
+    return loss.item(), gradients, head.w1.grad.clone()
+
+
+@pytest.mark.parametrize(("arch", "width"), SHAPES)
+def test_fast_path_equals_the_masked_pass(arch, width):
+    model = _frozen(arch, width)
+    structure = trace_structure(model)
+    kept_pass = gradsplitter.kept_channel_pass(model, structure)
+    assert kept_pass is not None
+    scores = _scores(structure)
+    head = LogitMLPHead(list(range(MODULES)), MODULES)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, MODULES, (16,))
+    naive = _loss_and_gradients(model, structure, None, scores, head, x, y)
+    fast = _loss_and_gradients(model, structure, kept_pass, scores, head, x, y)
+    assert fast[0] == pytest.approx(naive[0], rel=1e-5)
+    # Score gradients: dropped kernels get the penalty's alone, kept ones the same sums.
+    assert (fast[1] - naive[1]).norm() <= 1e-4 * naive[1].norm()
+    assert (fast[2] - naive[2]).norm() <= 1e-4 * naive[2].norm()
+    # Scores at exactly zero are dropped: the binary mask is 1[score > 0].
+    assert not torch.equal(fast[1], torch.zeros_like(fast[1]))
+
+
+@pytest.mark.parametrize(("arch", "width"), SHAPES)
+def test_in_float64_the_fast_path_is_exact(arch, width):
+    # In float32, sums of gradient x activation that cancel heavily differ by evaluation
+    # order; in float64 both ways must agree to rounding.
+    model = _frozen(arch, width).double()
+    structure = trace_structure(model)
+    kept_pass = KeptChannelPass.build(model, structure,
+                                      [group.name for group in structure.conv_groups])
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    weights = torch.randn(MODULES, 8, MODULES, dtype=torch.float64)
+    results = []
+    for forward in (lambda m: masked_logits(model, structure, m, x),
+                    lambda m: kept_pass.logits(m, x)):
+        masks = {name: (s > 0).double().requires_grad_(True)
+                 for name, s in _scores(structure).items()}
+        out = forward(masks)
+        gradients = torch.autograd.grad((out * weights).sum(), list(masks.values()))
+        results.append((out.detach(), torch.cat([g.flatten() for g in gradients])))
+    (dense, dense_grad), (fast, fast_grad) = results
+    torch.testing.assert_close(fast, dense, rtol=1e-10, atol=1e-10 * dense.abs().max().item())
+    torch.testing.assert_close(fast_grad, dense_grad, rtol=1e-9,
+                               atol=1e-10 * dense_grad.abs().max().item())
+
+
+@pytest.mark.parametrize(("arch", "width"), SHAPES[::2])
+def test_run_with_the_fast_path_gives_the_masked_logits(arch, width):
+    model = _frozen(arch, width)
+    structure = trace_structure(model)
+    kept_pass = gradsplitter.kept_channel_pass(model, structure)
+    masks = {name: s > 0 for name, s in _scores(structure, seed=1).items()}
+    images = ImageSet(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8),
+                      torch.zeros(40, dtype=torch.long), ["a", "b", "c"],
+                      torch.full((3,), 0.5), torch.full((3,), 0.25))
+    masked = run(model, images, structure=structure, masks=masks)
+    fast = run(model, images, structure=structure, masks=masks, kept_pass=kept_pass)
+    assert fast.shape == masked.shape == (MODULES, 40, MODULES)
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-4 * masked.abs().max().item())
+
+
+def test_a_module_with_an_empty_group_runs_masked():
+    model = _frozen("vgg16", 0.125)
+    structure = trace_structure(model)
+    kept_pass = KeptChannelPass.build(model, structure)
+    masks = {name: (s > 0).float() for name, s in _scores(structure).items()}
+    masks[structure.conv_groups[3].name][2] = 0.0  # module 2 keeps nothing of group 4
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(kept_pass.logits(masks, x), masked_logits(model, structure,
+                                                                         masks, x),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_models_it_cannot_match_fall_back_to_the_masked_pass():
+    # Without a ReLU after the first norm, a dropped channel's zero reaches the next conv as
+    # a gradient: the masked model's mask gradient there is not zero, the probe sees it.
+    def network(first_relu: bool) -> nn.Module:
+        torch.manual_seed(0)
+        return randomise_norms(nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+            *([nn.ReLU()] if first_relu else []),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)))
+
+    gated, ungated = network(True), network(False)
+    assert KeptChannelPass.build(gated, trace_structure(gated)) is not None
+    assert KeptChannelPass.build(ungated, trace_structure(ungated)) is None
+    # Depthwise convs cannot be sliced to a module's channels.
+    mobilenet = build_model("mobilenet", 10, width=0.125).eval()
+    assert KeptChannelPass.build(mobilenet, trace_structure(mobilenet)) is None
