@@ -13,12 +13,13 @@ from sklearn.metrics import f1_score
 from workflow_helpers import TINY, make_project, snakemake, write_config
 
 from dnnmod.artifacts import write_json
+from dnnmod.cli import main
 from dnnmod.data import ImageSet, combine
 from dnnmod.errors import ArtifactError, ConfigError
 from dnnmod.models import build_model
 from dnnmod.modules import combination
-from dnnmod.modules.heads import Head, LogitMLPHead, OwnLogitHead
-from dnnmod.modules.masking import ensure_nonempty
+from dnnmod.modules.heads import ConcernVotesHead, Head, LogitMLPHead, OwnLogitHead
+from dnnmod.modules.masking import channel_view, ensure_nonempty
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.modules.structure import trace_structure
 from dnnmod.report.newtask import new_task_figure, new_task_table, write_new_task_report
@@ -26,6 +27,8 @@ from dnnmod.reuse.newtask import (
     Candidate,
     Pair,
     choose_module,
+    continue_learning,
+    continuous_learning_loss,
     f1_by_class,
     pair_record,
     plan_new_tasks,
@@ -92,9 +95,26 @@ def test_plan_takes_the_approaches_with_module_sets_on_both_datasets():
     assert plan_new_tasks({"reuse": {}}, decomposed) == {}
 
 
+def test_plan_carries_the_continuous_learning_settings_with_defaults():
+    decomposed = [("pan_rajan", "digits", "simcnn"), ("pan_rajan", "shapes", "simcnn")]
+    plans = plan_new_tasks(_study(settings={
+        "with": {"datasets": ["digits", "shapes"], "model": "simcnn", "pairs": [[0, 1]],
+                 "continuous_learning": {"epochs": 2}},
+        "without": {"datasets": ["digits", "shapes"], "model": "simcnn", "pairs": [[0, 1]]}}),
+        decomposed)
+    assert plans["with"].continuous_learning == {"epochs": 2, "lr": 0.00001, "batch_size": 64}
+    assert plans["without"].continuous_learning is None
+
+
 @pytest.mark.parametrize("study, message", [
     ({**_study(settings={}), "reuse": {"new_tasks": {"recipe": "fast", "settings": {}}}},
      r"reuse\.new_tasks\.recipe: 'fast' is not defined under recipes"),
+    (_study(settings={"s": {"datasets": ["digits", "shapes"], "model": "simcnn",
+                            "continuous_learning": {"epochs": 0}}}),
+     r"settings\.s\.continuous_learning\.epochs: 0 is out of range"),
+    (_study(settings={"s": {"datasets": ["digits", "shapes"], "model": "simcnn",
+                            "continuous_learning": {"epoch": 2}}}),
+     r"settings\.s\.continuous_learning: unknown keys \['epoch'\]"),
     (_study(settings={"s": {"datasets": ["digits", "shapes"], "model": "lenet"}}),
      r"settings\.s\.model: 'lenet' is not defined under models"),
     (_study(settings={"s": {"datasets": ["digits", "shapes"], "model": "simcnn",
@@ -115,11 +135,17 @@ def tiny_structure():
 
 
 def hand_made_modules(structure, head: Head, seed: int = 0, combination_rule: str = "argmax",
-                      normalization=None, dataset: str = "digits") -> ModuleSet:
+                      normalization=None, dataset: str = "digits",
+                      positions: bool = False) -> ModuleSet:
+    """Random masks: kept channels, or with ``positions`` active output positions of the
+    groups that take them (Pan & Rajan's granularity)."""
     generator = torch.Generator().manual_seed(seed)
+    shapes = {g.name: (g.size,) if not positions or len(g.shape) != 3 else tuple(g.shape)
+              for g in structure.groups}
     masks = ensure_nonempty(
-        {g.name: torch.rand(10, g.size, generator=generator) < 0.5 for g in structure.groups},
-        {g.name: torch.rand(10, g.size, generator=generator) for g in structure.groups})
+        {name: torch.rand(10, *shape, generator=generator) < 0.5
+         for name, shape in shapes.items()},
+        {name: torch.rand(10, *shape, generator=generator) for name, shape in shapes.items()})
     return ModuleSet(approach="test", classes=list(range(10)), masks=masks, head=head,
                      combination=combination_rule, structure=structure,
                      base={"weights_sha256": str(seed) * 64, "dataset": dataset,
@@ -286,16 +312,147 @@ def test_a_test_set_that_is_not_a_pair_task_is_refused(digits):
         pair_record(Pair("digits", 3, "digits", 8), both, both, digits.test.subset([3]))
 
 
+# --------------------------------------------------------- continuous learning
+
+
+HEADS = {"own_logit": (OwnLogitHead, "argmax", False),
+         "logit_mlp": (LogitMLPHead, "argmax", False),
+         "concern_votes": (ConcernVotesHead, "voting", True)}
+
+
+def _learning_parts(digits, kind: str) -> tuple[Candidate, Candidate]:
+    """The two parts of :func:`_two_model_parts` with modules of one of the three ways a
+    module's score is read; Pan & Rajan's (V_c, V_uc) with position masks."""
+    part_a, part_b = _two_model_parts(digits)
+    head, rule, positions = HEADS[kind]
+    parts = []
+    for seed, part in enumerate((part_a, part_b), start=1):
+        normalization = part.meta["normalization"]
+        modules = hand_made_modules(trace_structure(part.model), head(list(range(10)), 10), seed,
+                                    combination_rule=rule, normalization=normalization,
+                                    dataset=part.dataset, positions=positions)
+        parts.append(Candidate(part.model, part.meta, modules, part.source, part.f1))
+    return parts[0], parts[1]
+
+
+@pytest.fixture(scope="module")
+def pair_train(digits):
+    """A pair task's training images: digit 3 (label 0) and digit 8 (label 1)."""
+    return combine([digits.train.subset([3]), digits.train.subset([8])])
+
+
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_continuous_learning_changes_only_the_kept_weights(digits, pair_train, kind):
+    part_a, part_b = _learning_parts(digits, kind)
+    originals = [{k: v.clone() for k, v in part.model.state_dict().items()}
+                 for part in (part_a, part_b)]
+    heads = [{k: v.clone() for k, v in part.modules.head.state_dict().items()}
+             for part in (part_a, part_b)]
+    tuned, history = continue_learning(part_a, 3, part_b, 8, pair_train,
+                                       {"epochs": 2, "lr": 0.01, "batch_size": 64})
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["train_loss"] >= 0 and 0 <= h["train_accuracy"] <= 100 for h in history)
+    for part, cls, original, head, result in zip((part_a, part_b), (3, 8), originals, heads,
+                                                tuned, strict=True):
+        # The candidates are left as they were; the retrained module has its own copy.
+        assert all(torch.equal(t, part.model.state_dict()[k]) for k, t in original.items())
+        assert all(torch.equal(t, part.modules.head.state_dict()[k]) for k, t in head.items())
+        assert result.model is not part.model and result.class_index == cls
+        masks = part.modules.module_masks(part.modules.classes.index(cls))
+        assert all(torch.equal(result.modules.masks[name][0], mask)
+                   for name, mask in masks.items())
+        state = result.model.state_dict()
+        # BatchNorm's running statistics stay (eval mode).
+        assert all(torch.equal(state[k], t) for k, t in original.items()
+                   if k.endswith(("running_mean", "running_var")))
+        changed = False
+        for group in part.modules.structure.groups:
+            kept = channel_view(masks[group.name][None])[0]
+            for name in group.convs:
+                weight, retrained = original[f"{name}.weight"], state[f"{name}.weight"]
+                assert torch.equal(weight[~kept], retrained[~kept]), (kind, name)
+                changed |= not torch.equal(weight[kept], retrained[kept])
+            for name, offset in zip(group.norms, group.norm_offsets, strict=True):
+                dropped = (~kept).nonzero().flatten() + offset
+                for tensor in ("weight", "bias"):
+                    if f"{name}.{tensor}" in original:
+                        assert torch.equal(original[f"{name}.{tensor}"][dropped],
+                                           state[f"{name}.{tensor}"][dropped]), (kind, name)
+        assert changed, kind  # the kept weights did learn
+        if kind == "logit_mlp":  # GradSplitter's head is the module's own: it learns too
+            retrained_head = result.modules.head.state_dict()
+            assert not torch.equal(retrained_head["w2"][0],
+                                   head["w2"][part.modules.classes.index(cls)])
+
+
+def test_continuous_learning_trains_on_the_training_split_and_only_scores_test(
+        digits, pair_train, pair_test):
+    part_a, part_b = _learning_parts(digits, "concern_votes")
+    pair = Pair("digits", 3, "shapes", 8)
+    settings = {"epochs": 1, "batch_size": 32}
+    record = pair_record(pair, part_a, part_b, pair_test, pair_train, settings, seed=5)
+    # Test images replaced by noise: the same training, hence the same retrained modules.
+    noise = ImageSet(torch.randint(0, 256, pair_test.images.shape, dtype=torch.uint8),
+                     pair_test.labels, pair_test.class_names, pair_test.mean, pair_test.std)
+    on_noise = pair_record(pair, part_a, part_b, noise, pair_train, settings, seed=5)
+    learned = record["continuous_learning"]
+    assert on_noise["continuous_learning"]["history"] == learned["history"]
+    assert learned["train_images"] == len(pair_train)
+    # The retrained composition, scored by hand: Pan & Rajan's vote of the retrained modules.
+    tuned, history = continue_learning(part_a, 3, part_b, 8, pair_train, settings, seed=5)
+    assert history == learned["history"]
+    x, labels = pair_test.unit_batch()
+    scores = torch.cat([part.modules.scores(part.model, _normalise(
+        x, part.modules.base["normalization"])) for part in tuned], dim=1)
+    expected = _votes(scores, torch.tensor([0, 1]))
+    assert learned["composed_accuracy"] == pytest.approx(
+        100 * (expected == labels).float().mean().item())
+    # The plain composition is scored as before, beside it.
+    assert record["composed_accuracy"] == pair_record(pair, part_a, part_b,
+                                                      pair_test)["composed_accuracy"]
+    with pytest.raises(ArtifactError, match="continuous learning needs the pair task's "
+                                            "training images"):
+        pair_record(pair, part_a, part_b, pair_test, None, settings)
+    with pytest.raises(ArtifactError, match="not those of a pair task"):
+        continue_learning(part_a, 3, part_b, 8, digits.train.subset([3]), settings)
+
+
+def test_continuous_learning_loss_reads_scores_as_the_rule_does():
+    labels = torch.tensor([0, 1])
+    votes = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[0.0, 3.0], [1.0, 0.0]]])
+    # Module 0 should vote (V_c, node 0) on label 0 and abstain (V_uc, node 1) on label 1;
+    # where both or neither vote, the right module's V_c should be the highest.
+    assert continuous_learning_loss(votes, labels).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(votes.flatten(0, 1), torch.tensor([0, 1, 1, 0])).item()
+        + torch.nn.functional.cross_entropy(votes[..., 0], labels).item())
+    # argmax: one softmax across the two modules' scores.
+    logits = torch.tensor([[3.0, -1.0], [0.5, 2.0]])
+    assert continuous_learning_loss(logits, labels).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, labels).item())
+
+
+def test_bad_continuous_learning_option_is_refused_before_loading(tmp_path, capsys):
+    status = main(["reuse", "new-task", "--approach", "pan_rajan", "--setting", "s",
+                   "--model", "simcnn", "--pairs", '[["digits", 3, "shapes", 1]]',
+                   "--candidate", str(tmp_path / "m.safetensors"), str(tmp_path / "w"),
+                   "--continuous-learning", '{"lr": 0}', "--out", str(tmp_path / "o.json")])
+    assert status == 2
+    assert "--continuous-learning.lr: 0 is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
+
+
 # ------------------------------------------------------------------ table and figure
 
 
-def _composed_json(path, setting, approach, kind, accuracies):
+def _composed_json(path, setting, approach, kind, accuracies, continuous=None):
     pairs = [{"task": f"pair_{i}", "pair": f"d/{i} + e/{i}", "dataset_a": "d", "class_a": i,
               "class_name_a": str(i), "dataset_b": "e", "class_b": i, "class_name_b": str(i),
               "module_a": {"model": "simcnn", "training": "st", "selection_f1": 90.0},
               "module_b": {"model": "simcnn", "training": "st", "selection_f1": 80.0},
               "test_images": 20, "composed_accuracy": accuracy}
              for i, accuracy in enumerate(accuracies)]
+    for record, accuracy in zip(pairs, continuous or [], strict=False):
+        record["continuous_learning"] = {"composed_accuracy": accuracy, "history": []}
     write_json(path, {"setting": setting, "kind": kind, "approach": approach,
                       "model": "simcnn", "seed": 0, "pairs": pairs})
     return path
@@ -340,6 +497,33 @@ def test_table_differences_means_and_published_beside(tmp_path):
         new_task_table([tmp_path / "other.json"], scratch)
 
 
+def test_table_and_figure_give_both_variants_with_their_published_means(tmp_path):
+    composed = [_composed_json(tmp_path / "a.json", "c10_x_c100", "pan_rajan", "inter",
+                               [90, 70], continuous=[95, 85])]
+    scratch = [_scratch_json(tmp_path, "pair_0", 85.0), _scratch_json(tmp_path, "pair_1", 75.0)]
+    table = new_task_table(composed, scratch)
+    assert list(zip(table.variant, table.pair, strict=True)) == [
+        ("composed", "d/0 + e/0"), ("composed", "d/1 + e/1"), ("composed", "mean"),
+        ("continuous_learning", "d/0 + e/0"), ("continuous_learning", "d/1 + e/1"),
+        ("continuous_learning", "mean")]
+    means = table[table.pair == "mean"].set_index("variant")
+    assert means.loc["composed", "accuracy_difference_pp"] == 0.0
+    assert means.loc["continuous_learning", "accuracy_difference_pp"] == 10.0
+    # Pan & Rajan's inter-dataset means: -12.06 without, -7.63 with continuous learning.
+    assert means.loc["composed", "published_accuracy_difference_pp"] == -12.06
+    assert means.loc["continuous_learning", "published_accuracy_difference_pp"] == -7.63
+    assert means.loc["continuous_learning", "scratch_accuracy"] == 80.0
+    write_new_task_report(composed, scratch, tmp_path / "e4.csv", tmp_path / "e4.json")
+    metrics = json.loads((tmp_path / "e4.json").read_text())
+    assert metrics["c10_x_c100/pan_rajan/seed0"]["mean_accuracy_difference_pp"] == 0.0
+    assert metrics["c10_x_c100/pan_rajan/seed0/continuous_learning"][
+        "mean_accuracy_difference_pp"] == 10.0
+    summary = pd.read_csv(tmp_path / "e4_summary.csv")
+    assert set(summary.variant) == {"composed", "continuous_learning"}
+    new_task_figure(composed, scratch, tmp_path / "e4.png")
+    assert (tmp_path / "e4.png").stat().st_size and (tmp_path / "e4.pdf").stat().st_size
+
+
 # ------------------------------------------------------------------- workflow, for real
 
 
@@ -355,7 +539,8 @@ TINY_E4 = {
     "modularize": [{"approach": "gradsplitter", "dataset": "digits", "models": ["simcnn"]},
                    {"approach": "gradsplitter", "dataset": "shapes", "models": ["simcnn"]}],
     "reuse": {"new_tasks": {"recipe": "scratch", "settings": {
-        "cross": {"datasets": ["digits", "shapes"], "model": "simcnn", "pairs": [[3, 1]]}}}},
+        "cross": {"datasets": ["digits", "shapes"], "model": "simcnn", "pairs": [[3, 1]],
+                  "continuous_learning": {"epochs": 1}}}}},
 }
 
 
@@ -373,6 +558,9 @@ def test_workflow_composes_new_tasks_and_reports_them(tmp_path):
     (record,) = composed["pairs"]
     assert record["task"] == "pair_digits_3_shapes_1" and composed["kind"] == "inter"
     assert record["module_b"]["dataset"] == "shapes" and 0 <= record["composed_accuracy"] <= 100
+    assert composed["continuous_learning"] == {"epochs": 1, "lr": 0.00001, "batch_size": 64}
+    learned = record["continuous_learning"]
+    assert len(learned["history"]) == 1 and 0 <= learned["composed_accuracy"] <= 100
     scratch = json.loads((results / "new_tasks/scratch/pair_digits_3_shapes_1/simcnn/seed0/"
                                     "model.json").read_text())
     assert scratch["num_classes"] == 2 and scratch["recipe"]["selection"] == "best_val"
@@ -382,17 +570,24 @@ def test_workflow_composes_new_tasks_and_reports_them(tmp_path):
 
     table = pd.read_csv(results / "tables/e4_new_tasks.csv")
     assert set(table.setting) == {"cross"}
-    assert list(table[table.setting == "cross"].pair) == ["digits/3 + shapes/1", "mean"]
-    row = table[(table.setting == "cross") & (table.pair != "mean")].iloc[0]
+    # Both variants: the modules as composed, and after continuous learning.
+    assert list(zip(table.variant, table.pair, strict=True)) == [
+        ("composed", "digits/3 + shapes/1"), ("composed", "mean"),
+        ("continuous_learning", "digits/3 + shapes/1"), ("continuous_learning", "mean")]
+    row = table[(table.variant == "composed") & (table.pair != "mean")].iloc[0]
     assert row.accuracy_difference_pp == pytest.approx(row.composed_accuracy
                                                        - row.scratch_accuracy, abs=1e-3)
     assert row.scratch_accuracy == pytest.approx(scratch["metrics"]["test_accuracy"], abs=1e-3)
-    mean = table[(table.setting == "cross") & (table.pair == "mean")].iloc[0]
+    learned_row = table[(table.variant == "continuous_learning") & (table.pair != "mean")]
+    assert learned_row.composed_accuracy.item() == pytest.approx(
+        learned["composed_accuracy"], abs=1e-3)
+    mean = table[(table.variant == "composed") & (table.pair == "mean")].iloc[0]
     assert mean.published_accuracy_difference_pp == pytest.approx(-2.46)
     assert "TOSEM2023" in mean.published_source
     assert (results / "tables/e4_new_tasks.md").read_text().startswith("# E4 new tasks")
     metrics = json.loads((results / "metrics/e4_new_tasks.json").read_text())
-    assert set(metrics) == {"cross/gradsplitter/seed0"}
+    assert set(metrics) == {"cross/gradsplitter/seed0",
+                            "cross/gradsplitter/seed0/continuous_learning"}
     for suffix in ("png", "pdf"):
         assert (results / f"figures/e4_new_tasks.{suffix}").stat().st_size > 0
 

@@ -43,6 +43,15 @@ rule train_new_task_scratch:
 rule compose_new_tasks:
     input:
         unpack(new_task_inputs),
+        # Continuous learning retrains on each pair task's training split of the seed.
+        pair_splits=lambda wc: (
+            [
+                f"{DATA}/{pair.task}/splits/seed{wc.seed}.safetensors"
+                for pair in NEW_TASKS[wc.setting].pairs
+            ]
+            if NEW_TASKS[wc.setting].continuous_learning
+            else []
+        ),
     output:
         f"{RESULTS}/new_tasks/{{setting}}/{{approach}}/seed{{seed}}/composed.json",
     log:
@@ -66,11 +75,16 @@ rule compose_new_tasks:
             for modules, weights in zip(input.modules, input.models)
         ),
         selection_split=lambda wc: config["reuse"]["new_tasks"]["selection_split"],
+        # JSON null: the plain composition only.
+        continuous_learning=lambda wc: as_json(
+            NEW_TASKS[wc.setting].continuous_learning
+        ),
     shell:
         "dnnmod reuse new-task --approach {wildcards.approach} --setting {wildcards.setting} "
         "--model {params.model} --pairs {params.pairs:q} {params.candidates} "
-        "--selection-split {params.selection_split} --data-root {params.data_root} "
-        "--out {output} 2> {log}"
+        "--selection-split {params.selection_split} "
+        "--continuous-learning {params.continuous_learning:q} "
+        "--data-root {params.data_root} --out {output} 2> {log}"
 
 
 rule table_new_tasks:

@@ -103,7 +103,7 @@ class ComposedModel(nn.Module):
         for positions in by_module_set.values():
             first = parts[positions[0]]
             chosen = first.modules.subset([parts[p].class_index for p in positions])
-            groups.append(FusedModuleSet(first.model, chosen, _normalization(first.modules)))
+            groups.append(FusedModuleSet(first.model, chosen, normalization_of(first.modules)))
         # The constructor composes one module set; this is the general case it specialises.
         composed = cls.__new__(cls)
         nn.Module.__init__(composed)
@@ -134,7 +134,7 @@ class ComposedModel(nn.Module):
         return combine_scores(self.combination, self(x), self.classes)
 
 
-def _normalization(modules: ModuleSet) -> Mapping[str, Sequence[float]]:
+def normalization_of(modules: ModuleSet) -> Mapping[str, Sequence[float]]:
     normalization = modules.base.get("normalization")
     if not normalization or not {"mean", "std"} <= set(normalization):
         raise ArtifactError(

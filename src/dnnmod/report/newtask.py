@@ -1,5 +1,8 @@
 """E4 table and figure: composed binary classifiers against the same architecture trained from
-scratch on each pair, per pair and on average, published averages beside.
+scratch on each pair, per pair and on average, published averages beside. A setting with
+Pan & Rajan's continuous-learning step has two variants of every row: ``composed`` (the modules
+as decomposed) and ``continuous_learning`` (the same modules retrained on the pair's training
+split, :func:`dnnmod.reuse.newtask.continue_learning`), each with its own published mean.
 
 Both read the same per-unit results, the composed records of ``dnnmod reuse new-task`` (one
 JSON per setting, approach and seed) and the from-scratch models' metadata, so the table and
@@ -19,26 +22,30 @@ from dnnmod.report.tables import published, write_table
 from dnnmod.training.model_io import read_model_record
 
 MEAN = "mean"
-#: published rows of each setting kind (GradSplitter's "new_task" row is CIFAR-10 x SVHN);
-#: Pan & Rajan's inter-dataset number with continuous learning ("new_task_inter_continuous")
-#: is not beside ours: that variant is not reproduced here
-PUBLISHED_SETTINGS = {"inter": ("new_task_inter", "new_task"), "intra": ("new_task_intra",)}
+COMPOSED, CONTINUOUS = "composed", "continuous_learning"
+#: published rows of each (setting kind, variant) (GradSplitter's "new_task" row is CIFAR-10 x
+#: SVHN); nothing is published for intra-dataset pairs with continuous learning
+PUBLISHED_SETTINGS = {("inter", COMPOSED): ("new_task_inter", "new_task"),
+                      ("intra", COMPOSED): ("new_task_intra",),
+                      ("inter", CONTINUOUS): ("new_task_inter_continuous",)}
 PUBLISHED_METRIC = "accuracy_loss_vs_scratch_pct"
 VALUES = ["composed_accuracy", "scratch_accuracy", "accuracy_difference_pp"]
 COMPOSED_KEYS = ("setting", "kind", "approach", "model", "seed", "pairs")
 NOTES = ("accuracy_difference_pp = composed − from-scratch test accuracy on the pair's test "
          "images; pair = mean rows average over the pairs, the published means beside them. "
          "An approach appears in a setting when it decomposed a pool model of both datasets. "
-         "Not reproduced: GradSplitter's pool of models trained on Dirichlet-imbalanced "
-         "subsets, Pan & Rajan's continuous learning (published -7.63 inter-dataset).")
+         "variant = composed: the modules as decomposed; continuous_learning: the same modules "
+         "retrained with their masks fixed on the pair's training split for a fixed number of "
+         "epochs (Pan & Rajan's step; the recipe is ours, see the README). Not reproduced: "
+         "GradSplitter's pool of models trained on Dirichlet-imbalanced subsets.")
 
 
-def _published_difference(reference: pd.DataFrame, approach: str,
-                          kind: str) -> tuple[float | None, str]:
-    """The published mean difference composed − scratch (pp) for an approach (our name) and
-    setting kind, and its source."""
+def _published_difference(reference: pd.DataFrame, approach: str, kind: str,
+                          variant: str) -> tuple[float | None, str]:
+    """The published mean difference composed − scratch (pp) for an approach (our name),
+    setting kind and variant, and its source."""
     rows = reference[(reference.approach == approach) & (reference.metric == PUBLISHED_METRIC)
-                     & reference.setting.isin(PUBLISHED_SETTINGS.get(kind, ()))]
+                     & reference.setting.isin(PUBLISHED_SETTINGS.get((kind, variant), ()))]
     if rows.empty:
         return None, ""
     row = rows.iloc[0]
@@ -52,9 +59,10 @@ def _scratch_models(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
 
 
 def new_task_table(composed_paths: list[Path], scratch_paths: list[Path]) -> pd.DataFrame:
-    """One row per (setting, approach, seed, pair) and one ``pair = mean`` row per (setting,
-    approach, seed): composed and from-scratch test accuracy (%) on the pair's test images and
-    their difference (pp); the published mean difference beside the mean rows."""
+    """One row per (setting, approach, seed, variant, pair) and one ``pair = mean`` row per
+    (setting, approach, seed, variant): composed and from-scratch test accuracy (%) on the
+    pair's test images and their difference (pp); the published mean difference beside the
+    mean rows. Variant ``continuous_learning`` rows come from records that carry one."""
     scratch = _scratch_models(scratch_paths)
     reference = published()
     rows = []
@@ -64,7 +72,7 @@ def new_task_table(composed_paths: list[Path], scratch_paths: list[Path]) -> pd.
         if missing:
             raise ArtifactError(f"{path}: not a reuse new-task record (lacks {missing})")
         common = {key: result[key] for key in ("setting", "kind", "approach", "model", "seed")}
-        pair_rows = []
+        by_variant: dict[str, list[dict]] = {}
         for record in result["pairs"]:
             key = (record["task"], result["model"], result["seed"])
             if key not in scratch:
@@ -73,34 +81,40 @@ def new_task_table(composed_paths: list[Path], scratch_paths: list[Path]) -> pd.
                                     "scratch models")
             baseline = scratch[key]
             scratch_accuracy = baseline["metrics"]["test_accuracy"]
-            pair_rows.append({
-                **common, "pair": record["pair"], "task": record["task"],
-                **{f"{field}_{side}": record[f"{field}_{side}"] for side in ("a", "b")
-                   for field in ("dataset", "class", "class_name")},
-                "module_a": _module_label(record["module_a"]),
-                "selection_f1_a": record["module_a"]["selection_f1"],
-                "module_b": _module_label(record["module_b"]),
-                "selection_f1_b": record["module_b"]["selection_f1"],
-                "test_images": record["test_images"],
-                "composed_accuracy": record["composed_accuracy"],
-                "scratch_accuracy": scratch_accuracy,
-                "accuracy_difference_pp": record["composed_accuracy"] - scratch_accuracy,
-                "scratch_selected_epoch": baseline["selected_epoch"],
-                "scratch_epochs": len(baseline["history"]),
-            })
-        value, source = _published_difference(reference, result["approach"], result["kind"])
-        mean = {**common, "pair": MEAN, "pairs": len(pair_rows),
-                **{column: sum(r[column] for r in pair_rows) / len(pair_rows)
-                   for column in VALUES},
-                "published_accuracy_difference_pp": value, "published_source": source}
-        rows += [*pair_rows, mean]
+            variants = {COMPOSED: record["composed_accuracy"]}
+            if "continuous_learning" in record:
+                variants[CONTINUOUS] = record["continuous_learning"]["composed_accuracy"]
+            for variant, accuracy in variants.items():
+                by_variant.setdefault(variant, []).append({
+                    **common, "variant": variant, "pair": record["pair"], "task": record["task"],
+                    **{f"{field}_{side}": record[f"{field}_{side}"] for side in ("a", "b")
+                       for field in ("dataset", "class", "class_name")},
+                    "module_a": _module_label(record["module_a"]),
+                    "selection_f1_a": record["module_a"]["selection_f1"],
+                    "module_b": _module_label(record["module_b"]),
+                    "selection_f1_b": record["module_b"]["selection_f1"],
+                    "test_images": record["test_images"],
+                    "composed_accuracy": accuracy,
+                    "scratch_accuracy": scratch_accuracy,
+                    "accuracy_difference_pp": accuracy - scratch_accuracy,
+                    "scratch_selected_epoch": baseline["selected_epoch"],
+                    "scratch_epochs": len(baseline["history"]),
+                })
+        for variant, pair_rows in by_variant.items():
+            value, source = _published_difference(reference, result["approach"],
+                                                   result["kind"], variant)
+            mean = {**common, "variant": variant, "pair": MEAN, "pairs": len(pair_rows),
+                    **{column: sum(r[column] for r in pair_rows) / len(pair_rows)
+                       for column in VALUES},
+                    "published_accuracy_difference_pp": value, "published_source": source}
+            rows += [*pair_rows, mean]
     table = pd.DataFrame(rows)
     # Mean rows leave the per-pair counts empty: nullable integers keep the others integral.
     integral = ["class_a", "class_b", "test_images", "scratch_selected_epoch", "scratch_epochs",
                 "pairs"]
     table[integral] = table[integral].astype("Int64")
     table["is_mean"] = table.pair == MEAN
-    return table.sort_values(["setting", "approach", "seed", "is_mean", "task"],
+    return table.sort_values(["setting", "approach", "seed", "variant", "is_mean", "task"],
                              ignore_index=True).drop(columns="is_mean")
 
 
@@ -111,14 +125,15 @@ def _module_label(module: dict) -> str:
 def write_new_task_report(composed_paths: list[Path], scratch_paths: list[Path],
                           csv_path: Path, metrics_path: Path | None = None) -> None:
     """E4 as CSV + Markdown (``write_table``), and its DVC metrics: the mean difference per
-    setting, approach and seed."""
+    setting, approach, seed and variant (``…/seed<seed>/continuous_learning`` for that one)."""
     table = new_task_table(composed_paths, scratch_paths)
     write_table(table, csv_path, title="E4 new tasks: composed modules vs training from scratch",
-                keys=["setting", "approach", "pair"], values=VALUES, notes=NOTES)
+                keys=["setting", "approach", "variant", "pair"], values=VALUES, notes=NOTES)
     if metrics_path:
         means = table[table.pair == MEAN]
         write_json(metrics_path, {
-            f"{row.setting}/{row.approach}/seed{row.seed}": {
+            f"{row.setting}/{row.approach}/seed{row.seed}"
+            + ("" if row.variant == COMPOSED else f"/{row.variant}"): {
                 "mean_accuracy_difference_pp": row.accuracy_difference_pp,
                 "mean_composed_accuracy": row.composed_accuracy,
                 "mean_scratch_accuracy": row.scratch_accuracy, "pairs": int(row.pairs)}
@@ -127,8 +142,9 @@ def write_new_task_report(composed_paths: list[Path], scratch_paths: list[Path],
 
 def new_task_figure(composed_paths: list[Path], scratch_paths: list[Path], path: Path) -> None:
     """Accuracy difference composed − scratch per pair and on average (mean over seeds), one
-    panel per setting, one bar colour per approach, the published mean as the approach's
-    marker; written as ``path`` (PNG) and the same name with ``.pdf``."""
+    panel per setting, one bar colour per approach (hatched: after continuous learning), the
+    published mean as the bar's marker; written as ``path`` (PNG) and the same name with
+    ``.pdf``."""
     table = new_task_table(composed_paths, scratch_paths)
     settings = sorted(table.setting.unique())
     plt = pyplot()
@@ -137,24 +153,28 @@ def new_task_figure(composed_paths: list[Path], scratch_paths: list[Path], path:
                                 figsize=(max(6.0, 0.45 * widest + 2), 3.6 * len(settings)))
     for ax, setting in zip(axes[:, 0], settings, strict=True):
         rows = table[table.setting == setting]
-        means = rows.groupby(["approach", "pair"], as_index=False, sort=False).agg(
+        means = rows.groupby(["approach", "variant", "pair"], as_index=False, sort=False).agg(
             difference=("accuracy_difference_pp", "mean"),
             published=("published_accuracy_difference_pp", "first"))
         pairs = [p for p in rows.pair.unique() if p != MEAN] + [MEAN]
-        approaches = sorted(rows.approach.unique())
-        width = 0.8 / len(approaches)
-        for offset, approach in enumerate(approaches):
-            ours = means[means.approach == approach].set_index("pair")
+        series = sorted(set(zip(rows.approach, rows.variant, strict=True)),
+                        key=lambda s: (s[0], s[1] != COMPOSED))
+        width = 0.8 / len(series)
+        for offset, (approach, variant) in enumerate(series):
+            ours = means[(means.approach == approach) & (means.variant == variant)].set_index(
+                "pair")
             style = approach_style(approach)
+            label = approach if variant == COMPOSED else f"{approach} + continuous learning"
             xs = [i - 0.4 + width * (offset + 0.5) for i in range(len(pairs))]
             ys = [ours.difference.get(p, float("nan")) for p in pairs]
-            ax.bar(xs, ys, width, color=style["color"], alpha=0.6, label=approach)
+            ax.bar(xs, ys, width, color=style["color"], alpha=0.6, label=label,
+                   hatch=None if variant == COMPOSED else "//", edgecolor="white")
             # The marker shows a difference of zero, which has no bar.
             ax.plot(xs, ys, linestyle="none", markersize=5, label="_nolegend_", **style)
             published_mean = ours.published.get(MEAN)
             if published_mean is not None and not pd.isna(published_mean):
                 ax.plot(xs[-1], published_mean, linestyle="none", markeredgecolor="black",
-                        markersize=9, label=f"{approach}: published mean", **style)
+                        markersize=9, label=f"{label}: published mean", **style)
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.use_sticky_edges = False  # bars stick to 0: markers there would be cut in half
         ax.margins(y=0.1)
