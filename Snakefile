@@ -27,6 +27,7 @@ include: "workflow/rules/reuse_newtask.smk"
 include: "workflow/rules/reuse_subtasks.smk"
 include: "workflow/rules/pan_rajan.smk"
 include: "workflow/rules/reuse_replacement.smk"
+include: "workflow/rules/sensitivity.smk"
 
 
 rule all:

@@ -170,7 +170,38 @@ BAD_INPUTS = {
         lambda root, model, out: ["reuse", "replace-table", "--records",
                                   str(out.parent / "r.json"), "--out", str(out)],
         r"r\.json: file not found"),
+    "E7 table of a missing metrics record": (
+        lambda root, model, out: _sensitivity_table(out, [_E7_POINT]),
+        r"m\.json: file not found"),
+    "E7 table with a point per metrics file missing": (
+        lambda root, model, out: _sensitivity_table(out, []),
+        r"--points: 0 sweep points for 1 metrics files"),
+    "E7 sweep point without its value": (
+        lambda root, model, out: _sensitivity_table(
+            out, [{k: v for k, v in _E7_POINT.items() if k != "value"}]),
+        r"--points\[0\]: missing keys \['value'\]"),
+    "E7 figure of a missing table": (
+        lambda root, model, out: ["sensitivity", "figure", "--table",
+                                  str(out.parent / "e7.csv"), "--out", str(out)],
+        r"e7\.csv: file not found"),
+    "GA convergence of a missing module set": (
+        lambda root, model, out: ["curves", "ga-convergence", "--inputs",
+                                  str(out.parent / "gone.safetensors"), "--out", str(out)],
+        r"gone\.json: file not found"),
+    "loss curves of a standard-trained model": (
+        lambda root, model, out: ["curves", "modular-training", "--inputs", str(model),
+                                  "--out", str(out)],
+        r"model\.safetensors: a standard-trained model; this figure shows the loss parts"),
 }
+
+_E7_POINT = {"approach": "mwt", "dataset": "digits", "model": "simcnn",
+             "parameter": "threshold", "value": "0.5", "stage": "decomposition",
+             "training": "mwt", "default": "0.9", "configured": False, "seed": 0}
+
+
+def _sensitivity_table(out, points):
+    return ["sensitivity", "table", "--points", json.dumps(points), "--metrics",
+            str(out.parent / "m.json"), "--out", str(out)]
 
 
 def _patch(root, model, out, weak):

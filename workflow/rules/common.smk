@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 from dnnmod.approaches import APPROACHES, get_approach
+from dnnmod.report import sensitivity
 from dnnmod.reuse import newtask, patching
 from dnnmod.study import check_study_config, expand_base_models, expand_modularizations
 from dnnmod.training.objectives import StandardTraining, training_kinds
@@ -126,6 +127,17 @@ def all_outputs():
             f"{RESULTS}/figures/e6_replacement.png",
             f"{RESULTS}/metrics/e6_replacement.json",
         ]
+    if SENSITIVITY:
+        outputs += [
+            f"{RESULTS}/tables/e7_sensitivity.csv",
+            f"{RESULTS}/figures/e7_sensitivity.png",
+            f"{RESULTS}/metrics/e7_sensitivity.json",
+        ]
+    outputs += [
+        f"{RESULTS}/figures/e7_{curve}.png"
+        for curve in TRAINING_CURVES
+        if training_curve_inputs(curve)
+    ]
     # Last: the cost table and the HTML report read everything above (report_inputs).
     outputs += report_outputs()
     return outputs
@@ -413,6 +425,113 @@ def replacement_modules(role):
         )
 
     return modules
+
+
+# E7 sensitivity (sensitivity.sweeps; absent = no sweeps): one hyperparameter varied per sweep.
+# A decomposition-time point decomposes the study's own model again; a training-time point
+# (objectives) decomposes a model trained with its value. The point at the study's own value
+# is the study's module set.
+
+SENSITIVITY = sensitivity.plan_sweeps(config)
+SENSITIVITY_POINTS = {
+    (p.approach, p.dataset, p.model, p.variant): p for p in SENSITIVITY
+}
+SENSITIVITY_MODELS = {
+    (p.training, p.dataset, p.model, p.variant): p
+    for p in SENSITIVITY
+    if p.stage == sensitivity.TRAINING
+}
+
+
+def sensitivity_folder(kind, dataset, model, name, variant, seed):
+    return f"{RESULTS}/sensitivity/{kind}/{dataset}/{model}/{name}/{variant}/seed{seed}"
+
+
+def sensitivity_point(wildcards):
+    return SENSITIVITY_POINTS[
+        (wildcards.approach, wildcards.dataset, wildcards.model, wildcards.variant)
+    ]
+
+
+def sensitivity_weights(point, seed):
+    """The model a sweep point decomposes: the study's, or the one trained with its value."""
+    if point.stage == sensitivity.TRAINING and not point.is_default:
+        folder = sensitivity_folder(
+            "models", point.dataset, point.model, point.training, point.variant, seed
+        )
+        return f"{folder}/model.safetensors"
+    return model_weights(point.dataset, point.model, point.training, seed)
+
+
+def sensitivity_modules(point, seed):
+    """A sweep point's module set (the study's at its own value)."""
+    if point.is_default:
+        return f"{RESULTS}/modules/{point.dataset}/{point.model}/{point.approach}/seed{seed}/modules.safetensors"
+    folder = sensitivity_folder(
+        "modules", point.dataset, point.model, point.approach, point.variant, seed
+    )
+    return f"{folder}/modules.safetensors"
+
+
+def sensitivity_units():
+    """(point, seed) of every sweep point and seed, in table order."""
+    return [(point, seed) for point in SENSITIVITY for seed in SEEDS]
+
+
+def sensitivity_reference_names(wildcards):
+    """The approaches whose module sets a sweep point's approach reads."""
+    point = sensitivity_point(wildcards)
+    approach = get_approach(point.approach)
+    return approach.references(
+        approach.resolve(sensitivity.approach_overrides(config, point))
+    )
+
+
+def sensitivity_references(wildcards):
+    """The study's module sets a sweep point reads, cut from the same model."""
+    return [
+        f"{RESULTS}/modules/{wildcards.dataset}/{wildcards.model}/{name}/seed{wildcards.seed}/modules.safetensors"
+        for name in sensitivity_reference_names(wildcards)
+    ]
+
+
+# Training curves (E7's figures): the study's runs of each approach, and its sweep points.
+TRAINING_CURVES = {
+    "ga_convergence": "cnnsplitter",
+    "mask_training": "gradsplitter",
+    "modular_training": None,
+}
+
+
+def training_curve_inputs(curve):
+    """What a training-curve figure reads: the study's and E7's module sets of its approach,
+    or (modular training) their models of every training kind but standard training."""
+    if curve == "modular_training":
+        paths = [
+            model_weights(dataset, model, training, seed)
+            for (dataset, model, training) in trained_models()
+            if training != StandardTraining.name
+            for seed in SEEDS
+        ]
+        paths += [
+            sensitivity_weights(point, seed)
+            for point, seed in sensitivity_units()
+            if point.stage == sensitivity.TRAINING
+        ]
+    else:
+        approach = TRAINING_CURVES[curve]
+        paths = [
+            f"{RESULTS}/modules/{dataset}/{model}/{approach}/seed{seed}/modules.safetensors"
+            for (name, dataset, model) in MODULARIZATIONS
+            if name == approach
+            for seed in SEEDS
+        ]
+        paths += [
+            sensitivity_modules(point, seed)
+            for point, seed in sensitivity_units()
+            if point.approach == approach
+        ]
+    return list(dict.fromkeys(paths))
 
 
 # The study report (report.smk): E8 cost from every job's benchmark file, then one HTML file.

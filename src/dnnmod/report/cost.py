@@ -43,7 +43,7 @@ ENERGY_DEFAULTS = {
                "modularization": ["modularize", "evaluate_modules"],
                "from_scratch": ["new_tasks/scratch"], "weak_models": ["patching/weak"],
                "reuse": ["reuse", "patching", "new_tasks", "subtasks", "replacement"],
-               "report": ["report"]},
+               "sensitivity": ["sensitivity"], "report": ["report"]},
     # scenario -> the stages whose costs it adds up: reuse against retraining
     "scenarios": {"retraining": ["training", "from_scratch"],
                   "reuse": ["modularization", "reuse"]},
