@@ -31,10 +31,11 @@ CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")
 # The schema's defaults (720 min, 16 GB) are for real training; the test node is small.
 SLURM_TINY = {**TINY, "resources": {"train": {"runtime": 10, "mem_mb": 1000}}}
 
-# Every rule but `all` (a local rule) is a SLURM job; these declare `gpu: 1`.
-SLURM_RULES = {"prepare_dataset", "split_dataset", "train_base_model", "table_base_models",
-               "modularize", "evaluate_modules", "table_modularization", "table_cost",
-               "study_report"}
+# Every rule but `all` (a local rule) is a SLURM job; the tiny study runs at least these (the
+# tables and figures it adds as experiments grow are checked the same way), and these declare
+# `gpu: 1`.
+CORE_RULES = {"prepare_dataset", "split_dataset", "train_base_model", "table_base_models",
+              "modularize", "evaluate_modules", "table_modularization", "study_report"}
 GPU_RULES = {"train_base_model", "modularize", "evaluate_modules"}
 
 SLURM_CONF = """\
@@ -292,8 +293,11 @@ def test_tiny_study_runs_through_slurm(slurm_cluster, project, tmp_path):
     submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)", run.stdout)
     jobs = {re.search(r"/rule_(\w+)/", log).group(1): (job_id, Path(log))
             for job_id, log in submitted}
-    assert set(jobs) == SLURM_RULES, run.stdout[-4000:]
-    assert len({job_id for job_id, _ in jobs.values()}) == len(SLURM_RULES)
+    ran = set(re.findall(r"^rule (\w+):$", run.stdout, flags=re.MULTILINE))
+    local = set(re.findall(r"^localrule (\w+):$", run.stdout, flags=re.MULTILINE))
+    assert local == {"all"} and ran >= CORE_RULES, run.stdout[-4000:]
+    assert set(jobs) == ran, run.stdout[-4000:]
+    assert len({job_id for job_id, _ in jobs.values()}) == len(ran)
     for rule, (job_id, log) in jobs.items():
         info = slurm_cluster.job(job_id)
         assert "JobState=COMPLETED" in info, info

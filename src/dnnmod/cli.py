@@ -134,6 +134,10 @@ def cmd_modularize(args: argparse.Namespace) -> None:
         Path(args.checkpoint).unlink(missing_ok=True)
     log.info("%s: %d modules in %.1f s", args.approach, len(modules),
              modules.provenance["wall_seconds"])
+    if args.metrics:  # as evaluate-modules would, on fresh copies of what it would read
+        model, meta = load_model(args.model, device=claim.device)
+        _write_module_metrics(model, meta, ModuleSet.load(args.out, base=meta), data,
+                              args.metrics)
     claim.release()
 
 
@@ -146,21 +150,27 @@ def _named_path(text: str) -> tuple[str, str]:
 
 def cmd_evaluate_modules(args: argparse.Namespace) -> None:
     claim = select_device(args.device)
-    from dnnmod.artifacts import write_json
     from dnnmod.data import load_dataset
-    from dnnmod.modules.metrics import evaluate, metrics_record
     from dnnmod.modules.moduleset import ModuleSet
     from dnnmod.training.model_io import load_model
 
     model, meta = load_model(args.model, device=claim.device)
     modules = ModuleSet.load(args.modules, base=meta)
     data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
+    _write_module_metrics(model, meta, modules, data, args.out)
+    claim.release()
+
+
+def _write_module_metrics(model, meta, modules, data, out: str) -> None:
+    """The shared metrics of a module set on the test split, as its metrics.json record."""
+    from dnnmod.artifacts import write_json
+    from dnnmod.modules.metrics import evaluate, metrics_record
+
     result = evaluate(model, modules, data.test, meta["metrics"]["test_accuracy"])
-    write_json(args.out, metrics_record(meta, modules, result))
+    write_json(out, metrics_record(meta, modules, result))
     log.info("%s on %s/%s: composed %.2f%% (base %.2f%%), KRR %.3f", modules.approach,
              meta["dataset"], meta["model"], result["composed_accuracy"],
              result["base_accuracy"], result["krr"])
-    claim.release()
 
 
 def _configure_torch(device: str, threads: int | None) -> None:
@@ -169,7 +179,9 @@ def _configure_torch(device: str, threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(device == "cpu", warn_only=True)
+    # torch.use_deterministic_algorithms would also import torch._inductor (about 2 s of every
+    # job) just to set the compiler's flag; no dnnmod command compiles, so set the eager one.
+    torch._C._set_deterministic_algorithms(device == "cpu", warn_only=True)
 
 
 def _device_name(device: str) -> str:
@@ -249,19 +261,21 @@ def cmd_reuse_patch_figure(args: argparse.Namespace) -> None:
 
 
 def cmd_reuse_new_task(args: argparse.Namespace) -> None:
-    from dnnmod.reuse.newtask import setting_kind
+    from dnnmod.reuse.newtask import resolve_continuous_learning, setting_kind
 
     pairs = [_pair(entry) for entry in args.pairs] if isinstance(args.pairs, list) else None
     if not pairs:
         raise ConfigError(f"--pairs: expected a non-empty JSON list of [dataset A, class a, "
                           f"dataset B, class b]; got {args.pairs!r}")
+    continuous_learning = None if args.continuous_learning is None else \
+        resolve_continuous_learning("--continuous-learning", args.continuous_learning)
     kinds = {setting_kind(p.dataset_a, p.dataset_b) for p in pairs}
     if len(kinds) != 1:
         raise ConfigError("--pairs: mixes pairs within one dataset and pairs across two; a "
                           "setting holds one kind")
     claim = select_device(args.device)
     from dnnmod.artifacts import write_json
-    from dnnmod.data import load_prepared
+    from dnnmod.data import load_dataset, load_prepared
     from dnnmod.reuse.newtask import compose_new_tasks, load_candidates
 
     started = time.monotonic()
@@ -277,11 +291,17 @@ def cmd_reuse_new_task(args: argparse.Namespace) -> None:
         raise ConfigError(f"--candidate: module sets of base models of different seeds {seeds}")
     tests = {pair.task: load_prepared(Path(args.data_root), pair.task, claim.device)[1]
              for pair in pairs}
-    records = compose_new_tasks(candidates, pairs, tests)
+    # Continuous learning trains on the pair task's training split of the candidates' seed,
+    # the images the from-scratch baseline trains on.
+    trains = None if continuous_learning is None else {
+        pair.task: load_dataset(Path(args.data_root), pair.task, seeds[0], claim.device).train
+        for pair in pairs}
+    records = compose_new_tasks(candidates, pairs, tests, trains, continuous_learning,
+                                seeds[0])
     write_json(args.out, {
         "experiment": "e4_new_tasks", "setting": args.setting, "kind": kinds.pop(),
         "approach": args.approach, "model": args.model, "seed": seeds[0],
-        "selection_split": args.selection_split,
+        "selection_split": args.selection_split, "continuous_learning": continuous_learning,
         "candidates": [{**c.describe(), "selection_f1": c.f1} for c in candidates],
         "pairs": records, "seconds": time.monotonic() - started,
         "device": _device_name(claim.device)})
@@ -289,6 +309,9 @@ def cmd_reuse_new_task(args: argparse.Namespace) -> None:
         log.info("%s %s: composed %.2f%% (modules of %s, %s)", args.approach, record["pair"],
                  record["composed_accuracy"], record["module_a"]["model"],
                  record["module_b"]["model"])
+        if "continuous_learning" in record:
+            log.info("%s %s: after continuous learning %.2f%%", args.approach, record["pair"],
+                     record["continuous_learning"]["composed_accuracy"])
     claim.release()
 
 
@@ -423,6 +446,28 @@ def cmd_reuse_replace_figure(args: argparse.Namespace) -> None:
     replacement_figure([Path(p) for p in args.records], Path(args.out))
 
 
+def cmd_sensitivity_table(args: argparse.Namespace) -> None:
+    from dnnmod.report.sensitivity import write_sensitivity_report
+
+    write_sensitivity_report(args.points, [Path(p) for p in args.metrics], Path(args.out),
+                             Path(args.summary) if args.summary else None)
+
+
+def cmd_sensitivity_figure(args: argparse.Namespace) -> None:
+    from dnnmod.report.sensitivity import write_sensitivity_figure
+
+    write_sensitivity_figure(Path(args.table), Path(args.out))
+
+
+def cmd_curves(args: argparse.Namespace) -> None:
+    from dnnmod.report import curves
+
+    figure = {"ga-convergence": curves.ga_convergence_figure,
+              "mask-training": curves.mask_training_figure,
+              "modular-training": curves.modular_training_figure}[args.curves_command]
+    figure([Path(p) for p in args.inputs], Path(args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dnnmod", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -491,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     modularize.add_argument("--data-root", default="data")
     modularize.add_argument("--out", required=True, help="module set path (*.safetensors)")
     modularize.add_argument("--checkpoint", help="resumable state (kept across restarts)")
+    modularize.add_argument("--metrics", help="also evaluate the module set on the test split "
+                                              "and write its metrics JSON (as "
+                                              "evaluate-modules does)")
     modularize.add_argument("--threads", type=int, help="CPU threads for torch")
     _device_argument(modularize)
     modularize.set_defaults(func=cmd_modularize)
@@ -555,6 +603,41 @@ def build_parser() -> argparse.ArgumentParser:
                              help="JSON study configuration shown in the report")
     report_html.set_defaults(func=cmd_report_html)
 
+    sensitivity = verbs.add_parser("sensitivity", help="E7: sensitivity sweeps and ablations "
+                                                       "(table and figure of the sweep points)"
+                                   ).add_subparsers(dest="sensitivity_command", required=True)
+    e7_table = sensitivity.add_parser("table", help="E7 table: each sweep point's module-set "
+                                                    "metrics, per seed and mean ± std")
+    e7_table.add_argument("--points", type=_json_arg, required=True,
+                          help="JSON list of sweep points (approach, dataset, model, parameter, "
+                               "value, stage, training, default, configured, seed), one per "
+                               "--metrics file, in the same order")
+    e7_table.add_argument("--metrics", nargs="+", required=True,
+                          help="evaluate-modules JSON files of the points")
+    e7_table.add_argument("--out", required=True, help="CSV path (.md, .tex beside)")
+    e7_table.add_argument("--summary", help="JSON path for DVC metrics")
+    e7_table.set_defaults(func=cmd_sensitivity_table)
+    e7_figure = sensitivity.add_parser("figure", help="E7 figure: accuracy loss, KRR and module "
+                                                      "size per value, a panel per parameter")
+    e7_figure.add_argument("--table", required=True, help="the E7 table (CSV)")
+    e7_figure.add_argument("--out", required=True, help="PNG path (a PDF is written beside)")
+    e7_figure.set_defaults(func=cmd_sensitivity_figure)
+
+    curves = verbs.add_parser("curves", help="training-curve figures from recorded runs"
+                              ).add_subparsers(dest="curves_command", required=True)
+    for verb, what, inputs in (
+            ("ga-convergence", "CNNSplitter: best and mean fitness, composed validation "
+                               "accuracy and KRR per generation", "cnnsplitter module sets"),
+            ("mask-training", "GradSplitter: composed validation accuracy and KRR per epoch",
+             "gradsplitter module sets"),
+            ("modular-training", "MwT/MODA: loss parts and validation accuracy per epoch",
+             "modular-trained models")):
+        figure = curves.add_parser(verb, help=what)
+        figure.add_argument("--inputs", nargs="+", required=True,
+                            help=f"{inputs} (*.safetensors; their JSON beside is read)")
+        figure.add_argument("--out", required=True, help="PNG path (a PDF is written beside)")
+        figure.set_defaults(func=cmd_curves)
+
     reuse = verbs.add_parser("reuse", help="reuse module sets: patching (E3), new tasks (E4), "
                                            "sub-tasks (E5), replacement (E6)"
                              ).add_subparsers(dest="reuse_command", required=True)
@@ -601,6 +684,11 @@ def build_parser() -> argparse.ArgumentParser:
     new_task.add_argument("--selection-split", default="val",
                           help="split of each candidate's dataset the modules are chosen on by "
                                "binary F1 (val or train; default val)")
+    new_task.add_argument("--continuous-learning", type=_json_arg, metavar="JSON",
+                          help="also retrain the chosen modules (masks fixed) on each pair "
+                               "task's training split, Pan & Rajan's continuous learning, and "
+                               'score them again: \'{"epochs": 5, "lr": 0.0001, '
+                               '"batch_size": 64}\' (keys optional)')
     new_task.add_argument("--data-root", default="data")
     new_task.add_argument("--out", required=True, help="composed-records JSON path")
     _device_argument(new_task)

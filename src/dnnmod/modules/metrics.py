@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from sklearn.metrics import precision_recall_fscore_support, top_k_accuracy_score
 from torch import nn
 
 from dnnmod.errors import ConfigError
@@ -66,6 +65,8 @@ def top_k_accuracy(scores: torch.Tensor, classes: Sequence[int], labels: torch.T
     except KeyError as err:
         raise ConfigError(f"top-{k} accuracy: label {err.args[0]} is none of the classes "
                           f"{classes}") from None
+    from sklearn.metrics import top_k_accuracy_score  # lazily: scikit-learn costs ~1 s a job
+
     ranking = scores[..., 0] if scores.dim() == 3 else scores
     return 100.0 * top_k_accuracy_score(truth, ranking.double().cpu().numpy(), k=k,
                                         labels=list(range(len(classes))))
@@ -78,6 +79,8 @@ def binary_metrics(modules: ModuleSet, scores: torch.Tensor, labels: torch.Tenso
     A module with a thresholded head (e.g. a sigmoid score) claims a sample above its
     threshold; otherwise it claims the samples the composed prediction gives its class.
     """
+    from sklearn.metrics import precision_recall_fscore_support  # lazily, as above
+
     predicted = modules.predict(scores)
     rows = []
     for position, cls in enumerate(modules.classes):
