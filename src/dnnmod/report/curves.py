@@ -132,11 +132,7 @@ def ga_convergence_figure(paths: Sequence[Path], out: Path) -> None:
             (accuracy, "Selected composition (★ = chosen generation)",
              "composed validation accuracy (%)"),
             (krr, "Kernels kept by the selected composition", "KRR (%)")):
-        axis.set_title(title)
-        axis.set_xlabel("generation")
-        axis.set_ylabel(ylabel)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        _label(axis, title, "generation", ylabel)
     figure.suptitle("CNNSplitter: GA convergence")
     figure.tight_layout()
     save_figure(figure, out)
@@ -170,11 +166,7 @@ def mask_training_figure(paths: Sequence[Path], out: Path) -> None:
     for axis, title, ylabel in (
             (accuracy, "Composed validation accuracy (★ = selected)", "accuracy (%)"),
             (krr, "Kernels kept (shaded: mask epochs)", "KRR (%)")):
-        axis.set_title(title)
-        axis.set_xlabel("epoch (head-only and mask epochs)")
-        axis.set_ylabel(ylabel)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        _label(axis, title, "epoch (head-only and mask epochs)", ylabel)
     figure.suptitle("GradSplitter: mask training")
     figure.tight_layout()
     save_figure(figure, out)
@@ -208,14 +200,20 @@ def modular_training_figure(paths: Sequence[Path], out: Path) -> None:
                           else r.get("losses", {}).get(part, math.nan) for r in run["records"]]
                 axis.plot(epochs, values, label=label, marker=approach_style(kind)["marker"],
                           markersize=3, **style)
-            axis.set_title(f"{kind}: {TITLES.get(part, part.replace('_', ' '))}")
-            axis.set_xlabel("epoch")
-            axis.set_ylabel("validation accuracy (%)" if part == "val_accuracy"
-                            else "epoch mean (loss part, unitless)")
-            axis.grid(alpha=0.3)
-            axis.legend(fontsize=7)
+            _label(axis, f"{kind}: {TITLES.get(part, part.replace('_', ' '))}", "epoch",
+                   "validation accuracy (%)" if part == "val_accuracy"
+                   else "epoch mean (loss part, unitless)")
         for unused in axes[row, len(panels):]:
             unused.set_visible(False)
     figure.suptitle("Modular training: loss parts per epoch")
     figure.tight_layout()
     save_figure(figure, out)
+
+
+def _label(axis, title: str, xlabel: str, ylabel: str) -> None:
+    """Title, axis labels, grid and legend, the same on every panel of these figures."""
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
