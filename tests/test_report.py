@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -135,6 +137,16 @@ def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):
                    str(tmp_path / "r.html")])
     assert status == 2 and "no tables/*.csv and no figures/*.png" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("module", ["tables", "newtask", "cost", "html"])
+def test_table_and_report_writers_leave_torch_unimported(module):
+    """Their jobs read JSON, CSV and benchmark files only: importing torch would cost each job
+    about 2 s of the demo's budget."""
+    probe = f"import sys, dnnmod.report.{module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"
 
 
 def test_energy_constants_are_checked():

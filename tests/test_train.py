@@ -103,7 +103,7 @@ def test_augment_keeps_shape_and_content_statistics():
 
 
 def _meta(arch="simcnn", dataset="digits"):
-    """The metadata every model file needs (see model_io.REQUIRED_KEYS)."""
+    """The metadata every model file needs (see records.REQUIRED_KEYS)."""
     return {"arch": arch, "num_classes": 10, "width": 0.0625, "options": {},
             "dataset": dataset, "training": "st", "objective": {},
             "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}}

@@ -17,13 +17,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from dnnmod.errors import ArtifactError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @contextlib.contextmanager
@@ -83,6 +82,10 @@ def read_json(path: str | os.PathLike) -> Any:
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> None:
     """Save a flat name→tensor mapping as safetensors (contiguous CPU copies)."""
+    # safetensors.torch imports torch lazily here and below: table and figure jobs read only
+    # JSON and CSV, and importing torch costs them about 2 s each.
+    from safetensors.torch import save_file
+
     flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     with atomic_write(path) as tmp:
         save_file(flat, str(tmp), metadata=dict(metadata) if metadata else None)
@@ -90,6 +93,9 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
 
 def load_tensors(path: str | os.PathLike,
                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found")

@@ -55,8 +55,8 @@ def read_module_runs(paths: Sequence[Path], approach: str, key: str) -> list[dic
 
 def read_training_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
     """The epoch histories of modular-trained models (their loss parts per epoch)."""
-    from dnnmod.training.model_io import read_model_record
     from dnnmod.training.objectives import StandardTraining
+    from dnnmod.training.records import read_model_record
 
     runs = []
     for path in paths:

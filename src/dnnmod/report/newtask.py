@@ -19,7 +19,7 @@ from dnnmod.artifacts import read_json, write_json
 from dnnmod.errors import ArtifactError
 from dnnmod.report.figures import approach_style, pyplot, save_figure
 from dnnmod.report.tables import published, write_table
-from dnnmod.training.model_io import read_model_record
+from dnnmod.training.records import read_model_record
 
 MEAN = "mean"
 COMPOSED, CONTINUOUS = "composed", "continuous_learning"

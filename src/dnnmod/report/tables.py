@@ -14,7 +14,7 @@ import pandas as pd
 
 from dnnmod.artifacts import atomic_write, read_json, write_json
 from dnnmod.report.figures import approach_style, pyplot, save_figure
-from dnnmod.training.model_io import read_model_record
+from dnnmod.training.records import read_model_record
 
 
 def published() -> pd.DataFrame:

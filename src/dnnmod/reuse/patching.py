@@ -282,7 +282,8 @@ def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequenc
     computed, once for all weak models trained on it."""
     from dnnmod.data import load_dataset
     from dnnmod.modules.moduleset import ModuleSet
-    from dnnmod.training.model_io import load_model, read_model_record
+    from dnnmod.training.model_io import load_model
+    from dnnmod.training.records import read_model_record
 
     started = time.monotonic()
     for weak_type, _ in weak_paths:

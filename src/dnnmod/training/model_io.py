@@ -1,11 +1,12 @@
 """Trained models on disk: weights in safetensors, everything else in JSON beside them.
 
-``model.safetensors`` holds the state dict; ``model.json`` holds what is needed to rebuild the
-network and feed it (:data:`REQUIRED_KEYS`: architecture, training kind and its
-hyperparameters, dataset, input normalization) and the provenance (seed, recipe, metrics,
-history, wall time, device, weights hash), as :func:`model_record` builds it. Loading rebuilds
-the architecture from the JSON, applies the training kind's ``prepare`` (modular training may
-add trainable parts) and copies tensors in; it never executes code from either file.
+``model.safetensors`` holds the state dict; ``model.json`` (:mod:`dnnmod.training.records`)
+holds what is needed to rebuild the network and feed it (``REQUIRED_KEYS``: architecture,
+training kind and its hyperparameters, dataset, input normalization) and the provenance
+(seed, recipe, metrics, history, wall time, device, weights hash), as :func:`model_record`
+builds it. Loading rebuilds the architecture from the JSON, applies the training kind's
+``prepare`` (modular training may add trainable parts) and copies tensors in; it never executes
+code from either file.
 """
 
 from __future__ import annotations
@@ -17,29 +18,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dnnmod.artifacts import load_tensors, read_json, save_tensors, sha256_file, write_json
+from dnnmod.artifacts import load_tensors, save_tensors, sha256_file, write_json
 from dnnmod.errors import ArtifactError, ConfigError, UnknownNameError
 from dnnmod.models import build_model
 from dnnmod.training.objectives import get_objective
+from dnnmod.training.records import FORMAT, check_required, metadata_path, read_model_record
 
 if TYPE_CHECKING:
     from dnnmod.data import DatasetSplits
     from dnnmod.training.objectives import Objective
     from dnnmod.training.train import Recipe, TrainResult
-
-FORMAT = "dnnmod.model/1"
-
-#: what every model file records: how to rebuild the network (architecture, training kind and
-#: its hyperparameters) and what it expects as input (dataset; per-channel mean and std of the
-#: training images, ``{"mean": [...], "std": [...]}``, which composing models of several
-#: datasets needs)
-REQUIRED_KEYS = ("arch", "num_classes", "width", "options", "dataset", "training", "objective",
-                 "normalization")
-
-
-def metadata_path(weights_path: str | os.PathLike) -> Path:
-    return Path(weights_path).with_suffix(".json")
-
 
 def model_record(*, arch: str, name: str, width: float, options: dict[str, Any], dataset: str,
                  data: DatasetSplits, seed: int, objective: Objective, recipe: Recipe,
@@ -70,21 +58,10 @@ def model_record(*, arch: str, name: str, width: float, options: dict[str, Any],
 def save_model(weights_path: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> None:
     """Write weights, then metadata carrying the weights' hash (the metadata commits the pair)."""
     weights_path = Path(weights_path)
-    _check_required(meta, metadata_path(weights_path))
+    check_required(meta, metadata_path(weights_path))
     save_tensors(weights_path, model.state_dict())
     write_json(metadata_path(weights_path),
                {**meta, "format": FORMAT, "weights_sha256": sha256_file(weights_path)})
-
-
-def read_model_record(weights_path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of the model at ``weights_path``, checked to hold :data:`REQUIRED_KEYS`."""
-    path = metadata_path(weights_path)
-    meta = read_json(path)
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a dnnmod model "
-                            f"(format {meta.get('format')!r}, expected {FORMAT!r})")
-    _check_required(meta, path)
-    return meta
 
 
 def load_model(weights_path: str | os.PathLike, *, arch: str | None = None,
@@ -108,13 +85,6 @@ def load_model(weights_path: str | os.PathLike, *, arch: str | None = None,
     model = objective.prepare(model)
     load_state(model, load_tensors(weights_path), source=weights_path)
     return model.to(device).eval(), meta
-
-
-def _check_required(meta: dict[str, Any], path: Path) -> None:
-    missing = [key for key in REQUIRED_KEYS if key not in meta]
-    if missing:
-        raise ArtifactError(f"{path}: model metadata lacks {missing} (every model records "
-                            f"{list(REQUIRED_KEYS)})")
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
