@@ -19,6 +19,7 @@ import time
 import torch
 
 from dnnmod.approaches.cnnsplitter import (
+    DEFAULTS,
     CNNSplitter,
     gene_layout,
     population_logits,
@@ -71,7 +72,9 @@ def compare(arch: str, width: float, population: int, image_count: int) -> dict[
     started = time.perf_counter()
     score_compositions(list(batched), images.labels,
                        [layout.kernel_sets(populations[c], c) for c in range(CLASSES)],
-                       accuracy_weight=1.0, alpha=0.9, keep_top=[500, 100, 50])
+                       accuracy_weight=1.0, alpha=DEFAULTS["alpha"],
+                       **{key: DEFAULTS[key] for key in ("accuracy_thresholds",
+                                                         "final_accuracy_threshold", "survivors")})
     scoring_seconds = time.perf_counter() - started
     return {"batched_s": batched_seconds, "extracted_s": extracted_seconds,
             "scoring_s": scoring_seconds,

@@ -19,7 +19,7 @@ from dnnmod.training.train import Recipe, train
 #: hyperparameters small enough for a test; every registered approach needs an entry
 SMOKE = {
     "cnnsplitter": {"population": 4, "generations": 2, "parents": 2, "elites": 1,
-                    "keep_top": [6, 4], "fitness_samples": 40},
+                    "survivors": [4, 6], "fitness_samples": 40},
     "gradsplitter": {"init_head_epochs": 1, "rounds": 1, "mask_epochs": 1, "head_epochs": 1,
                      "mask_lr": 0.1, "batch_size": 32, "max_train_samples": 96},
     "random": {"match": "gradsplitter"},

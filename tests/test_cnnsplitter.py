@@ -29,7 +29,7 @@ from dnnmod.modules.inference import run
 from dnnmod.modules.structure import trace_structure
 from dnnmod.training.train import Recipe, train
 
-TINY = {"population": 4, "generations": 2, "parents": 2, "elites": 1, "keep_top": [6, 4],
+TINY = {"population": 4, "generations": 2, "parents": 2, "elites": 1, "survivors": [4, 6],
         "fitness_samples": 40}
 META = {"arch": "simcnn", "dataset": "digits", "num_classes": 10, "width": 0.0625}
 
@@ -119,7 +119,11 @@ def test_jaccard_difference():
                                                                   dtype=torch.float64))
 
 
-def test_hierarchical_pruning_keeps_the_best_compositions():
+PRUNING = {"accuracy_weight": 1.2, "alpha": 0.9, "accuracy_thresholds": [0.95],
+           "final_accuracy_threshold": 0.8}
+
+
+def test_hierarchical_pruning_keeps_the_most_accurate_compositions():
     classes, population = 4, 3
     labels = torch.arange(classes).repeat_interleave(2)
     logits = []
@@ -128,19 +132,41 @@ def test_hierarchical_pruning_keeps_the_best_compositions():
         logits.append(torch.stack([perfect, torch.full_like(perfect, 1.5),
                                    torch.full_like(perfect, -1.0)]))
     kernels = [torch.ones(population, 4, dtype=torch.bool)] * classes
-    scores = score_compositions(logits, labels, kernels, accuracy_weight=1.2, alpha=0.9,
-                                keep_top=[9])
+    scores = score_compositions(logits, labels, kernels, survivors=[81, 81], **PRUNING)
     assert scores.solutions.shape == (81, 4)  # nothing pruned: 9 x 9 full compositions
     assert scores.solutions[0].tolist() == [0, 0, 0, 0] and scores.accuracy[0] == 1.0
+    assert torch.equal(scores.fitness_of, torch.sort(scores.fitness_of, descending=True).values)
     assert (scores.fitness[:, 0] == torch.tensor([4.0, 1.2], dtype=torch.float64)).all()
     assert (scores.fitness[:, 1:, 1] < 1.2).all()
     assert torch.equal(scores.difference, torch.zeros(81, dtype=torch.float64))
 
-    pruned = score_compositions(logits, labels, kernels, accuracy_weight=1.2, alpha=0.9,
-                                keep_top=[1])
+    pruned = score_compositions(logits, labels, kernels, survivors=[1, 1], **PRUNING)
     assert pruned.solutions.tolist() == [[0, 0, 0, 0]]
-    # solutions pruned at the pair level rank below every member of a full composition
-    assert (pruned.fitness[:, 0, 0] == 4).all() and (pruned.fitness[:, 1:, 0] == 2).all()
+    # solutions in no surviving composition rank below every member of one: fitness 0, as in
+    # the reference
+    assert (pruned.fitness[:, 0, 0] == 4).all() and (pruned.fitness[:, 1:] == 0).all()
+
+
+def test_accuracy_decides_survival_and_fitness_orders_the_survivors():
+    """A pair level where kernel-set difference would favour a less accurate composition: the
+    most accurate survive, and the previous best composition survives every level."""
+    labels = torch.arange(2).repeat_interleave(4)
+    right = [(labels == c).float() for c in range(2)]
+    # class 0: solution 0 always right, solution 1 right on half of class 0's images
+    half = right[0].clone()
+    half[:2] = -1.0
+    logits = [torch.stack([right[0], half]), torch.stack([right[1], right[1]])]
+    kernels = [torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool),
+               torch.tensor([[1, 1, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)]
+    weights = {"accuracy_weight": 0.9, "alpha": 0.0, "accuracy_thresholds": [0.95],
+               "final_accuracy_threshold": 0.95}  # alpha 0: difference weighs as accuracy
+    scores = score_compositions(logits, labels, kernels, survivors=[1, 4], **weights)
+    # the fittest composition overall ([1, 1]: 0.75 accurate, difference 1) is pruned
+    assert scores.solutions.tolist() == [[0, 1], [0, 0]]
+    assert scores.accuracy.tolist() == [1.0, 1.0]
+    carried = score_compositions(logits, labels, kernels, survivors=[1, 1], carried=[1, 0],
+                                 **weights)
+    assert [1, 0] in carried.solutions.tolist()
 
 
 def test_composition_difference_is_the_mean_pairwise_jaccard_difference():
@@ -149,7 +175,8 @@ def test_composition_difference_is_the_mean_pairwise_jaccard_difference():
     kernels = [torch.tensor([[1, 1, 0, 0]]), torch.tensor([[0, 1, 1, 0]]),
                torch.tensor([[0, 0, 0, 1]])]  # differences 2/3, 1, 1
     scores = score_compositions(logits, labels, [k.bool() for k in kernels],
-                                accuracy_weight=0.9, alpha=0.9, keep_top=[5])
+                                accuracy_weight=0.9, alpha=0.9, accuracy_thresholds=[0.95],
+                                final_accuracy_threshold=0.8, survivors=[5, 5])
     assert math.isclose(scores.difference.item(), 8 / 9)
     assert math.isclose(scores.fitness[0, 0, 1].item(), 0.9 + 0.1 * 8 / 9)
 
@@ -210,9 +237,11 @@ def test_runs_are_seeded_and_leave_deap_creator_alone(model, small_digits, unint
 
 
 @pytest.mark.parametrize(("override", "key"), [
-    ({"parents": 1}, "parents"), ({"elites": 6}, "elites"), ({"keep_top": [0]}, "keep_top"),
+    ({"parents": 1}, "parents"), ({"elites": 6}, "elites"), ({"survivors": [5, 2]}, "survivors"),
     ({"grouping": "kmeans"}, "grouping"), ({"other_keep_ratios": [1.5]}, "other_keep_ratios"),
     ({"fitness_samples": 0}, "fitness_samples"),
+    ({"accuracy_thresholds": []}, "accuracy_thresholds"),
+    ({"final_accuracy_threshold": 80}, "final_accuracy_threshold"),
 ])
 def test_bad_hyperparameters_name_their_key(override, key):
     with pytest.raises(ConfigError, match=rf"approaches\.cnnsplitter\.{key}: must be"):

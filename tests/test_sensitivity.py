@@ -189,7 +189,7 @@ def base_model(small_digits):
      [{"init_head_epochs": 1, "rounds": 1, "mask_epochs": 1, "head_epochs": 1,
        "max_train_samples": 128, "alpha": alpha} for alpha in (0.1, 0.5)]),
     ("cnnsplitter", ga_convergence_figure,
-     [{"population": 4, "generations": 2, "parents": 2, "elites": 1, "keep_top": [6, 4],
+     [{"population": 4, "generations": 2, "parents": 2, "elites": 1, "survivors": [4, 6],
        "fitness_samples": 40, "grouping": grouping} for grouping in ("importance", "random")]),
 ])
 def test_curves_of_real_runs(approach, figure, settings, base_model, small_digits, tmp_path):

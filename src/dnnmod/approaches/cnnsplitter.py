@@ -42,18 +42,22 @@ Deviations from the paper and the reference implementation, all deliberate:
   back (a module cannot have an empty layer), after initialisation and after variation.
 - Mutation resets each gene with probability ``mutation_rate`` (DEAP's ``mutUniformInt``), so
   ``mutation_rate`` × genes are reset on average rather than exactly that many.
-- Hierarchical pruning: classes are composed pairwise in index order ((0,1), (2,3), ...; an
-  odd one out joins at the next level), all combinations of the two parts' surviving
-  compositions are scored on the validation images of their classes (a tie between the
-  true and another module's logit counts as a miss), and the best
-  ``keep_top[level]`` survive (the last entry for deeper levels); the threshold of a level is
-  its ``keep_top``-th best fitness. Defaults: 500 pairs, 100 four-class and 50 eight-class
-  compositions. All combinations at the last (N-class) level are scored.
-- A solution's fitness is the best fitness of the N-class compositions containing it. One in
-  none of them (pruned earlier) is ranked below every such solution: DEAP fitness
-  (classes in the largest composition it was scored in, best fitness there), compared
-  lexicographically.
-- acc_prev_best of the first generation is 0, so its accuracy weight is α + γ.
+- Hierarchical pruning, as the reference implementation does it: classes are composed pairwise
+  in index order ((0,1), (2,3), ...; an odd one out joins at the next level; the reference
+  shuffles the classes first), all combinations of the two parts' surviving compositions are
+  scored on the validation images of their classes (a tie between the true and another
+  module's logit counts as a miss), and the most accurate survive: as many as reach the
+  level's accuracy threshold (``accuracy_thresholds`` for pairs, 4 and 8 classes, the last
+  entry for deeper levels, ``final_accuracy_threshold`` for the N-class level), but at least
+  ``survivors[0]`` and at most ``survivors[1]``. Fitness orders the survivors, and the best
+  composition of the previous generation (its solutions are the first elites) always survives.
+- A solution's fitness is the best fitness of the surviving N-class compositions containing it.
+  The reference gives every other solution 0; here the DEAP fitness (classes in the largest
+  surviving composition a solution is in, its best fitness there; compared lexicographically)
+  also ranks the solutions that survived only the lower levels, above those that survived none
+  (0, 0).
+- acc_prev_best is the accuracy of the previous generation's best (fittest) composition; the
+  first generation's is 0, so its accuracy weight is α + γ.
 - Generation 0 is the initial population; ``generations`` breedings follow it.
 """
 
@@ -91,7 +95,12 @@ DEFAULTS: dict[str, Any] = {
     "mutation_rate": 0.05,      # probability of resetting a gene (0.1 for SVHN in the paper)
     "alpha": 0.9,               # weight of accuracy vs kernel-set difference
     "gamma": 0.9,               # accuracy target of the adaptive weight (0.95 for SVHN)
-    "keep_top": [500, 100, 50],  # compositions kept per level: pairs, 4 classes, 8 (and on)
+    # composition pruning per level: at least/at most this many survive, the most accurate...
+    "survivors": [50, 500],
+    # ...and within those bounds, all that reach the level's accuracy: pairs, 4 classes, 8 (and
+    # on); the N-class level's (the reference's SimCNN/CIFAR-10 thresholds)
+    "accuracy_thresholds": [0.95, 0.95, 0.85],
+    "final_accuracy_threshold": 0.8,
     "small_layer_groups": 10,   # genes of a layer with fewer than large_layer_kernels kernels
     "large_layer_groups": 100,  # genes of a larger layer
     "large_layer_kernels": 256,
@@ -279,8 +288,10 @@ def drawing_from(generator: random.Random) -> Iterator[None]:
 
 
 def breed(genes: torch.Tensor, fitness: torch.Tensor, layout: GeneLayout,
-          hyperparameters: Mapping[str, Any], generator: random.Random) -> torch.Tensor:
-    """The next population of one class: its elites, then children of its best parents."""
+          hyperparameters: Mapping[str, Any], generator: random.Random, best: int
+          ) -> torch.Tensor:
+    """The next population of one class: its elites, the solution ``best`` (the class's member
+    of the best composition) first when any are kept, then children of its best parents."""
     population = []
     for row, value in zip(genes.tolist(), fitness.tolist(), strict=True):
         solution = Solution(row)
@@ -290,7 +301,9 @@ def breed(genes: torch.Tensor, fitness: torch.Tensor, layout: GeneLayout,
     toolbox.register("mate", tools.cxOnePoint)
     toolbox.register("mutate", tools.mutUniformInt, low=0, up=1,
                      indpb=hyperparameters["mutation_rate"])
-    elites = [toolbox.clone(s) for s in tools.selBest(population, hyperparameters["elites"])]
+    ranked = [population[best]] + [s for s in tools.selBest(population, len(population))
+                                   if s is not population[best]]
+    elites = [toolbox.clone(s) for s in ranked[:hyperparameters["elites"]]]
     parents = tools.selBest(population, hyperparameters["parents"])
     children: list[Solution] = []
     with drawing_from(generator):
@@ -339,22 +352,25 @@ class _Composition:
     solutions: torch.Tensor  # (K, len(classes)) long
     difference_sum: torch.Tensor  # (K,) sum over module pairs of 1 − Jaccard
     level: int
+    carried: int | None  # row of the previous generation's best composition, if given
 
 
 @dataclass(frozen=True)
 class CompositionScores:
-    """Fitness of every solution and the scored N-class compositions.
+    """Fitness of every solution and the surviving N-class compositions, fittest first.
 
     Attributes:
-        fitness: (N, P, 2): classes of the largest composition a solution was scored in, and
+        fitness: (N, P, 2): classes of the largest surviving composition a solution is in, and
             its best fitness there (the DEAP fitness values).
-        solutions: (K, N) the solutions of each scored N-class composition.
+        solutions: (K, N) the solutions of each surviving N-class composition.
+        fitness_of: (K,) its fitness.
         accuracy: (K,) its accuracy on the images (fraction).
         difference: (K,) its mean pairwise 1 − Jaccard of kernel sets.
     """
 
     fitness: torch.Tensor
     solutions: torch.Tensor
+    fitness_of: torch.Tensor
     accuracy: torch.Tensor
     difference: torch.Tensor
 
@@ -367,16 +383,31 @@ def jaccard_difference(first: torch.Tensor, second: torch.Tensor) -> torch.Tenso
     return 1.0 - intersection / union.clamp_min(1.0)
 
 
+def surviving(accuracy: torch.Tensor, fitness: torch.Tensor, threshold: float,
+              bounds: Sequence[int], carried: int | None) -> torch.Tensor:
+    """Flat indices of the compositions that survive a level, fittest first: the most accurate,
+    as many as reach ``threshold`` within ``bounds`` (at least, at most), and ``carried``."""
+    reaching = int((accuracy >= threshold).sum())
+    count = min(max(reaching, bounds[0]), bounds[1], accuracy.numel())
+    kept = torch.sort(accuracy, descending=True, stable=True).indices[:count]
+    if carried is not None and not (kept == carried).any():
+        kept = torch.cat([kept, torch.tensor([carried])])
+    return kept[torch.sort(fitness[kept], descending=True, stable=True).indices]
+
+
 def score_compositions(logits: Sequence[torch.Tensor], labels: torch.Tensor,
                        kernel_sets: Sequence[torch.Tensor], *, accuracy_weight: float,
-                       alpha: float, keep_top: Sequence[int],
+                       alpha: float, accuracy_thresholds: Sequence[float],
+                       final_accuracy_threshold: float, survivors: Sequence[int],
+                       carried: Sequence[int] | None = None,
                        max_elements: int = 1 << 23) -> CompositionScores:
     """Hierarchical composition pruning (see the module docstring).
 
     ``logits[c]``: (P, images) own-class logits of class c's solutions; ``labels``: the
-    images' classes; ``kernel_sets[c]``: (P, kernels) bool. Fitness of a composition S =
-    ``accuracy_weight``·acc(S) + (1 − ``alpha``)·diff(S). ``max_elements`` bounds the
-    (compositions × images) comparisons held at once.
+    images' classes; ``kernel_sets[c]``: (P, kernels) bool; ``carried``: one solution per class
+    whose composition survives every level (the previous generation's best). Fitness of a
+    composition S = ``accuracy_weight``·acc(S) + (1 − ``alpha``)·diff(S). ``max_elements``
+    bounds the (compositions × images) comparisons held at once.
     """
     classes = len(logits)
     population = logits[0].shape[0]
@@ -385,29 +416,37 @@ def score_compositions(logits: Sequence[torch.Tensor], labels: torch.Tensor,
                   for i in range(classes) for j in range(i + 1, classes)}
     fitness = torch.zeros(classes, population, 2, dtype=torch.float64)
     parts = [_Composition([c], torch.arange(population)[:, None],
-                          torch.zeros(population, dtype=torch.float64), 0)
+                          torch.zeros(population, dtype=torch.float64), 0,
+                          None if carried is None else int(carried[c]))
              for c in range(classes)]
     while len(parts) > 1:
         merged = []
         for first, second in zip(parts[::2], parts[1::2], strict=False):
             level = max(first.level, second.level)
-            full = len(first.classes) + len(second.classes) == classes
+            joined = first.classes + second.classes
+            full = len(joined) == classes
             accuracy, diff_sum = _merge_scores(first, second, logits, labels, difference,
                                                max_elements)
-            joined = first.classes + second.classes
             diff = diff_sum / (len(joined) * (len(joined) - 1) / 2)
             score = accuracy_weight * accuracy + (1.0 - alpha) * diff
-            for part, best in ((first, score.amax(1)), (second, score.amax(0))):
-                for column, label in enumerate(part.classes):
-                    _record(fitness[label], part.solutions[:, column], best, len(joined))
-            keep = score.numel() if full else keep_top[min(level, len(keep_top) - 1)]
-            order = torch.sort(score.flatten(), descending=True, stable=True).indices[:keep]
+            threshold = (final_accuracy_threshold if full else
+                         accuracy_thresholds[min(level, len(accuracy_thresholds) - 1)])
+            carried_at = (None if first.carried is None or second.carried is None
+                          else first.carried * score.shape[1] + second.carried)
+            order = surviving(accuracy.flatten(), score.flatten(), threshold, survivors,
+                              carried_at)
             rows, columns = order // score.shape[1], order % score.shape[1]
             solutions = torch.cat([first.solutions[rows], second.solutions[columns]], dim=1)
-            merged.append(_Composition(joined, solutions, diff_sum.flatten()[order], level + 1))
+            best = score.flatten()[order]
+            for column, label in enumerate(joined):
+                _record(fitness[label], solutions[:, column], best, len(joined))
+            position = (None if carried_at is None
+                        else int((order == carried_at).nonzero()[0, 0]))
+            merged.append(_Composition(joined, solutions, diff_sum.flatten()[order], level + 1,
+                                       position))
             if full:
                 result = CompositionScores(
-                    fitness, solutions[:, torch.tensor(joined).argsort()],
+                    fitness, solutions[:, torch.tensor(joined).argsort()], best,
                     accuracy.flatten()[order], diff.flatten()[order])
         if len(parts) % 2:
             merged.append(parts[-1])
@@ -417,7 +456,7 @@ def score_compositions(logits: Sequence[torch.Tensor], labels: torch.Tensor,
 
 def _record(fitness: torch.Tensor, solutions: torch.Tensor, best: torch.Tensor,
             size: int) -> None:
-    """Solutions scored in a composition of ``size`` classes: (size, their best fitness)."""
+    """Solutions in a surviving composition of ``size`` classes: (size, their best fitness)."""
     top = torch.full((fitness.shape[0],), -math.inf, dtype=torch.float64)
     top.scatter_reduce_(0, solutions, best.double(), "amax")
     scored = torch.isfinite(top)
@@ -485,7 +524,7 @@ class CNNSplitter(Approach):
             fail("parents", f"between 2 and population ({hp['population']})")
         if not 0 <= hp["elites"] < hp["population"]:
             fail("elites", f"between 0 and population - 1 ({hp['population'] - 1})")
-        for key in ("mutation_rate", "alpha", "gamma", "confidence"):
+        for key in ("mutation_rate", "alpha", "gamma", "confidence", "final_accuracy_threshold"):
             if not 0 <= hp[key] <= 1:
                 fail(key, "in [0, 1]")
         if not 0 < hp["sensitivity_ratio"] <= 1:
@@ -494,9 +533,16 @@ class CNNSplitter(Approach):
             if not hp[key] or not all(isinstance(r, (int, float)) and not isinstance(r, bool)
                                       and 0 < r <= 1 for r in hp[key]):
                 fail(key, "a non-empty list of ratios in (0, 1]")
-        if not hp["keep_top"] or not all(isinstance(k, int) and not isinstance(k, bool)
-                                         and k >= 1 for k in hp["keep_top"]):
-            fail("keep_top", "a non-empty list of positive integers")
+        bounds = hp["survivors"]
+        if not (isinstance(bounds, list) and len(bounds) == 2
+                and all(isinstance(k, int) and not isinstance(k, bool) for k in bounds)
+                and 1 <= bounds[0] <= bounds[1]):
+            fail("survivors", "[at least, at most] with 1 <= at least <= at most")
+        thresholds = hp["accuracy_thresholds"]
+        if not (isinstance(thresholds, list) and thresholds
+                and all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1
+                        for t in thresholds)):
+            fail("accuracy_thresholds", "a non-empty list of accuracies in [0, 1]")
         if hp["grouping"] not in GROUPINGS:
             fail("grouping", f"one of {list(GROUPINGS)}")
         if hp["initialisation"] not in INITIALISATIONS:
@@ -545,13 +591,13 @@ class CNNSplitter(Approach):
         for name, reduce in (("mean", np.mean), ("max", np.max), ("min", np.min)):
             statistics.register(name, reduce)
         populations, fitness, cached, best_compositions = None, None, None, []
-        accuracy_prev_best = 0.0
+        best_members, accuracy_prev_best = None, 0.0
         if loop.state is not None:
             state = loop.state
             populations, fitness = state["populations"], state["fitness"]
             cached, best_compositions = state["logits"], state["best_compositions"]
             previous = populations
-            accuracy_prev_best = state["accuracy_prev_best"]
+            best_members, accuracy_prev_best = state["best_members"], state["accuracy_prev_best"]
             for record in state["logbook"]:
                 logbook.record(**record)
 
@@ -563,8 +609,8 @@ class CNNSplitter(Approach):
                                                          hp, numbers) for _ in classes])
             else:
                 draws = random.Random(stream)
-                populations = torch.stack([breed(populations[c], fitness[c], layout, hp, draws)
-                                           for c in classes])
+                populations = torch.stack([breed(populations[c], fitness[c], layout, hp, draws,
+                                                 int(best_members[c])) for c in classes])
             caches = [{} if cached is None else
                       {row.tobytes(): column for row, column in
                        zip(previous[c].numpy(), cached[c], strict=True)} for c in classes]
@@ -572,14 +618,20 @@ class CNNSplitter(Approach):
                                                     populations, caches)
             previous, logits = populations, list(cached)
             weight = hp["alpha"] + max(0.0, hp["gamma"] - accuracy_prev_best)
+            # the previous best composition's members are the first elites (breed)
+            carried = [0] * len(classes) if generation > 0 and hp["elites"] > 0 else None
             scores = score_compositions(
                 logits, labels, [layout.kernel_sets(populations[c], c) for c in classes],
-                accuracy_weight=weight, alpha=hp["alpha"], keep_top=hp["keep_top"])
+                accuracy_weight=weight, alpha=hp["alpha"],
+                accuracy_thresholds=hp["accuracy_thresholds"],
+                final_accuracy_threshold=hp["final_accuracy_threshold"],
+                survivors=hp["survivors"], carried=carried)
             fitness = scores.fitness
-            selection = hp["alpha"] * scores.accuracy + (1 - hp["alpha"]) * scores.difference
-            best = int(selection.argmax())
-            accuracy_prev_best = float(scores.accuracy.max())
-            chosen = torch.stack([populations[c, scores.solutions[best, c]] for c in classes])
+            best_members = scores.solutions[0]  # the fittest surviving composition
+            accuracy_prev_best = float(scores.accuracy[0])
+            selection = hp["alpha"] * accuracy_prev_best + (1 - hp["alpha"]) * float(
+                scores.difference[0])
+            chosen = torch.stack([populations[c, best_members[c]] for c in classes])
             best_compositions.append(chosen)
             kept = torch.stack([layout.kernel_sets(chosen[c:c + 1], c)[0] for c in classes])
             solutions = []
@@ -592,9 +644,9 @@ class CNNSplitter(Approach):
             logbook.record(generation=generation, evaluations=evaluations,
                            **{f"fitness_{k}": float(v)
                               for k, v in statistics.compile(solutions).items()},
-                           val_accuracy=100.0 * float(scores.accuracy[best]),
-                           difference=float(scores.difference[best]),
-                           selection=float(selection[best]),
+                           val_accuracy=100.0 * accuracy_prev_best,
+                           difference=float(scores.difference[0]),
+                           selection=selection,
                            krr=float(kept.double().mean()))
             entry = logbook[-1]
             log.info("generation %d/%d: val %.2f%% diff %.3f KRR %.3f (%d new solutions)",
@@ -602,7 +654,7 @@ class CNNSplitter(Approach):
                      entry["krr"], evaluations)
             loop.save(generation, {
                 "populations": populations, "fitness": fitness, "logits": cached,
-                "best_compositions": best_compositions,
+                "best_compositions": best_compositions, "best_members": best_members,
                 "accuracy_prev_best": accuracy_prev_best, "logbook": list(logbook),
             }, postfix={"val": f"{entry['val_accuracy']:.1f}%", "krr": f"{entry['krr']:.2f}"})
 
