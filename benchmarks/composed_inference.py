@@ -1,24 +1,27 @@
-"""Inference throughput of composed modules: masked vs extracted, sequential vs batched.
+"""Composed inference: N modules as one composed model vs the extracted modules one by one.
 
-A composed model runs N per-class modules on every input. Each module can run as the *masked*
-base model (dropped channels zeroed, full-size compute) or as a physically *extracted* smaller
-network, and the N modules can run one after the other or all at once. For a few zoo models
-with N = 10 random modules keeping ~25 % of each group's kernels (seeded), this measures
-images per second (batch of random 32x32 inputs, one warm-up pass, best of 3 timed passes,
-interleaved across variants) of
+A composed model runs N per-class modules on every input. The naive way runs the N physically
+extracted modules (:func:`dnnmod.modules.extract.extract_module`) one after the other. The
+composed model (:class:`dnnmod.modules.compose.FusedModuleSet`) computes the normalisation and
+the first layer once for all modules and then runs either all modules in one fused (vmap-ed)
+pass or the extracted modules one after the other, whichever it measured faster on the first
+batch of a batch-size bucket. For a few zoo models with N = 10 random modules keeping ~25 % of
+each group's kernels (seeded), at batch sizes 1, 32 and 256 (random 32x32 inputs, one warm-up
+pass, best of 3 timed passes, interleaved across variants), this measures images per second of
 
-    base                  the base model alone (one pass, for scale)
-    masked sequential     N masked passes, masked_logits with M = 1 each
-    masked batched        one masked pass over the N-times-repeated batch (M = N)
-    extracted sequential  N extracted modules one after the other
-    extracted fused       FusedModules: the N padded modules in one vmap-ed network
+    base          the base model alone (one pass, for scale)
+    naive         the N extracted modules one after the other
+    fused         the composed model forced to its fused pass
+    sequential    the composed model forced to its sequential pass
+    composed      the composed model as dispatched (its choice printed)
 
-and the last two again for a sub-task T of 3 classes. An image counts once however many
-modules process it. The ratios printed compare batched with sequential masked execution,
-fused with sequential extracted modules, and every variant with the base model.
+and prints each variant's speed-up over the naive way, naive time / variant time (an image
+counts once however many modules process it), with the base model's time relative to the
+naive way's for scale. The masked model (full-size compute with dropped channels zeroed) is
+not compared: composed models never run it.
 
-    python benchmarks/composed_inference.py                      # simcnn, vgg16, resnet20
-    python benchmarks/composed_inference.py --arch resnet20 --width 0.5 --threads 2
+    python benchmarks/composed_inference.py                      # the models of the README
+    python benchmarks/composed_inference.py --arch resnet20 --width 0.5 --batch-sizes 1 32
 """
 
 from __future__ import annotations
@@ -27,19 +30,17 @@ import argparse
 import time
 from collections.abc import Callable
 
+import pandas as pd
 import torch
 
 from dnnmod.models import build_model
-from dnnmod.modules.extract import (
-    FusedModules,
-    count_parameters,
-    extract_module,
-    pad_and_extract,
-)
-from dnnmod.modules.masking import masked_logits
+from dnnmod.modules.compose import FusedModuleSet, batch_bucket
+from dnnmod.modules.extract import count_parameters, extract_module
+from dnnmod.modules.heads import OwnLogitHead
+from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.modules.structure import ModelStructure, trace_structure
 
-DEMO_MODELS = (("simcnn", 0.125), ("vgg16", 0.125), ("resnet20", 0.5))
+MODELS = (("simcnn", 0.125), ("vgg16", 0.125), ("vgg16", 1.0), ("resnet20", 1.0))
 
 
 def random_keeps(structure: ModelStructure, modules: int, rate: float,
@@ -75,68 +76,75 @@ def best_seconds(variants: dict[str, Callable[[], object]], repeats: int = 3) ->
     return best
 
 
-def benchmark(arch: str, width: float, modules: int, subset: int, rate: float,
-              batch_size: int, seed: int) -> None:
+def benchmark(arch: str, width: float, modules: int, rate: float, batch_sizes: list[int],
+              seed: int) -> list[dict]:
     torch.manual_seed(seed)
     model = build_model(arch, modules, width).eval()
     structure = trace_structure(model)
     keeps = random_keeps(structure, modules, rate, seed)
-    masks = [{name: keep[name][None].float() for name in keep} for keep in keeps]
-    all_masks = {group.name: torch.stack([keep[group.name] for keep in keeps]).float()
-                 for group in structure.groups}
+    module_set = ModuleSet(
+        approach="benchmark", classes=list(range(modules)),
+        masks={group.name: torch.stack([keep[group.name] for keep in keeps])
+               for group in structure.groups},
+        head=OwnLogitHead(list(range(modules)), modules), combination="argmax", base={},
+        structure=structure)
     extracted = [extract_module(model, structure, keep) for keep in keeps]
-    fused = FusedModules(pad_and_extract(model, structure, keeps))
-    fused_subset = FusedModules(pad_and_extract(model, structure, keeps[:subset]))
-    x = torch.randn(batch_size, 3, 32, 32)
-
-    variants: dict[str, Callable[[], object]] = {
-        "base": lambda: model(x),
-        f"masked sequential (N={modules})":
-            lambda: [masked_logits(model, structure, mask, x) for mask in masks],
-        f"masked batched (N={modules})": lambda: masked_logits(model, structure, all_masks, x),
-        f"extracted sequential (N={modules})": lambda: [module(x) for module in extracted],
-        f"extracted fused (N={modules})": lambda: fused(x),
-        f"extracted sequential (T={subset})":
-            lambda: [module(x) for module in extracted[:subset]],
-        f"extracted fused (T={subset})": lambda: fused_subset(x),
-    }
-    with torch.no_grad():
-        throughput = {name: batch_size / seconds
-                      for name, seconds in best_seconds(variants).items()}
-
+    composed = {execution: FusedModuleSet(model, module_set, execution=execution)
+                for execution in (None, "fused", "sequential")}
+    head = module_set.head
     mean_size = sum(count_parameters(m) for m in extracted) / len(extracted)
-    print(f"\n{arch} width {width}: {len(structure.groups)} groups, "
-          f"{structure.total_kernels} kernels, base {count_parameters(model)} parameters, "
-          f"extracted modules {mean_size / count_parameters(model):.1%} of them on average")
-    base = throughput["base"]
-    print(f"{'variant':34s} {'images/s':>10s} {'vs base':>8s}")
-    for name, value in throughput.items():
-        print(f"{name:34s} {value:10.0f} {value / base:7.2f}x")
-    names = list(throughput)
-    print(f"batched / sequential masked:      {throughput[names[2]] / throughput[names[1]]:.2f}x")
-    print(f"fused / sequential extracted (N): {throughput[names[4]] / throughput[names[3]]:.2f}x")
-    print(f"fused / sequential extracted (T): {throughput[names[6]] / throughput[names[5]]:.2f}x")
-    print(f"fused / batched masked (N):       {throughput[names[4]] / throughput[names[2]]:.2f}x")
+    print(f"{arch} width {width}: {len(structure.groups)} groups, base "
+          f"{count_parameters(model)} parameters, extracted modules "
+          f"{mean_size / count_parameters(model):.1%} of them on average, first layer shared: "
+          f"{composed[None].first_layer is not None}", flush=True)
+    rows = []
+    for batch_size in batch_sizes:
+        x = torch.randn(batch_size, *structure.input_shape[1:])
+        variants: dict[str, Callable[[], object]] = {
+            "base": lambda x=x: model(x),
+            "naive": lambda x=x: head(torch.stack([module(x) for module in extracted])),
+            "fused": lambda x=x: composed["fused"](x),
+            "sequential": lambda x=x: composed["sequential"](x),
+            "composed": lambda x=x: composed[None](x),
+        }
+        with torch.no_grad():
+            seconds = best_seconds(variants)
+            expected = variants["naive"]()
+            deviation = float((composed[None](x) - expected).abs().max())
+        naive = seconds["naive"]
+        rows.append({
+            "model": f"{arch} w{width:g}", "batch": batch_size,
+            "naive ms": round(naive * 1e3, 1),
+            "base": round(naive / seconds["base"], 2),
+            "fused": round(naive / seconds["fused"], 2),
+            "sequential": round(naive / seconds["sequential"], 2),
+            "composed": round(naive / seconds["composed"], 2),
+            "chosen": composed[None].choice.chosen[batch_bucket(batch_size)],
+            "max |diff|": f"{deviation:.1e}",
+        })
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", help="one zoo architecture (default: the demo models)")
+    parser.add_argument("--arch", help="one zoo architecture (default: the README's models)")
     parser.add_argument("--width", type=float, default=0.125)
     parser.add_argument("--modules", type=int, default=10, help="N, the number of classes")
-    parser.add_argument("--subset", type=int, default=3, help="|T|, classes of the sub-task")
     parser.add_argument("--keep-rate", type=float, default=0.25)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}, keep rate {args.keep_rate}")
-    models = [(args.arch, args.width)] if args.arch else DEMO_MODELS
-    for arch, width in models:
-        benchmark(arch, width, args.modules, args.subset, args.keep_rate, args.batch_size,
-                  args.seed)
+          f"keep rate {args.keep_rate}, N = {args.modules}; speed-ups are naive time / time")
+    models = [(args.arch, args.width)] if args.arch else MODELS
+    rows = [row for arch, width in models
+            for row in benchmark(arch, width, args.modules, args.keep_rate, args.batch_sizes,
+                                 args.seed)]
+    print()
+    print(pd.DataFrame(rows).to_markdown(index=False))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,31 @@
 """Composed models run as one fused network and agree with the masked module sets, within one
-model and across models trained on different datasets; combination rules."""
+model and across models trained on different datasets; combination rules; the fused and
+sequential executions, the shared first layer and the measured choice between executions."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
 import torch
 
 from dnnmod.data import combine, load_dataset, prepare
-from dnnmod.errors import ArtifactError
+from dnnmod.errors import ArtifactError, ConfigError
 from dnnmod.models import build_model
 from dnnmod.modules import combination
 from dnnmod.modules.combination import combination_rule, combine_scores
-from dnnmod.modules.compose import ComposedModel, ComposedPart
-from dnnmod.modules.heads import LogitMLPHead
-from dnnmod.modules.masking import ensure_nonempty
+from dnnmod.modules.compose import (
+    EXECUTIONS,
+    ComposedModel,
+    ComposedPart,
+    ExecutionChoice,
+    FusedModuleSet,
+    batch_bucket,
+)
+from dnnmod.modules.extract import FusedModules, extract_module, pad_and_extract
+from dnnmod.modules.heads import LogitMLPHead, OwnLogitHead
+from dnnmod.modules.masking import channel_view, ensure_nonempty, masked_logits
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.modules.structure import trace_structure
 
@@ -168,3 +178,121 @@ def test_a_registered_rule_serves_composed_models(two_models, monkeypatch):
     composed = ComposedModel.from_parts([ComposedPart(lenet, digit_modules, c) for c in (1, 2)],
                                         combination="lowest")
     assert torch.equal(composed.predict(x), composed(x).argmin(dim=1))
+
+
+# ------------------------------------------------- execution: fused or sequential, shared work
+
+
+@pytest.fixture(scope="module")
+def normed_setup():
+    """rescnn with random BatchNorm statistics and affine maps (so that folding them changes
+    the convs), and random modules whose first group has position masks."""
+    torch.manual_seed(0)
+    model = build_model("rescnn", 10, width=0.125).eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                for tensor in (layer.running_mean, layer.weight, layer.bias):
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+                layer.running_var.copy_(torch.rand(layer.running_var.shape,
+                                                   generator=generator) + 0.5)
+    structure = trace_structure(model)
+    first = structure.groups[0]
+    assert len(first.shape) == 3
+    masks = ensure_nonempty(
+        {g.name: torch.rand(6, *(g.shape if g is first else (g.size,)),
+                            generator=generator) < 0.4 for g in structure.groups},
+        {g.name: torch.rand(6, *(g.shape if g is first else (g.size,)),
+                            generator=generator) for g in structure.groups})
+    modules = ModuleSet(approach="test", classes=[4, 0, 7, 2, 9, 5], masks=masks,
+                        head=OwnLogitHead([4, 0, 7, 2, 9, 5], 10), combination="argmax",
+                        base={"weights_sha256": "0" * 64}, structure=structure)
+    return model, modules
+
+
+def test_both_executions_and_the_dispatched_one_give_the_masked_scores(normed_setup):
+    model, modules = normed_setup
+    x = torch.randn(5, 3, 32, 32)
+    composed = FusedModuleSet(model, modules)
+    assert composed.first_layer is not None  # the optimised build passed its self-check
+    expected = masked_logits(model, modules.structure, modules.masks, x)
+    with torch.no_grad():
+        fused, sequential = composed.run_fused(x), composed.run_sequential(x)
+        dispatched = composed(x)
+    assert torch.allclose(fused, expected, atol=1e-5)
+    assert torch.allclose(sequential, expected, atol=1e-5)
+    assert torch.allclose(dispatched, modules.scores(model, x), atol=1e-5)
+    assert composed.choice.chosen[8] in EXECUTIONS
+
+
+def test_the_shared_first_layer_computes_what_each_module_computes_alone(normed_setup):
+    model, modules = normed_setup
+    structure = modules.structure
+    keeps = [modules.module_masks(position) for position in range(len(modules))]
+    composed = FusedModuleSet(model, modules)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        shared = composed.first_layer(x)
+        # The first layer ran once, for the union of the kept channels and one zero channel.
+        union = torch.stack([channel_view(mask[None])[0]
+                             for mask in modules.masks[structure.groups[0].name]]).any(dim=0)
+        assert shared.shape[1] == int(union.sum()) + 1
+        assert not shared[:, -1].any()
+        unshared_sequential = torch.stack([extract_module(model, structure, keep)(x)
+                                           for keep in keeps])
+        unshared_fused = FusedModules(pad_and_extract(model, structure, keeps))(x)
+        assert torch.allclose(composed.run_sequential(x), unshared_sequential, atol=1e-5)
+        assert torch.allclose(composed.run_fused(x), unshared_fused, atol=1e-5)
+
+
+def test_a_forced_execution_is_honoured(setup, monkeypatch):
+    model, modules = setup
+    x = torch.randn(4, 3, 32, 32)
+    expected = modules.scores(model, x)
+    for forced, other in (("sequential", "run_fused"), ("fused", "run_sequential")):
+        composed = ComposedModel(model, modules, execution=forced)
+        group = composed.groups[0]
+
+        def refuse(_x):
+            raise AssertionError("the execution not forced ran")
+
+        monkeypatch.setattr(group, other, refuse)
+        assert torch.allclose(composed(x), expected, atol=1e-5)
+        assert group.choice.chosen == {}
+    with pytest.raises(ConfigError, match="unknown execution 'grouped'; known: fused, "
+                                          "sequential"):
+        FusedModuleSet(model, modules, execution="grouped")
+
+
+def test_the_choice_is_measured_once_per_batch_bucket():
+    calls = {"slow": 0, "fast": 0}
+
+    def runs(value):
+        def slow():
+            calls["slow"] += 1
+            time.sleep(0.01)
+            return torch.tensor(value)
+
+        def fast():
+            calls["fast"] += 1
+            return torch.tensor(value)
+        return {"slow": slow, "fast": fast}
+
+    choice = ExecutionChoice(("slow", "fast"), rounds=2)
+    assert choice.run(runs(1.0), batch_size=3) == 1.0
+    assert choice.chosen == {4: "fast"} and calls == {"slow": 2, "fast": 2}
+    choice.run(runs(2.0), batch_size=4)  # same bucket: no new measurement
+    assert calls == {"slow": 2, "fast": 3}
+    choice.run(runs(3.0), batch_size=5)  # next bucket: measured again
+    assert choice.chosen == {4: "fast", 8: "fast"} and calls == {"slow": 4, "fast": 5}
+    assert [batch_bucket(n) for n in (1, 2, 3, 32, 33, 256)] == [1, 2, 4, 32, 64, 256]
+
+
+def test_a_composed_model_caches_its_choice_per_batch_bucket(setup):
+    model, modules = setup
+    composed = ComposedModel(model, modules, classes=[1, 2, 3])
+    group = composed.groups[0]
+    for batch_size in (3, 4, 6):
+        composed(torch.randn(batch_size, 3, 32, 32))
+    assert set(group.choice.chosen) == {4, 8}

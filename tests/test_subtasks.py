@@ -319,3 +319,11 @@ def test_tiny_workflow_makes_the_e5_table_and_figure(tmp_path):
     assert (project / "results/tiny/logs/subtasks/digits/simcnn/gradsplitter").is_dir()
     dry = snakemake(project, *targets, "-n", "--configfile", configfile)
     assert "Nothing to be done" in dry.stdout
+
+
+def test_e5_models_must_be_configured_models(tmp_path):
+    project = make_project(tmp_path / "project")
+    config = {**TINY, "reuse": {"subtasks": {"models": ["simcnn", "lenet99"]}}}
+    run = snakemake(project, "-n", "--configfile", write_config(project, config))
+    assert run.returncode != 0
+    assert "reuse.subtasks.models: unknown models ['lenet99']" in run.stdout

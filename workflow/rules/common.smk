@@ -315,7 +315,8 @@ def new_task_scratch_models():
 
 
 def subtask_config(config):
-    """reuse.subtasks, its union approaches checked to be registered; None when E5 is off."""
+    """reuse.subtasks, its union approaches checked to be registered and its models to be
+    configured; None when E5 is off."""
     subtasks = config.get("reuse", {}).get("subtasks")
     if subtasks is not None:
         unknown = sorted(set(subtasks.get("union_approaches", [])) - set(APPROACHES))
@@ -323,6 +324,12 @@ def subtask_config(config):
             raise ValueError(
                 f"reuse.subtasks.union_approaches: unknown approaches {unknown}; "
                 f"known: {', '.join(sorted(APPROACHES))}"
+            )
+        unknown = sorted(set(subtasks.get("models", [])) - set(config["models"]))
+        if unknown:
+            raise ValueError(
+                f"reuse.subtasks.models: unknown models {unknown}; "
+                f"known: {', '.join(sorted(config['models']))}"
             )
     return subtasks
 
@@ -333,7 +340,9 @@ SUBTASKS = subtask_config(config)
 def subtask_settings(approach):
     """What one E5 unit reads of reuse.subtasks: union networks are built only for the
     approaches that compose sub-tasks as union networks (union_approaches)."""
-    settings = {k: v for k, v in SUBTASKS.items() if k != "union_approaches"}
+    settings = {
+        k: v for k, v in SUBTASKS.items() if k not in ("union_approaches", "models")
+    }
     if approach not in SUBTASKS["union_approaches"]:
         settings["union_subsets"] = 0
     return settings
@@ -350,6 +359,7 @@ def subtask_tables():
     return [
         f"{RESULTS}/reuse/subtasks/{dataset}/{model}/{approach}/seed{seed}/subtasks.csv"
         for (approach, dataset, model) in MODULARIZATIONS
+        if model in SUBTASKS.get("models", [model])
         for seed in SEEDS
     ]
 

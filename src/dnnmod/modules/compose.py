@@ -17,11 +17,20 @@ Two ways to build one:
   inputs differently, so the composed model takes images in [0, 1]
   (:meth:`dnnmod.data.ImageSet.unit_batch`) and each part normalises them with its base
   model's mean/std, recorded in the module set as ``base["normalization"]``.
+
+A module set runs one of two equivalent ways (:class:`FusedModuleSet`): ``fused``, the modules
+padded to one shape and run in one vmap-ed pass, or ``sequential``, each module extracted at its
+own size and run one after another. Neither wins everywhere on a CPU, so the faster one is
+chosen by timing both on the first batch of each batch-size bucket (:class:`ExecutionChoice`).
+Either way, what the modules share is computed once: the input normalisation and the first
+layer (:class:`SharedFirstLayer`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +38,20 @@ from torch import nn
 
 from dnnmod.errors import ArtifactError, ConfigError
 from dnnmod.modules.combination import combine_scores, get_combination
-from dnnmod.modules.extract import FusedModules, pad_and_extract
+from dnnmod.modules.extract import (
+    POSITION_MASK,
+    FusedModules,
+    apply_position_mask,
+    extract_module,
+    pad_and_extract,
+    padded_channels,
+)
+from dnnmod.modules.masking import _fold_batch_norms, channel_view, masked_logits
 from dnnmod.modules.moduleset import ModuleSet
+from dnnmod.modules.structure import ModelStructure
+
+#: the ways a module set can run, all computing the same scores (see FusedModuleSet)
+EXECUTIONS = ("fused", "sequential")
 
 
 @dataclass(frozen=True)
@@ -43,26 +64,239 @@ class ComposedPart:
     class_index: int
 
 
+def batch_bucket(batch_size: int) -> int:
+    """The power of two at or above ``batch_size``: batches of one bucket share an execution."""
+    return 1 << max(batch_size - 1, 0).bit_length()
+
+
+class ExecutionChoice:
+    """Which of several equivalent executions runs a batch: the fastest measured on the first
+    batch of its batch-size bucket (:func:`batch_bucket`), timed ``rounds`` times each,
+    interleaved, best time kept (the first round includes one-off costs such as oneDNN's
+    kernel set-up, the later ones not), then cached in :attr:`chosen` (bucket → name).
+    ``forced`` (a name) skips the measurement."""
+
+    def __init__(self, names: Sequence[str], forced: str | None = None, rounds: int = 2) -> None:
+        if forced is not None and forced not in names:
+            raise ConfigError(f"unknown execution {forced!r}; known: {', '.join(names)}")
+        self.names, self.forced, self.rounds = tuple(names), forced, rounds
+        self.chosen: dict[int, str] = {}
+
+    def run(self, runs: Mapping[str, Callable[[], torch.Tensor]],
+            batch_size: int) -> torch.Tensor:
+        """The output of the execution chosen for ``batch_size`` (``runs``: name → call)."""
+        if self.forced is not None:
+            return runs[self.forced]()
+        bucket = batch_bucket(batch_size)
+        if bucket in self.chosen:
+            return runs[self.chosen[bucket]]()
+        best = dict.fromkeys(self.names, float("inf"))
+        outputs = {}
+        for _ in range(self.rounds):
+            for name in self.names:
+                started = time.perf_counter()
+                outputs[name] = runs[name]()
+                best[name] = min(best[name], time.perf_counter() - started)
+        self.chosen[bucket] = min(best, key=best.__getitem__)
+        return outputs[self.chosen[bucket]]
+
+
+class SharedFirstLayer(nn.Module):
+    """The base model's first layer (the first producer layer of its first group, a BatchNorm
+    that reads it folded in) computed once for all modules: for the union of the channels they
+    keep there, followed by one zero channel (a zero kernel, cheaper than concatenating zeros
+    to the output). Module i reads its channels ``channels_i`` from
+    it (an extracted module's kept channels in order) and the fused modules ``fused_channels``
+    ((M, width): each padded module's channels, padding channels reading the zero channel, as
+    a dropped channel outputs zero)."""
+
+    def __init__(self, model: nn.Module, structure: ModelStructure,
+                 kept: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        base = copy.deepcopy(model).eval()
+        fold_batch_norms(base, structure)
+        self.layer = base.get_submodule(structure.groups[0].convs[0])
+        union = torch.stack(list(kept)).any(dim=0)
+        channels = union.nonzero().flatten()
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                tensor = getattr(self.layer, name)
+                if tensor is not None:
+                    rows = torch.cat([tensor[channels], tensor.new_zeros((1, *tensor.shape[1:]))])
+                    setattr(self.layer, name, nn.Parameter(rows, requires_grad=False))
+        # where each base-model channel is in this layer's output; dropped ones at the zero one
+        position = torch.full((len(union),), len(channels), dtype=torch.long)
+        position[channels] = torch.arange(len(channels))
+        for index, own in enumerate(kept):
+            self.register_buffer(f"channels_{index}", position[own])
+        self.register_buffer("fused_channels", torch.stack([
+            torch.where(own[padded], position[padded], len(channels))
+            for own, padded in zip(kept, padded_channels(kept), strict=True)]))
+        self.modules_count = len(kept)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def module_inputs(self, shared: torch.Tensor) -> list[torch.Tensor]:
+        """Each extracted module's input: its channels of ``shared`` (this layer's output)."""
+        return [shared.index_select(1, getattr(self, f"channels_{index}"))
+                for index in range(self.modules_count)]
+
+    def fused_inputs(self, shared: torch.Tensor) -> torch.Tensor:
+        """The padded modules' inputs, (M, batch, width, ...), from ``shared``."""
+        index = self.fused_channels
+        return shared.index_select(1, index.flatten()).unflatten(1, index.shape).movedim(1, 0)
+
+
 class FusedModuleSet(nn.Module):
-    """The modules of one module set, fused, with the set's head: (batch, M) scores. With
+    """The modules of one module set with the set's head: (batch, M) scores. With
     ``normalization`` ({"mean": [...], "std": [...]}) it takes images in [0, 1] and normalises
-    them as its base model was trained; without, it takes normalised images."""
+    them as its base model was trained; without, it takes normalised images.
+
+    It runs one of :data:`EXECUTIONS`, which give the same scores within float tolerance:
+
+    - ``fused``: the modules padded to one shape (:func:`pad_and_extract`) in one vmap-ed
+      pass (:class:`FusedModules`): one call instead of M, each conv a grouped conv;
+    - ``sequential``: each module extracted at its own size and run one after another.
+
+    On this project's CPU the fused pass wins at small batches, where the per-operation
+    overhead of M calls dominates, and loses at large ones, where oneDNN's grouped convs of a
+    few channels per group run slower than M small dense convs. So on a CPU an
+    :class:`ExecutionChoice` times both on the first batch of each batch-size bucket and keeps
+    the faster; ``execution`` forces one. On a GPU the fused pass always runs: the M
+    sequential modules would launch M times as many small kernels, which leave the device
+    idle, and timing there would need synchronisation that the fused pass does not.
+
+    Both executions compute the shared part once: the normalisation and the first layer
+    (:class:`SharedFirstLayer`); each module's BatchNorms are folded into the convs they read.
+    Both sets of modules are held, so this takes about twice the extracted modules' memory,
+    unless one execution is forced; a single module always runs ``sequential``.
+    """
 
     def __init__(self, model: nn.Module, modules: ModuleSet,
-                 normalization: Mapping[str, Sequence[float]] | None = None) -> None:
+                 normalization: Mapping[str, Sequence[float]] | None = None,
+                 execution: str | None = None) -> None:
         super().__init__()
+        if execution is None and len(modules) == 1:
+            execution = "sequential"  # one module: nothing to fuse, and no timing to spend
+        self.choice = ExecutionChoice(EXECUTIONS, forced=execution)
+        model = model.eval()
         keeps = [modules.module_masks(position) for position in range(len(modules))]
-        self.backbones = FusedModules(pad_and_extract(model.eval(), modules.structure, keeps))
+        structure = modules.structure
+        self._build(model, structure, keeps, optimised=True)
+        if not self._agrees_with_masked_modules(model, structure, modules.masks):
+            # A model that reads its input past its first layer cannot share that layer: run
+            # the extracted modules as they are.
+            self._build(model, structure, keeps, optimised=False)
         self.head = modules.head.eval()
         for key in ("mean", "std"):
             value = None if normalization is None else \
                 torch.tensor(normalization[key], dtype=torch.float32).view(1, -1, 1, 1)
             self.register_buffer(key, value)
 
+    def _build(self, model: nn.Module, structure: ModelStructure,
+               keeps: Sequence[Mapping[str, torch.Tensor]], optimised: bool) -> None:
+        """Both executions' modules; ``optimised``: with the shared first layer and folded
+        BatchNorms (where the first layer can be shared)."""
+        first = first_layer(model, structure) if optimised else None
+
+        def prepared(module: nn.Module) -> nn.Module:
+            if optimised:
+                fold_batch_norms(module, structure)
+            if first is not None:
+                pass_input_through(module, first)
+            return module
+
+        # a forced execution builds only its own modules
+        forced = self.choice.forced
+        self.sequential = None if forced == "fused" else nn.ModuleList(
+            prepared(extract_module(model, structure, keep)) for keep in keeps)
+        self.fused = None if forced == "sequential" else FusedModules(
+            [prepared(module) for module in pad_and_extract(model, structure, keeps)])
+        group = structure.groups[0]
+        self.first_layer = None if first is None else SharedFirstLayer(model, structure, [
+            channel_view(keep.get(group.name, torch.ones(group.size, dtype=torch.bool))[None])[0]
+            for keep in keeps])
+
+    @torch.no_grad()
+    def _agrees_with_masked_modules(self, model: nn.Module, structure: ModelStructure,
+                                    masks: Mapping[str, torch.Tensor]) -> bool:
+        """Whether both executions compute the masked modules' logits on a random probe."""
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn((2, *structure.input_shape[1:]), generator=generator).to(
+            next(model.parameters()).device)
+        expected = masked_logits(model, structure, masks, x)
+        tolerance = 1e-4 * (1 + float(expected.abs().max()))
+        return all(float((run(x) - expected).abs().max()) <= tolerance
+                   for run, built in ((self.run_fused, self.fused),
+                                      (self.run_sequential, self.sequential))
+                   if built is not None)
+
+    def run_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Every module's base-model logits, (M, batch, num_classes), in one fused pass."""
+        if self.first_layer is None:
+            return self.fused(x)
+        return self.fused(self.first_layer.fused_inputs(self.first_layer(x)), per_module=True)
+
+    def run_sequential(self, x: torch.Tensor) -> torch.Tensor:
+        """Every module's base-model logits, (M, batch, num_classes), one module at a time."""
+        inputs = [x] * len(self.sequential) if self.first_layer is None else \
+            self.first_layer.module_inputs(self.first_layer(x))
+        return torch.stack([module(xi) for module, xi in zip(self.sequential, inputs,
+                                                             strict=True)])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is not None:
             x = (x - self.mean) / self.std
-        return self.head(self.backbones(x))
+        if x.device.type != "cpu" and self.choice.forced is None:
+            return self.head(self.run_fused(x))
+        return self.head(self.choice.run({"fused": lambda: self.run_fused(x),
+                                          "sequential": lambda: self.run_sequential(x)},
+                                         x.shape[0]))
+
+
+def first_layer(model: nn.Module, structure: ModelStructure) -> str | None:
+    """The name of ``model``'s first layer where modules can share it, else None: the first
+    producer layer of the first group, an ungrouped Conv2d or a Linear called once, on the
+    model's input itself."""
+    if not structure.groups:
+        return None
+    name = structure.groups[0].convs[0]
+    layer = model.get_submodule(name)
+    if not isinstance(layer, nn.Linear | nn.Conv2d) or getattr(layer, "groups", 1) != 1:
+        return None
+    reference = next(model.parameters())
+    x = torch.zeros((1, *structure.input_shape[1:]), device=reference.device,
+                    dtype=reference.dtype)
+    reads = []
+    handle = layer.register_forward_pre_hook(lambda _layer, inputs: reads.append(inputs[0] is x))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return name if reads == [True] else None
+
+
+def fold_batch_norms(module: nn.Module, structure: ModelStructure) -> None:
+    """Fold, in place, each BatchNorm of eval-mode ``module`` (the base model or one cut from
+    it, with its layer names) that reads a conv of its group directly into that conv."""
+    folded = _fold_batch_norms(module, structure)
+    with torch.no_grad():
+        for name, tensor in folded.tensors.items():
+            module.get_parameter(name).copy_(tensor)
+
+
+def pass_input_through(module: nn.Module, name: str) -> None:
+    """Replace ``module``'s layer ``name`` with one that passes its input on (the shared
+    layer's output), keeping the layer's position mask."""
+    layer = module.get_submodule(name)
+    replacement = nn.Identity()
+    if hasattr(layer, POSITION_MASK):
+        replacement.add_module(POSITION_MASK, getattr(layer, POSITION_MASK))
+        replacement.register_forward_hook(apply_position_mask)
+    parent, _, child = name.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, child, replacement)
 
 
 class ComposedModel(nn.Module):
@@ -71,14 +305,16 @@ class ComposedModel(nn.Module):
     ``predict`` base-model class indices by the module set's combination rule.
 
     :meth:`from_parts` composes modules of several module sets and base models instead.
+    ``execution`` forces one of :data:`EXECUTIONS` (default: the faster, measured; see
+    :class:`FusedModuleSet`).
     """
 
     def __init__(self, model: nn.Module, modules: ModuleSet,
-                 classes: Sequence[int] | None = None) -> None:
+                 classes: Sequence[int] | None = None, execution: str | None = None) -> None:
         super().__init__()
         chosen = modules.subset(classes) if classes is not None else modules
-        self._assemble([FusedModuleSet(model, chosen)], range(len(chosen)), chosen.classes,
-                       chosen.combination)
+        self._assemble([FusedModuleSet(model, chosen, execution=execution)],
+                       range(len(chosen)), chosen.classes, chosen.combination)
 
     @classmethod
     def from_parts(cls, parts: Sequence[ComposedPart],

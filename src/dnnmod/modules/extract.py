@@ -197,32 +197,42 @@ def pad_and_extract(model: nn.Module, structure: ModelStructure,
               for group in groups} for keep in checked]
     channels = [{name: channel_view(mask[None])[0] for name, mask in keep.items()}
                 for keep in masks]
-    widths = {group.name: max(int(own[group.name].sum()) for own in channels)
+    padded = {group.name: padded_channels([own[group.name] for own in channels])
               for group in groups}
     positional = {name for keep in masks for name, mask in keep.items() if mask.dim() > 1}
     modules = []
-    for keep, own_channels in zip(masks, channels, strict=True):
-        padded_channels, paddings, position_masks = {}, {}, {}
+    for index, (keep, own_channels) in enumerate(zip(masks, channels, strict=True)):
+        module_channels, paddings, position_masks = {}, {}, {}
         for group in groups:
-            own = own_channels[group.name]
-            padding = (~own).nonzero().flatten()[: widths[group.name] - int(own.sum())]
-            padded = own.clone()
-            padded[padding] = True
-            padded_channels[group.name] = padded
-            paddings[group.name] = padding
+            kept = padded[group.name][index]
+            module_channels[group.name] = kept
+            paddings[group.name] = (kept & ~own_channels[group.name]).nonzero().flatten()
             if group.name in positional:
                 mask = keep[group.name]
                 positions = mask if mask.dim() > 1 else mask[:, None, None].expand(group.shape)
                 # Padding channels are dropped ones, inactive at every position.
-                position_masks[group.name] = positions[padded]
+                position_masks[group.name] = positions[kept]
         module = copy.deepcopy(model).eval()
         # Neutralised before pruning, at the base model's channel indices: pruning keeps the
         # values of the channels that stay.
         _neutralise(module, structure, paddings)
-        _prune(module, structure, padded_channels, None)
+        _prune(module, structure, module_channels, None)
         _attach_position_masks(module, structure, position_masks)
         modules.append(module)
     return modules
+
+
+def padded_channels(channels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The channels :func:`pad_and_extract` extracts from one group for each module: its
+    kept channels (``channels``, one bool (C,) vector per module) plus as many of its dropped
+    ones, lowest indices first, as the module keeping most keeps."""
+    width = max(int(own.sum()) for own in channels)
+    padded = []
+    for own in channels:
+        kept = own.clone()
+        kept[(~own).nonzero().flatten()[: width - int(own.sum())]] = True
+        padded.append(kept)
+    return padded
 
 
 @torch.no_grad()
@@ -252,7 +262,8 @@ class FusedModules(nn.Module):
     batch, so each conv runs once as a grouped conv instead of M times. Inference only:
     the modules always use eval semantics (BatchNorm running statistics, no dropout).
 
-    ``forward(x)`` returns (M, batch, num_classes).
+    ``forward(x)`` returns (M, batch, num_classes); ``forward(x, per_module=True)`` takes one
+    input per module, x of shape (M, batch, ...).
     """
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
@@ -285,7 +296,7 @@ class FusedModules(nn.Module):
             raise RuntimeError("FusedModules runs modules for inference only (eval mode)")
         return super().train(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, per_module: bool = False) -> torch.Tensor:
         parameters = {name: getattr(self, f"parameter_{index}")
                       for index, name in enumerate(self._parameter_names)}
         buffers = {name: getattr(self, f"buffer_{index}")
@@ -296,4 +307,5 @@ class FusedModules(nn.Module):
             return torch.func.functional_call(skeleton, (module_parameters, module_buffers),
                                               (inputs,))
 
-        return torch.func.vmap(run, in_dims=(0, 0, None))(parameters, buffers, x)
+        return torch.func.vmap(run, in_dims=(0, 0, 0 if per_module else None))(
+            parameters, buffers, x)
