@@ -359,7 +359,7 @@ def subtask_tables():
     return [
         f"{RESULTS}/reuse/subtasks/{dataset}/{model}/{approach}/seed{seed}/subtasks.csv"
         for (approach, dataset, model) in MODULARIZATIONS
-        if model in SUBTASKS.get("models", [model])
+        if model in (SUBTASKS or {}).get("models", [model])
         for seed in SEEDS
     ]
 
