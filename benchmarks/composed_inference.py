@@ -2,17 +2,19 @@
 
 A composed model runs N per-class modules on every input. The naive way runs the N physically
 extracted modules (:func:`dnnmod.modules.extract.extract_module`) one after the other. The
-composed model (:class:`dnnmod.modules.compose.FusedModuleSet`) computes the normalisation and
-the first layer once for all modules and then runs either all modules in one fused (vmap-ed)
-pass or the extracted modules one after the other, whichever it measured faster on the first
-batch of a batch-size bucket. For a few zoo models with N = 10 random modules keeping ~25 % of
-each group's kernels (seeded), at batch sizes 1, 32 and 256 (random 32x32 inputs, one warm-up
-pass, best of 3 timed passes, interleaved across variants), this measures images per second of
+composed model (:class:`dnnmod.modules.compose.FusedModuleSet`) normalises once and then runs
+all modules in one fused (vmap-ed) pass, or the extracted modules one after the other reading
+a first layer computed once for all, or each computing its own, whichever it measured fastest
+on the first batch of a batch-size bucket. For a few zoo models with N = 10 random modules
+keeping ~25 % of each group's kernels (seeded), at batch sizes 1, 32 and 256 (random 32x32
+inputs, one warm-up pass, best of 3 timed passes, interleaved across variants), this measures
+images per second of
 
     base          the base model alone (one pass, for scale)
     naive         the N extracted modules one after the other
     fused         the composed model forced to its fused pass
-    sequential    the composed model forced to its sequential pass
+    sequential    the composed model forced to its sequential pass (shared first layer)
+    separate      the composed model forced to its separate pass (BatchNorms folded)
     composed      the composed model as dispatched (its choice printed)
 
 and prints each variant's speed-up over the naive way, naive time / variant time (an image
@@ -90,7 +92,7 @@ def benchmark(arch: str, width: float, modules: int, rate: float, batch_sizes: l
         structure=structure)
     extracted = [extract_module(model, structure, keep) for keep in keeps]
     composed = {execution: FusedModuleSet(model, module_set, execution=execution)
-                for execution in (None, "fused", "sequential")}
+                for execution in (None, "fused", "sequential", "separate")}
     head = module_set.head
     mean_size = sum(count_parameters(m) for m in extracted) / len(extracted)
     print(f"{arch} width {width}: {len(structure.groups)} groups, base "
@@ -105,6 +107,7 @@ def benchmark(arch: str, width: float, modules: int, rate: float, batch_sizes: l
             "naive": lambda x=x: head(torch.stack([module(x) for module in extracted])),
             "fused": lambda x=x: composed["fused"](x),
             "sequential": lambda x=x: composed["sequential"](x),
+            "separate": lambda x=x: composed["separate"](x),
             "composed": lambda x=x: composed[None](x),
         }
         with torch.no_grad():
@@ -118,6 +121,7 @@ def benchmark(arch: str, width: float, modules: int, rate: float, batch_sizes: l
             "base": round(naive / seconds["base"], 2),
             "fused": round(naive / seconds["fused"], 2),
             "sequential": round(naive / seconds["sequential"], 2),
+            "separate": round(naive / seconds["separate"], 2),
             "composed": round(naive / seconds["composed"], 2),
             "chosen": composed[None].choice.chosen[batch_bucket(batch_size)],
             "max |diff|": f"{deviation:.1e}",

@@ -211,7 +211,7 @@ def normed_setup():
     return model, modules
 
 
-def test_both_executions_and_the_dispatched_one_give_the_masked_scores(normed_setup):
+def test_every_execution_and_the_dispatched_one_give_the_masked_scores(normed_setup):
     model, modules = normed_setup
     x = torch.randn(5, 3, 32, 32)
     composed = FusedModuleSet(model, modules)
@@ -219,9 +219,11 @@ def test_both_executions_and_the_dispatched_one_give_the_masked_scores(normed_se
     expected = masked_logits(model, modules.structure, modules.masks, x)
     with torch.no_grad():
         fused, sequential = composed.run_fused(x), composed.run_sequential(x)
+        separate = composed.run_separate(x)
         dispatched = composed(x)
     assert torch.allclose(fused, expected, atol=1e-5)
     assert torch.allclose(sequential, expected, atol=1e-5)
+    assert torch.allclose(separate, expected, atol=1e-5)
     assert torch.allclose(dispatched, modules.scores(model, x), atol=1e-5)
     assert composed.choice.chosen[8] in EXECUTIONS
 
@@ -243,6 +245,7 @@ def test_the_shared_first_layer_computes_what_each_module_computes_alone(normed_
                                            for keep in keeps])
         unshared_fused = FusedModules(pad_and_extract(model, structure, keeps))(x)
         assert torch.allclose(composed.run_sequential(x), unshared_sequential, atol=1e-5)
+        assert torch.allclose(composed.run_separate(x), unshared_sequential, atol=1e-5)
         assert torch.allclose(composed.run_fused(x), unshared_fused, atol=1e-5)
 
 
@@ -250,18 +253,21 @@ def test_a_forced_execution_is_honoured(setup, monkeypatch):
     model, modules = setup
     x = torch.randn(4, 3, 32, 32)
     expected = modules.scores(model, x)
-    for forced, other in (("sequential", "run_fused"), ("fused", "run_sequential")):
+    runs = {"fused": "run_fused", "sequential": "run_sequential", "separate": "run_separate"}
+    for forced in EXECUTIONS:
         composed = ComposedModel(model, modules, execution=forced)
         group = composed.groups[0]
 
         def refuse(_x):
             raise AssertionError("the execution not forced ran")
 
-        monkeypatch.setattr(group, other, refuse)
+        for other in set(runs) - {forced}:
+            monkeypatch.setattr(group, runs[other], refuse)
         assert torch.allclose(composed(x), expected, atol=1e-5)
         assert group.choice.chosen == {}
+        assert list(group.executions()) == [forced]
     with pytest.raises(ConfigError, match="unknown execution 'grouped'; known: fused, "
-                                          "sequential"):
+                                          "sequential, separate"):
         FusedModuleSet(model, modules, execution="grouped")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 
 import pandas as pd
@@ -321,9 +322,29 @@ def test_tiny_workflow_makes_the_e5_table_and_figure(tmp_path):
     assert "Nothing to be done" in dry.stdout
 
 
-def test_e5_models_must_be_configured_models(tmp_path):
+def test_e5_reuses_only_the_module_sets_of_the_filtered_datasets(tmp_path):
     project = make_project(tmp_path / "project")
-    config = {**TINY, "reuse": {"subtasks": {"models": ["simcnn", "lenet99"]}}}
+    config = {**TINY, "datasets": {"digits": {}, "shapes": {}},
+              "base_models": [*TINY["base_models"],
+                              {"dataset": "shapes", "models": ["simcnn"], "recipe": "tiny"}],
+              "modularize": [*TINY["modularize"],
+                             {"approach": "gradsplitter", "dataset": "shapes",
+                              "models": ["simcnn"]}],
+              "reuse": {"subtasks": {"datasets": ["digits"]}}}
+    run = snakemake(project, "-n", "--configfile", write_config(project, config))
+    assert run.returncode == 0, run.stdout[-3000:]
+    units = re.findall(r"results/tiny/reuse/subtasks/(\w+)/simcnn/(\w+)/seed0/subtasks\.csv",
+                       run.stdout)
+    assert set(units) == {("digits", "gradsplitter"), ("digits", "random")}
+
+
+@pytest.mark.parametrize("key, names, error", [
+    ("models", ["simcnn", "lenet99"], "reuse.subtasks.models: unknown models ['lenet99']"),
+    ("datasets", ["digits", "nope"], "reuse.subtasks.datasets: unknown datasets ['nope']"),
+])
+def test_e5_filters_must_name_configured_models_and_datasets(tmp_path, key, names, error):
+    project = make_project(tmp_path / "project")
+    config = {**TINY, "reuse": {"subtasks": {key: names}}}
     run = snakemake(project, "-n", "--configfile", write_config(project, config))
     assert run.returncode != 0
-    assert "reuse.subtasks.models: unknown models ['lenet99']" in run.stdout
+    assert error in run.stdout

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from dnnmod.errors import ConfigError, UnknownNameError
-from dnnmod.training.train import Recipe
 
 
 def expand_base_models(config: dict[str, Any]) -> dict[tuple[str, str], str]:
@@ -38,6 +37,7 @@ def check_study_config(config: dict[str, Any]) -> None:
     from dnnmod.data import DATASETS, Task
     from dnnmod.models import ARCHITECTURES, architecture_options
     from dnnmod.training.objectives import get_objective
+    from dnnmod.training.train import Recipe
 
     for name in config["datasets"]:
         if name not in DATASETS:

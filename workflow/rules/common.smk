@@ -315,8 +315,8 @@ def new_task_scratch_models():
 
 
 def subtask_config(config):
-    """reuse.subtasks, its union approaches checked to be registered and its models to be
-    configured; None when E5 is off."""
+    """reuse.subtasks, its union approaches checked to be registered and its models and
+    datasets to be configured; None when E5 is off."""
     subtasks = config.get("reuse", {}).get("subtasks")
     if subtasks is not None:
         unknown = sorted(set(subtasks.get("union_approaches", [])) - set(APPROACHES))
@@ -325,12 +325,17 @@ def subtask_config(config):
                 f"reuse.subtasks.union_approaches: unknown approaches {unknown}; "
                 f"known: {', '.join(sorted(APPROACHES))}"
             )
-        unknown = sorted(set(subtasks.get("models", [])) - set(config["models"]))
-        if unknown:
-            raise ValueError(
-                f"reuse.subtasks.models: unknown models {unknown}; "
-                f"known: {', '.join(sorted(config['models']))}"
-            )
+        configured = {
+            "models": set(config["models"]),
+            "datasets": set(config["datasets"]) | set(config.get("tasks", {})),
+        }
+        for key, known in configured.items():
+            unknown = sorted(set(subtasks.get(key, [])) - known)
+            if unknown:
+                raise ValueError(
+                    f"reuse.subtasks.{key}: unknown {key} {unknown}; "
+                    f"known: {', '.join(sorted(known))}"
+                )
     return subtasks
 
 
@@ -341,7 +346,7 @@ def subtask_settings(approach):
     """What one E5 unit reads of reuse.subtasks: union networks are built only for the
     approaches that compose sub-tasks as union networks (union_approaches)."""
     settings = {
-        k: v for k, v in SUBTASKS.items() if k not in ("union_approaches", "models")
+        k: v for k, v in SUBTASKS.items() if k not in ("union_approaches", "models", "datasets")
     }
     if approach not in SUBTASKS["union_approaches"]:
         settings["union_subsets"] = 0
@@ -360,6 +365,7 @@ def subtask_tables():
         f"{RESULTS}/reuse/subtasks/{dataset}/{model}/{approach}/seed{seed}/subtasks.csv"
         for (approach, dataset, model) in MODULARIZATIONS
         if model in (SUBTASKS or {}).get("models", [model])
+        and dataset in (SUBTASKS or {}).get("datasets", [dataset])
         for seed in SEEDS
     ]
 

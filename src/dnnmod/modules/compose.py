@@ -18,17 +18,18 @@ Two ways to build one:
   (:meth:`dnnmod.data.ImageSet.unit_batch`) and each part normalises them with its base
   model's mean/std, recorded in the module set as ``base["normalization"]``.
 
-A module set runs one of two equivalent ways (:class:`FusedModuleSet`): ``fused``, the modules
-padded to one shape and run in one vmap-ed pass, or ``sequential``, each module extracted at its
-own size and run one after another. Neither wins everywhere on a CPU, so the faster one is
-chosen by timing both on the first batch of each batch-size bucket (:class:`ExecutionChoice`).
-Either way, what the modules share is computed once: the input normalisation and the first
-layer (:class:`SharedFirstLayer`).
+A module set runs one of three equivalent ways (:class:`FusedModuleSet`): ``fused``, the modules
+padded to one shape and run in one vmap-ed pass; ``sequential``, each module extracted at its
+own size and run one after another, reading its channels of a first layer computed once for
+all (:class:`SharedFirstLayer`); or ``separate``, the same modules each computing its own first
+layer. None wins everywhere on a CPU, so the fastest is chosen by timing them on the first batch
+of each batch-size bucket (:class:`ExecutionChoice`). The input normalisation is computed once.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,6 @@ from dnnmod.modules.combination import combine_scores, get_combination
 from dnnmod.modules.extract import (
     POSITION_MASK,
     FusedModules,
-    apply_position_mask,
     extract_module,
     pad_and_extract,
     padded_channels,
@@ -51,7 +51,7 @@ from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.modules.structure import ModelStructure
 
 #: the ways a module set can run, all computing the same scores (see FusedModuleSet)
-EXECUTIONS = ("fused", "sequential")
+EXECUTIONS = ("fused", "sequential", "separate")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class ExecutionChoice:
     batch of its batch-size bucket (:func:`batch_bucket`), timed ``rounds`` times each,
     interleaved, best time kept (the first round includes one-off costs such as oneDNN's
     kernel set-up, the later ones not), then cached in :attr:`chosen` (bucket → name).
-    ``forced`` (a name) skips the measurement."""
+    ``forced`` (a name) skips the measurement. The candidates are those given to :meth:`run`."""
 
     def __init__(self, names: Sequence[str], forced: str | None = None, rounds: int = 2) -> None:
         if forced is not None and forced not in names:
@@ -84,16 +84,17 @@ class ExecutionChoice:
 
     def run(self, runs: Mapping[str, Callable[[], torch.Tensor]],
             batch_size: int) -> torch.Tensor:
-        """The output of the execution chosen for ``batch_size`` (``runs``: name → call)."""
+        """The output of the execution chosen for ``batch_size`` (``runs``: name → call, some
+        of :attr:`names`)."""
         if self.forced is not None:
             return runs[self.forced]()
         bucket = batch_bucket(batch_size)
         if bucket in self.chosen:
             return runs[self.chosen[bucket]]()
-        best = dict.fromkeys(self.names, float("inf"))
+        best = dict.fromkeys(runs, float("inf"))
         outputs = {}
         for _ in range(self.rounds):
-            for name in self.names:
+            for name in runs:
                 started = time.perf_counter()
                 outputs[name] = runs[name]()
                 best[name] = min(best[name], time.perf_counter() - started)
@@ -157,20 +158,25 @@ class FusedModuleSet(nn.Module):
 
     - ``fused``: the modules padded to one shape (:func:`pad_and_extract`) in one vmap-ed
       pass (:class:`FusedModules`): one call instead of M, each conv a grouped conv;
-    - ``sequential``: each module extracted at its own size and run one after another.
+    - ``sequential``: each module extracted at its own size and run one after another, each
+      reading its channels of the first layer computed once for all (:class:`SharedFirstLayer`);
+    - ``separate``: the same extracted modules, each computing its own first layer.
 
     On this project's CPU the fused pass wins at small batches, where the per-operation
     overhead of M calls dominates, and loses at large ones, where oneDNN's grouped convs of a
-    few channels per group run slower than M small dense convs. So on a CPU an
-    :class:`ExecutionChoice` times both on the first batch of each batch-size bucket and keeps
-    the faster; ``execution`` forces one. On a GPU the fused pass always runs: the M
-    sequential modules would launch M times as many small kernels, which leave the device
-    idle, and timing there would need synchronisation that the fused pass does not.
+    few channels per group run slower than M small dense convs. Sharing the first layer saves
+    its M - 1 repeats but copies each module's channels out of the shared output: on a wide
+    first layer at a large batch the copies cost more than the convs they save (vgg16 at full
+    width, batch 256). So on a CPU an :class:`ExecutionChoice` times them on the first batch of
+    each batch-size bucket and keeps the fastest; ``execution`` forces one. On a GPU the fused
+    pass always runs: the M sequential modules would launch M times as many small kernels,
+    which leave the device idle, and timing there would need synchronisation that the fused
+    pass does not.
 
-    Both executions compute the shared part once: the normalisation and the first layer
-    (:class:`SharedFirstLayer`); each module's BatchNorms are folded into the convs they read.
-    Both sets of modules are held, so this takes about twice the extracted modules' memory,
-    unless one execution is forced; a single module always runs ``sequential``.
+    Every execution normalises the input once, and each module's BatchNorms are folded into
+    the convs they read. The padded and the extracted modules are both held, so this takes
+    about twice the extracted modules' memory, unless one execution is forced; a single module
+    always runs ``separate``.
     """
 
     def __init__(self, model: nn.Module, modules: ModuleSet,
@@ -178,7 +184,7 @@ class FusedModuleSet(nn.Module):
                  execution: str | None = None) -> None:
         super().__init__()
         if execution is None and len(modules) == 1:
-            execution = "sequential"  # one module: nothing to fuse, and no timing to spend
+            execution = "separate"  # one module: nothing to fuse or share, no timing to spend
         self.choice = ExecutionChoice(EXECUTIONS, forced=execution)
         model = model.eval()
         keeps = [modules.module_masks(position) for position in range(len(modules))]
@@ -196,23 +202,28 @@ class FusedModuleSet(nn.Module):
 
     def _build(self, model: nn.Module, structure: ModelStructure,
                keeps: Sequence[Mapping[str, torch.Tensor]], optimised: bool) -> None:
-        """Both executions' modules; ``optimised``: with the shared first layer and folded
-        BatchNorms (where the first layer can be shared)."""
-        first = first_layer(model, structure) if optimised else None
+        """The executions' modules; ``optimised``: with folded BatchNorms and, where the first
+        layer can be shared, first layers that can read the shared one
+        (:class:`SwitchableFirstLayer`)."""
+        forced = self.choice.forced
+        first = first_layer(model, structure) if optimised and forced != "separate" else None
 
         def prepared(module: nn.Module) -> nn.Module:
             if optimised:
                 fold_batch_norms(module, structure)
             if first is not None:
-                pass_input_through(module, first)
+                parent, _, child = first.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, child,
+                        SwitchableFirstLayer(module.get_submodule(first)))
             return module
 
         # a forced execution builds only its own modules
-        forced = self.choice.forced
         self.sequential = None if forced == "fused" else nn.ModuleList(
             prepared(extract_module(model, structure, keep)) for keep in keeps)
-        self.fused = None if forced == "sequential" else FusedModules(
+        self.fused = None if forced in ("sequential", "separate") else FusedModules(
             [prepared(module) for module in pad_and_extract(model, structure, keeps)])
+        self.switches = [] if first is None else [
+            module.get_submodule(first) for module in self.sequential or ()]
         group = structure.groups[0]
         self.first_layer = None if first is None else SharedFirstLayer(model, structure, [
             channel_view(keep.get(group.name, torch.ones(group.size, dtype=torch.bool))[None])[0]
@@ -221,16 +232,27 @@ class FusedModuleSet(nn.Module):
     @torch.no_grad()
     def _agrees_with_masked_modules(self, model: nn.Module, structure: ModelStructure,
                                     masks: Mapping[str, torch.Tensor]) -> bool:
-        """Whether both executions compute the masked modules' logits on a random probe."""
+        """Whether every execution built computes the masked modules' logits on a random
+        probe."""
         generator = torch.Generator().manual_seed(0)
         x = torch.randn((2, *structure.input_shape[1:]), generator=generator).to(
             next(model.parameters()).device)
         expected = masked_logits(model, structure, masks, x)
         tolerance = 1e-4 * (1 + float(expected.abs().max()))
         return all(float((run(x) - expected).abs().max()) <= tolerance
-                   for run, built in ((self.run_fused, self.fused),
-                                      (self.run_sequential, self.sequential))
-                   if built is not None)
+                   for run in self.executions().values())
+
+    def executions(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The executions built (name → run), each giving (M, batch, num_classes) logits."""
+        runs = {}
+        if self.fused is not None:
+            runs["fused"] = self.run_fused
+        if self.sequential is not None:
+            if self.first_layer is not None or self.choice.forced == "sequential":
+                runs["sequential"] = self.run_sequential
+            if self.choice.forced != "sequential":
+                runs["separate"] = self.run_separate
+        return runs
 
     def run_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Every module's base-model logits, (M, batch, num_classes), in one fused pass."""
@@ -239,20 +261,33 @@ class FusedModuleSet(nn.Module):
         return self.fused(self.first_layer.fused_inputs(self.first_layer(x)), per_module=True)
 
     def run_sequential(self, x: torch.Tensor) -> torch.Tensor:
-        """Every module's base-model logits, (M, batch, num_classes), one module at a time."""
-        inputs = [x] * len(self.sequential) if self.first_layer is None else \
-            self.first_layer.module_inputs(self.first_layer(x))
+        """Every module's base-model logits, (M, batch, num_classes), one module at a time,
+        each reading its channels of the shared first layer (where it can be shared: else as
+        ``separate``)."""
+        if self.first_layer is None:
+            return self.run_separate(x)
+        inputs = self.first_layer.module_inputs(self.first_layer(x))
+        self._read_shared_first_layer(True)
         return torch.stack([module(xi) for module, xi in zip(self.sequential, inputs,
                                                              strict=True)])
+
+    def run_separate(self, x: torch.Tensor) -> torch.Tensor:
+        """Every module's base-model logits, (M, batch, num_classes), one module at a time,
+        each computing its own first layer."""
+        self._read_shared_first_layer(False)
+        return torch.stack([module(x) for module in self.sequential])
+
+    def _read_shared_first_layer(self, shared: bool) -> None:
+        for switch in self.switches:
+            switch.reads_shared = shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is not None:
             x = (x - self.mean) / self.std
         if x.device.type != "cpu" and self.choice.forced is None:
             return self.head(self.run_fused(x))
-        return self.head(self.choice.run({"fused": lambda: self.run_fused(x),
-                                          "sequential": lambda: self.run_sequential(x)},
-                                         x.shape[0]))
+        runs = {name: functools.partial(run, x) for name, run in self.executions().items()}
+        return self.head(self.choice.run(runs, x.shape[0]))
 
 
 def first_layer(model: nn.Module, structure: ModelStructure) -> str | None:
@@ -287,16 +322,21 @@ def fold_batch_norms(module: nn.Module, structure: ModelStructure) -> None:
             module.get_parameter(name).copy_(tensor)
 
 
-def pass_input_through(module: nn.Module, name: str) -> None:
-    """Replace ``module``'s layer ``name`` with one that passes its input on (the shared
-    layer's output), keeping the layer's position mask."""
-    layer = module.get_submodule(name)
-    replacement = nn.Identity()
-    if hasattr(layer, POSITION_MASK):
-        replacement.add_module(POSITION_MASK, getattr(layer, POSITION_MASK))
-        replacement.register_forward_hook(apply_position_mask)
-    parent, _, child = name.rpartition(".")
-    setattr(module.get_submodule(parent) if parent else module, child, replacement)
+class SwitchableFirstLayer(nn.Module):
+    """A module's first layer that either passes its input on as its output, the module's
+    channels of the shared first layer (``reads_shared``, as the fused modules always do), or
+    computes it (the ``separate`` execution); either way with the layer's position mask."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.reads_shared = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reads_shared:
+            return self.layer(x)  # its own forward hook applies the position mask
+        mask = getattr(self.layer, POSITION_MASK, None)
+        return x if mask is None else mask(x)
 
 
 class ComposedModel(nn.Module):

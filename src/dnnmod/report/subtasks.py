@@ -20,9 +20,14 @@ from dnnmod.artifacts import write_json
 from dnnmod.errors import ArtifactError
 from dnnmod.report.figures import approach_style, pyplot, save_figure
 from dnnmod.report.tables import published, published_value, write_table
-from dnnmod.reuse.subtasks import COLUMNS
 
 UNIT_KEYS = ["dataset", "model", "approach", "training", "arch", "seed"]
+#: columns of the per-unit CSV, in order (here, so that the table job needs no torch)
+COLUMNS = ["approach", "training", "model", "arch", "dataset", "seed", "subset", "size",
+           "test_images", "composed_accuracy", "base_accuracy", "st_accuracy",
+           "params_fraction", "flops_fraction", "separate_params_fraction",
+           "separate_flops_fraction", "union_accuracy", "finetuned_accuracy", "seconds",
+           "union_seconds", "device"]
 #: per-size means in the table, and the published metric of the approach's mean over sub-tasks
 MEAN_COLUMNS = ["composed_accuracy", "base_accuracy", "st_accuracy", "params_fraction",
                 "flops_fraction", "separate_params_fraction", "separate_flops_fraction",

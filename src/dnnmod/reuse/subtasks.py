@@ -61,6 +61,7 @@ from dnnmod.modules.metrics import module_costs, module_scores
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.modules.structure import ModelStructure
 from dnnmod.modules.union import fine_tune_head, union_network
+from dnnmod.report.subtasks import COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,6 @@ DEFAULTS: dict[str, Any] = {
 CONSTRAINTS = {"max_subsets": Range(0), "samples_per_size": Range(1), "seed": Range(0),
                "union_subsets": Range(0), "fine_tune_epochs": Range(0),
                "fine_tune_lr": Range(0, low_open=True), "fine_tune_batch_size": Range(1)}
-#: columns of the per-unit CSV, in order
-COLUMNS = ["approach", "training", "model", "arch", "dataset", "seed", "subset", "size",
-           "test_images", "composed_accuracy", "base_accuracy", "st_accuracy",
-           "params_fraction", "flops_fraction", "separate_params_fraction",
-           "separate_flops_fraction", "union_accuracy", "finetuned_accuracy", "seconds",
-           "union_seconds", "device"]
 
 
 def resolve_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -245,9 +240,10 @@ def _restricted_accuracy(logits: torch.Tensor, classes: torch.Tensor,
 def evaluate_subtasks(model: nn.Module, modules: ModuleSet, data, settings: Mapping[str, Any],
                       *, st_model: nn.Module | None = None, seed: int = 0
                       ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """E5 for one module set: one row per sub-task (:data:`COLUMNS` after ``seed``, from
-    ``subset`` on) and a record of the run (sub-task count, whether exhaustive, seconds spent
-    on the shared passes, the per-sub-task loop and the union networks).
+    """E5 for one module set: one row per sub-task (the columns of
+    :data:`~dnnmod.report.subtasks.COLUMNS` from ``subset`` on) and a record of the run
+    (sub-task count, whether exhaustive, seconds spent on the shared passes, the per-sub-task
+    loop and the union networks).
 
     ``model`` is the base model the set was cut from; ``st_model`` the ST model of the same
     architecture (``model`` itself when the approach decomposes the ST model; None: no ST
@@ -363,8 +359,9 @@ def check_st_model(st_meta: Mapping[str, Any], model_meta: Mapping[str, Any],
 
 def write_subtasks(path: Path, frame: pd.DataFrame, summary: Mapping[str, Any],
                    model_meta: Mapping[str, Any], modules: ModuleSet, device: str) -> None:
-    """Write the per-sub-task rows of one unit as ``path`` (CSV, :data:`COLUMNS`) and the run
-    record as the JSON beside it, both atomically."""
+    """Write the per-sub-task rows of one unit as ``path`` (CSV,
+    :data:`~dnnmod.report.subtasks.COLUMNS`) and the run record as the JSON beside it, both
+    atomically."""
     identity = {"approach": modules.approach, "training": model_meta["training"],
                 "model": model_meta.get("model", model_meta["arch"]),
                 "arch": model_meta["arch"], "dataset": model_meta["dataset"],
