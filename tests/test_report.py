@@ -140,7 +140,7 @@ def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("module", ["tables", "newtask", "cost", "html", "subtasks", "sensitivity",
-                                    "curves", "figures"])
+                                    "curves", "figures", "patching"])
 def test_table_and_report_writers_leave_torch_unimported(module):
     """Their jobs read JSON, CSV and benchmark files only: importing torch would cost each job
     about 2 s of the demo's budget."""

@@ -1,5 +1,6 @@
 # E3 patching (reuse.patching in config): weak models trained on derived weak tasks, patched
-# with every approach's target-class module; the table and the figure are separate rules.
+# with every approach's target-class module by each setting's protocol (minmax or moda); the
+# table and the figure are separate rules.
 
 
 rule train_weak_model:
@@ -65,9 +66,12 @@ rule patch_weak_models:
         weak=lambda wc: " ".join(
             f"--weak {weak_type}={path}" for weak_type, path in weak_models_of(wc)
         ),
+        # minmax, or moda with its calibration layer's training (reuse.patching.protocol).
+        protocol=lambda wc: patching.protocol_arguments(config, wc.setting),
     shell:
         "dnnmod reuse patch --modules {input.modules} --model {input.strong} {params.weak} "
-        "--setting {wildcards.setting} --data-root {params.data_root} --out {output} 2> {log}"
+        "--setting {wildcards.setting} {params.protocol} --data-root {params.data_root} "
+        "--out {output} 2> {log}"
 
 
 rule table_patching:

@@ -1,11 +1,13 @@
 """E3 patching: the table (ASE/TOSEM layout, published numbers beside) and the weak-vs-patched
 figure, both read from the per-approach records of ``dnnmod reuse patch``.
 
-Rows are one weak model (weak type x target class) patched by one approach's module. The
-papers average a setting (dataset, model, weak type) over its target classes, metric by
-metric (e.g. ASE's precision average = mean of the per-TC precisions): the ``average`` rows do
-the same, and carry the published averages of the same architecture, dataset and weak type.
-Gains are patched minus weak, in percentage points, as the papers' headline gains are.
+Rows are one weak model (weak type x target class) patched by one approach's module, by the
+setting's protocol (``minmax`` or ``moda``, named in every row). The papers average a setting
+(dataset, model, weak type) over its target classes, metric by metric (e.g. ASE's precision
+average = mean of the per-TC precisions): the ``average`` rows do the same, and carry the
+published averages of the same architecture, dataset and weak type (ASE's, min-max protocol
+rows only). Gains are patched minus weak, in percentage points, as the papers' headline gains
+are; the headlines beside them are filed per protocol (:data:`HEADLINE_SETTINGS`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ import pandas as pd
 from dnnmod.artifacts import read_json, write_json
 from dnnmod.report.figures import approach_style, pyplot, save_figure
 from dnnmod.report.tables import published, write_table
-from dnnmod.reuse.patching import METRICS, WEAK_TYPES
 
-KEYS = ["setting", "dataset", "model", "approach", "weak_type", "target"]
+# Defined here, where the table reads them, so that the table job needs no torch.
+WEAK_TYPES = ("simple", "underfit", "overfit")
+METRICS = ("precision", "recall", "f1", "non_tc_accuracy")
+KEYS = ["protocol", "setting", "dataset", "model", "approach", "weak_type", "target"]
 VALUES = [f"{stage}_{metric}" for metric in METRICS for stage in ("weak", "patched")]
 GAINS = [f"{metric}_gain_pp" for metric in METRICS]
 AVERAGE = "average"
+#: published.csv ``setting`` of each protocol's headline gains (ASE/TOSEM abstracts: patch;
+#: MODA's abstract: its module-replacement experiment)
+HEADLINE_SETTINGS = {"minmax": "patch", "moda": "patch_moda"}
 
 
 def patching_rows(metrics_paths: list[Path]) -> pd.DataFrame:
@@ -32,6 +39,7 @@ def patching_rows(metrics_paths: list[Path]) -> pd.DataFrame:
         record = read_json(path)
         for row in record["rows"]:
             rows.append({
+                "protocol": record["protocol"],
                 "setting": record["setting"], "dataset": record["dataset"],
                 "source_dataset": record["source_dataset"],
                 "model": record["model"], "arch": record["arch"],
@@ -53,15 +61,16 @@ def patching_table(metrics_paths: list[Path]) -> pd.DataFrame:
     """Per-TC rows, then per (setting, model, approach, weak type, seed) an ``average`` row
     (mean over target classes) with the published weak/patched averages beside."""
     rows = patching_rows(metrics_paths)
-    group = ["setting", "dataset", "source_dataset", "model", "arch", "approach", "weak_type",
-             "seed"]
+    group = ["protocol", "setting", "dataset", "source_dataset", "model", "arch", "approach",
+             "weak_type", "seed"]
     averages = rows.groupby(group, observed=True, as_index=False)[
         ["weak_train_accuracy", "weak_test_accuracy", *VALUES, *GAINS]].mean()
     averages["target"] = AVERAGE
     reference = published()
     beside = []
     for row in averages.itertuples():
-        found = reference[(reference.model == row.arch)
+        # ASE's averages are min-max patches; no paper publishes per-setting MODA averages.
+        found = reference[(row.protocol == "minmax") & (reference.model == row.arch)
                           & (reference.dataset == row.source_dataset)
                           & (reference.approach == row.approach)
                           & (reference.setting == str(row.weak_type))]
@@ -84,7 +93,9 @@ def write_patching_table(metrics_paths: list[Path], csv_path: Path,
     """E3 as CSV + Markdown, and its DVC metrics (the averages and the mean gains per approach
     over every setting, the papers' headline figures, beside the published headlines)."""
     table = patching_table(metrics_paths)
-    write_table(table, csv_path, title="E3 patching weak models (min-max protocol)",
+    protocols = sorted(set(table.protocol))
+    title = "min-max protocol" if protocols == ["minmax"] else f"protocols: {', '.join(protocols)}"
+    write_table(table, csv_path, title=f"E3 patching weak models ({title})",
                 keys=KEYS, values=VALUES)
     if summary_path:
         averages = table[table.target == AVERAGE]
@@ -92,10 +103,12 @@ def write_patching_table(metrics_paths: list[Path], csv_path: Path,
         metrics = {f"{row.setting}/{row.model}/{row.approach}/{row.weak_type}/seed{row.seed}":
                    {column: getattr(row, column) for column in VALUES}
                    for row in averages.itertuples()}
-        for approach, rows in averages.groupby("approach"):
+        for (protocol, approach), rows in averages.groupby(["protocol", "approach"]):
             headline = reference[(reference.approach == approach) & (reference.model == "")
-                                 & (reference.setting == "patch")]
-            metrics[f"{approach}/mean_gain_pp"] = {
+                                 & (reference.setting == HEADLINE_SETTINGS[protocol])]
+            # minmax keeps the key it had before protocols were a choice
+            key = approach if protocol == "minmax" else f"{approach}/{protocol}"
+            metrics[f"{key}/mean_gain_pp"] = {
                 **{gain: rows[gain].mean() for gain in GAINS},
                 **{f"published_{metric}": float(value) for metric, value in
                    zip(headline.metric, headline.value, strict=True)}}
@@ -108,21 +121,23 @@ METRIC_LABELS = {"precision": "TC precision (%)", "recall": "TC recall (%)",
 
 def patching_figure(metrics_paths: list[Path], path: Path) -> None:
     """Weak vs patched TC precision, recall and F1 per target class: one row of panels per
-    (setting, model, weak type), one bar group per TC, the weak model's bar and one patched
-    bar per approach (mean over seeds)."""
+    (setting, model, weak type), titled with the setting's protocol, one bar group per TC, the
+    weak model's bar and one patched bar per approach (mean over seeds)."""
     rows = patching_rows(metrics_paths)
     metrics = list(METRIC_LABELS)
-    columns = ["setting", "model", "weak_type", "target_class", "target", "approach"]
+    columns = ["protocol", "setting", "model", "weak_type", "target_class", "target",
+               "approach"]
     means = rows.groupby(columns, observed=True, as_index=False)[
         [f"{stage}_{metric}" for metric in metrics for stage in ("weak", "patched")]].mean()
-    panels = means[["setting", "model", "weak_type"]].drop_duplicates().itertuples(index=False)
+    panels = means[["protocol", "setting", "model", "weak_type"]].drop_duplicates().itertuples(
+        index=False)
     panels = list(panels)
     approaches = sorted(means.approach.unique())
     plt = pyplot()
     figure, axes = plt.subplots(len(panels), len(metrics), squeeze=False,
                                 figsize=(4.2 * len(metrics), 2.8 * len(panels)))
     width = 0.8 / (len(approaches) + 1)
-    for row_axes, (setting, model, weak_type) in zip(axes, panels, strict=True):
+    for row_axes, (protocol, setting, model, weak_type) in zip(axes, panels, strict=True):
         here = means[(means.setting == setting) & (means.model == model)
                      & (means.weak_type == weak_type)]
         targets = here[["target_class", "target"]].drop_duplicates().sort_values(
@@ -144,7 +159,7 @@ def patching_figure(metrics_paths: list[Path], path: Path) -> None:
             ax.set_xlabel("target class")
             ax.set_ylim(0, 105)
             ax.set_ylabel(METRIC_LABELS[metric])
-            ax.set_title(f"{setting} / {model} / {weak_type}", fontsize=9)
+            ax.set_title(f"{setting} ({protocol}) / {model} / {weak_type}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.suptitle("E3: weak vs patched, per target class")

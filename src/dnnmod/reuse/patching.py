@@ -1,4 +1,4 @@
-"""E3: patching weak models with the target-class module of a strong model (ASE/TOSEM protocol).
+"""E3: patching weak models with the target-class module of a strong model.
 
 A weak model is trained on a *weak task*: classes of another dataset plus one target class
 (TC) of the strong model's dataset (CIFAR: nine CIFAR-100 classes + one CIFAR-10 class; SVHN:
@@ -11,6 +11,11 @@ the TC is the weak model's last output column. Three weak types:
 - ``underfit``: the same run stopped at epoch ``round(underfit_fraction * epochs)``. With a
   constant learning rate and per-epoch seeded shuffling, a run of that many epochs replays the
   long run's first epochs exactly (on the CPU), so it *is* the long run's checkpoint there.
+
+Two patching protocols, chosen per setting (``protocol``, default the section's ``protocol``):
+``minmax`` (ASE/TOSEM), below, and ``moda`` (MODA's trained calibration layer, the TC being
+MODA's "mixed class"; :mod:`dnnmod.reuse.patching_moda`). Both patch the same weak models with
+the same module scores and measure the same metrics.
 
 Patching (min-max protocol): the TC module's score is min-max normalised with the minimum and
 maximum of the module's scores on the weak task's TC validation images, then replaces the TC
@@ -32,10 +37,9 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 
 from dnnmod.errors import ArtifactError, ConfigError, UnknownNameError
+from dnnmod.report.patching import WEAK_TYPES
 
-WEAK_TYPES = ("simple", "underfit", "overfit")
-PROTOCOLS = ("minmax",)
-METRICS = ("precision", "recall", "f1", "non_tc_accuracy")
+PROTOCOLS = ("minmax", "moda")
 
 
 # Configuration: `reuse.patching` (workflow/schemas/config.schema.yaml, config/README.md).
@@ -44,6 +48,33 @@ METRICS = ("precision", "recall", "f1", "non_tc_accuracy")
 def patching_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
     """The study's ``reuse.patching`` section, or None when the study does not patch."""
     return (config.get("reuse") or {}).get("patching")
+
+
+def setting_protocol(config: Mapping[str, Any], setting: str) -> str:
+    """The patching protocol of a setting: its own ``protocol``, else the section's."""
+    section = patching_config(config)
+    return section["settings"][setting].get("protocol", section.get("protocol", "minmax"))
+
+
+def calibration_layer_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The MODA protocol's calibration-layer training, ``reuse.patching.calibration_layer``
+    over MODA's defaults."""
+    from dnnmod.reuse.patching_moda import resolve_calibration_layer
+
+    return resolve_calibration_layer("reuse.patching.calibration_layer",
+                                     patching_config(config).get("calibration_layer"))
+
+
+def protocol_arguments(config: Mapping[str, Any], setting: str) -> str:
+    """The ``dnnmod reuse patch`` options of a setting's protocol (shell-quoted)."""
+    import json
+    import shlex
+
+    protocol = setting_protocol(config, setting)
+    if protocol != "moda":
+        return f"--protocol {protocol}"
+    layer = json.dumps(calibration_layer_settings(config), sort_keys=True)
+    return f"--protocol moda --calibration-layer {shlex.quote(layer)}"
 
 
 def weak_task_name(setting: str, target_class: int) -> str:
@@ -113,9 +144,14 @@ def check_patching_config(config: Mapping[str, Any]) -> None:
     if not section:
         return
     where = "reuse.patching"
-    protocol = section.get("protocol", "minmax")
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"{where}.protocol: {UnknownNameError('protocol', protocol, PROTOCOLS)}")
+    protocols = {where: section.get("protocol", "minmax")}
+    protocols |= {f"{where}.settings.{name}": setting["protocol"]
+                  for name, setting in section["settings"].items() if "protocol" in setting}
+    for key, protocol in protocols.items():
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"{key}.protocol: "
+                              f"{UnknownNameError('protocol', protocol, PROTOCOLS)}")
+    calibration_layer_settings(config)
     recipes = section["recipes"]
     for role, name in recipes.items():
         if name not in config["recipes"]:
@@ -241,51 +277,92 @@ def module_output(scores: torch.Tensor) -> torch.Tensor:
                         "takes one score, or two concern votes (V_c, V_uc), per module")
 
 
+def strong_module_scores(strong_model, modules, images, normalization: Mapping[str, Any]
+                         ) -> torch.Tensor:
+    """One score per image of the ImageSet ``images`` (:func:`module_output`) from the one
+    module in ``modules``, which sees the images normalised as its strong model was trained
+    (``normalization``), not with the weak task's statistics."""
+    from dnnmod.modules.metrics import module_scores
+
+    device = images.labels.device
+    as_strong_input = replace(images, mean=torch.tensor(normalization["mean"], device=device),
+                              std=torch.tensor(normalization["std"], device=device))
+    return module_output(module_scores(strong_model, modules, as_strong_input))
+
+
 def calibrated_module_scores(strong_model, modules, weak_data, normalization: Mapping[str, Any],
                              tc_column: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """The TC module's min-max calibrated scores on the weak task's test images, and the
-    calibration. ``modules`` holds the one TC module; it sees images normalised as its strong
-    model was trained (``normalization``), not with the weak task's statistics."""
-    from dnnmod.modules.metrics import module_scores
-
-    def as_strong_input(images):
-        device = images.labels.device
-        return replace(images, mean=torch.tensor(normalization["mean"], device=device),
-                       std=torch.tensor(normalization["std"], device=device))
-
+    calibration. ``modules`` holds the one TC module."""
     val_tc = weak_data.val.take((weak_data.val.labels == tc_column).nonzero().flatten())
-    low, high = minmax_calibration(module_output(module_scores(strong_model, modules,
-                                                               as_strong_input(val_tc))))
-    scores = module_output(module_scores(strong_model, modules, as_strong_input(weak_data.test)))
+    low, high = minmax_calibration(strong_module_scores(strong_model, modules, val_tc,
+                                                        normalization))
+    scores = strong_module_scores(strong_model, modules, weak_data.test, normalization)
     return calibrate(scores, low, high), {"min": low, "max": high,
                                           "val_tc_images": len(val_tc)}
 
 
+def compare_predictions(labels: torch.Tensor, weak: torch.Tensor, patched: torch.Tensor,
+                        tc_column: int) -> dict[str, float]:
+    """:func:`target_metrics` of the weak and of the patched predictions, prefixed."""
+    return {**{f"weak_{key}": value for key, value in
+               target_metrics(labels, weak, tc_column).items()},
+            **{f"patched_{key}": value for key, value in
+               target_metrics(labels, patched, tc_column).items()}}
+
+
 def weak_vs_patched(weak_model, test, calibrated: torch.Tensor, tc_column: int
                     ) -> dict[str, float]:
-    """The weak model's and the patched model's TC metrics on the ImageSet ``test``."""
+    """The weak model's and the min-max patched model's TC metrics on the ImageSet ``test``."""
     from dnnmod.modules.inference import run
 
     probabilities = torch.softmax(run(weak_model, test), dim=1)
-    weak = target_metrics(test.labels, probabilities.argmax(dim=1), tc_column)
-    patched = target_metrics(test.labels, patched_predictions(probabilities, calibrated,
-                                                              tc_column), tc_column)
-    return {**{f"weak_{key}": value for key, value in weak.items()},
-            **{f"patched_{key}": value for key, value in patched.items()}}
+    return compare_predictions(test.labels, probabilities.argmax(dim=1),
+                               patched_predictions(probabilities, calibrated, tc_column),
+                               tc_column)
+
+
+class MinmaxPatch:
+    """The min-max patch of the weak models of one weak task: the TC module's calibrated
+    scores on the test images, computed once; :meth:`patch` compares one weak model and its
+    patch."""
+
+    def __init__(self, strong_model, modules, weak_data, normalization: Mapping[str, Any],
+                 tc_column: int) -> None:
+        self.test, self.tc_column = weak_data.test, tc_column
+        self.calibrated, self.calibration = calibrated_module_scores(
+            strong_model, modules, weak_data, normalization, tc_column)
+
+    def patch(self, weak_model, seed: int) -> tuple[dict[str, float], dict[str, Any]]:
+        """(weak vs patched metrics, the calibration) of one weak model; the min-max patch
+        draws nothing, so ``seed`` goes unused."""
+        return weak_vs_patched(weak_model, self.test, self.calibrated, self.tc_column), \
+            self.calibration
 
 
 def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequence[tuple[str, Path]],
-                      data_root: Path, setting: str, device: str = "cpu") -> dict[str, Any]:
+                      data_root: Path, setting: str, device: str = "cpu",
+                      protocol: str = "minmax",
+                      calibration_layer: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Patch every weak model (weak type, weights path) with the TC module of the module set at
-    ``modules_path``, cut from the strong model at ``strong_path``; the record the E3 table and
-    figure read (one row per weak model). Each weak task is loaded, and its module scores
-    computed, once for all weak models trained on it."""
+    ``modules_path``, cut from the strong model at ``strong_path``, by ``protocol``
+    (``calibration_layer``: the moda protocol's layer training, over MODA's defaults); the
+    record the E3 table and figure read (one row per weak model). Each weak task is loaded,
+    and its module scores computed, once for all weak models trained on it."""
     from dnnmod.data import load_dataset
     from dnnmod.modules.moduleset import ModuleSet
+    from dnnmod.reuse.patching_moda import ModaPatch, resolve_calibration_layer
     from dnnmod.training.model_io import load_model
     from dnnmod.training.records import read_model_record
 
     started = time.monotonic()
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol: {UnknownNameError('protocol', protocol, PROTOCOLS)}")
+    if protocol != "moda" and calibration_layer is not None:
+        raise ConfigError(f"--calibration-layer: protocol {protocol!r} trains no calibration "
+                          "layer (only protocol 'moda' does)")
+    if protocol == "moda":
+        calibration_layer = resolve_calibration_layer("--calibration-layer", calibration_layer)
     for weak_type, _ in weak_paths:
         if weak_type not in WEAK_TYPES:
             raise ConfigError(f"--weak {weak_type}=...: "
@@ -306,11 +383,13 @@ def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequenc
         tc, tc_column = targets[task]
         if (task, seed) not in tasks:
             weak_data = load_dataset(data_root, task, seed, device=device)
-            tasks[task, seed] = (weak_data.test, *calibrated_module_scores(
-                strong_model, modules.subset([tc]), weak_data, strong_meta["normalization"],
-                tc_column))
-        test, calibrated, calibration = tasks[task, seed]
+            arguments = (strong_model, modules.subset([tc]), weak_data,
+                         strong_meta["normalization"], tc_column)
+            tasks[task, seed] = MinmaxPatch(*arguments) if protocol == "minmax" else \
+                ModaPatch(*arguments, calibration_layer, where=f"{task} (seed {seed})")
         weak_model, _ = load_model(path, device=device)
+        test = tasks[task, seed].test
+        metrics, calibration = tasks[task, seed].patch(weak_model, seed)
         rows.append({
             "weak_type": weak_type, "target_class": tc,
             "target_name": strong_meta["class_names"][tc], "tc_column": tc_column,
@@ -321,8 +400,9 @@ def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequenc
                for split in ("train", "val", "test")},
             "calibration": calibration, "test_images": len(test),
             "tc_test_images": int((test.labels == tc_column).sum()),
-            **weak_vs_patched(weak_model, test, calibrated, tc_column)})
-    return {"protocol": "minmax", "setting": setting, "approach": modules.approach,
+            **metrics})
+    extra = {"calibration_layer": calibration_layer} if protocol == "moda" else {}
+    return {"protocol": protocol, **extra, "setting": setting, "approach": modules.approach,
             "model": strong_meta["model"], "arch": strong_meta["arch"],
             "dataset": strong_meta["dataset"],
             "source_dataset": source_dataset(load_task_meta(data_root, strong_meta["dataset"])),
