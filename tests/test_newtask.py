@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Sequence
 
 import pandas as pd
@@ -12,9 +14,9 @@ import torch
 from sklearn.metrics import f1_score
 from workflow_helpers import TINY, make_project, snakemake, write_config
 
-from dnnmod.artifacts import write_json
+from dnnmod.artifacts import load_tensors, write_json
 from dnnmod.cli import main
-from dnnmod.data import ImageSet, combine
+from dnnmod.data import ImageSet, Task, combine, derive_task
 from dnnmod.errors import ArtifactError, ConfigError
 from dnnmod.models import build_model
 from dnnmod.modules import combination
@@ -26,12 +28,16 @@ from dnnmod.report.newtask import new_task_figure, new_task_table, write_new_tas
 from dnnmod.reuse.newtask import (
     Candidate,
     Pair,
+    PoolMember,
     choose_module,
     continue_learning,
     continuous_learning_loss,
     f1_by_class,
     pair_record,
     plan_new_tasks,
+    pool_draw,
+    pool_recipes,
+    pool_tasks,
     setting_pairs,
 )
 
@@ -191,6 +197,170 @@ def test_module_choice_takes_the_best_f1_of_the_class_dataset():
     with pytest.raises(ArtifactError, match="no candidate module set of shapes has a module "
                                             "for class 8"):
         choose_module(candidates, "shapes", 8)
+
+
+# ------------------------------------------------------------ GradSplitter's Dirichlet pool
+
+
+def _draw(data_root, alpha, seed=0, min_per_class=1, split_seed=0):
+    """A pool member's task drawn from digits (its name says its draw); its training labels,
+    test images and meta.json."""
+    member = PoolMember("digits", 10, "simcnn", "r", alpha, min_per_class, seed)
+    name = member.task(split_seed)
+    derive_task(Task.from_config(name, member.task_spec(split_seed)), data_root)
+    tensors = load_tensors(data_root / name / "images.safetensors")
+    return name, tensors, json.loads((data_root / name / "meta.json").read_text())
+
+
+def test_dirichlet_draw_is_seeded_and_skewed_as_alpha_says(data_root, digits):
+    name, skewed, meta = _draw(data_root, 0.1, seed=3)
+    assert name == "digits_dir0p1_min1_draw3_split0"
+    again = Task.from_config("again", PoolMember("digits", 10, "simcnn", "r", 0.1, 1, 3)
+                             .task_spec(0))
+    derive_task(again, data_root)
+    assert torch.equal(load_tensors(data_root / "again/images.safetensors")["train_images"],
+                       skewed["train_images"])  # same seed and split: the same images
+    drawn = meta["source"]["dirichlet"]
+    available = torch.bincount(digits.train.labels, minlength=10).tolist()
+    counts = torch.bincount(skewed["train_labels"], minlength=10).tolist()
+    assert drawn["available_per_class"] == available and drawn["kept_per_class"] == counts
+    assert sum(drawn["proportions"]) == pytest.approx(1.0) and drawn["alpha"] == 0.1
+    # Small alpha: a few classes dominate, the others keep their minimum of one image.
+    assert max(counts) == available[counts.index(max(counts))] and min(counts) == 1
+    assert sum(c < 0.1 * n for c, n in zip(counts, available, strict=True)) >= 5
+    _, even, _ = _draw(data_root, 1000.0, seed=3)
+    even_counts = torch.bincount(even["train_labels"], minlength=10)
+    assert (even_counts >= 0.85 * torch.tensor(available)).all()  # near uniform
+    _, other, _ = _draw(data_root, 0.1, seed=4)
+    assert torch.bincount(other["train_labels"], minlength=10).tolist() != counts
+    # Training images come from the training split of the seed, never its validation split;
+    # the test images are the dataset's.
+    train_rows = {bytes(x.numpy()) for x in digits.train.images}
+    assert all(bytes(x.numpy()) in train_rows for x in skewed["train_images"])
+    assert torch.equal(skewed["test_images"], digits.test.images)
+    assert meta["class_names"] == digits.class_names
+    _, floored, _ = _draw(data_root, 0.1, seed=3, min_per_class=20)
+    assert torch.bincount(floored["train_labels"], minlength=10).min() == 20
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"alpha": 0, "split_seed": 0}, r"tasks\.t\.dirichlet\.alpha: 0 is out of range \(0, inf\]"),
+    ({"alpha": "x", "split_seed": 0}, r"tasks\.t\.dirichlet\.alpha: expected float"),
+    ({"alpha": float("inf"), "split_seed": 0}, r"dirichlet\.alpha: expected a finite number"),
+    ({"alpha": 1.0}, r"tasks\.t\.dirichlet: missing keys \['split_seed'\]"),
+    ({"alpha": 1.0, "split_seed": 0, "min_per_class": 0},
+     r"dirichlet\.min_per_class: 0 is out of range"),
+    ({"alpha": 1.0, "split_seed": 0, "beta": 1}, r"tasks\.t\.dirichlet: unknown keys \['beta'\]"),
+])
+def test_bad_dirichlet_draws_name_the_key(entry, message):
+    with pytest.raises(ConfigError, match=message):
+        Task.from_config("t", {"parts": [{"dataset": "digits", "classes": [0, 1]}],
+                               "dirichlet": entry})
+
+
+def test_dirichlet_draws_of_one_dataset_only_and_no_more_than_it_has(data_root):
+    draw = {"alpha": 1.0, "split_seed": 0}
+    with pytest.raises(ConfigError, match=r"tasks\.t\.dirichlet: draws from the training split "
+                                          "of one dataset; the task has 2 parts"):
+        Task.from_config("t", {"parts": [{"dataset": "digits", "classes": [0]},
+                                         {"dataset": "shapes", "classes": [1]}],
+                               "dirichlet": draw})
+    with pytest.raises(ConfigError, match="samples_per_class.train and dirichlet both"):
+        Task.from_config("t", {"parts": [{"dataset": "digits", "classes": [0]}],
+                               "samples_per_class": {"train": 5}, "dirichlet": draw})
+    greedy = Task.from_config("greedy", {"parts": [{"dataset": "digits", "classes": [0, 1]}],
+                                         "dirichlet": {**draw, "min_per_class": 1000}})
+    with pytest.raises(ConfigError, match=r"tasks\.greedy\.dirichlet\.min_per_class: 1000 "
+                                          r"images per class asked for, but class '0' has only"):
+        derive_task(greedy, data_root)
+    assert not (data_root / "greedy").exists()
+
+
+def _pool_study(dirichlet_pool, **setting):
+    study = _study(settings={"p": {"datasets": ["digits", "shapes"], "model": "simcnn",
+                                   "pairs": [[0, 1]], "dirichlet_pool": dirichlet_pool,
+                                   **setting}})
+    study["base_models"] = [{"dataset": d, "models": ["simcnn"], "recipe": "r"}
+                            for d in ("digits", "shapes")]
+    return study
+
+
+def test_plan_trains_the_dirichlet_pool_for_its_approaches():
+    decomposed = [(a, d, "simcnn") for a in ("gradsplitter", "pan_rajan")
+                  for d in ("digits", "shapes")]
+    pool = {"members": 3, "alpha": {"digits": 0.5, "shapes": 1}, "seed": 7,
+            "approaches": ["gradsplitter"]}
+    (plan,) = plan_new_tasks(_pool_study(pool), decomposed).values()
+    # The pool's approach composes from its members only, the other from the base models.
+    assert plan.candidates == {"gradsplitter": (),
+                               "pan_rajan": (("digits", "simcnn"), ("shapes", "simcnn"))}
+    members = plan.members["gradsplitter"]
+    assert [(m.dataset, m.alpha, m.draw, m.recipe) for m in members] == [
+        ("digits", 0.5, 7, "r"), ("digits", 0.5, 8, "r"), ("digits", 0.5, 9, "r"),
+        ("shapes", 1.0, 7, "r"), ("shapes", 1.0, 8, "r"), ("shapes", 1.0, 9, "r")]
+    assert plan.trained_models("gradsplitter", 2)[0] == ("digits_dir0p5_min1_draw7_split2",
+                                                         "simcnn")
+    assert plan.trained_models("pan_rajan", 2) == [("digits", "simcnn"), ("shapes", "simcnn")]
+    tasks = pool_tasks({"p": plan}, [0, 1])
+    assert len(tasks) == 12 and tasks["shapes_dir1p0_min1_draw9_split1"] == {
+        "parts": [{"dataset": "shapes", "classes": list(range(10))}], "seed": 9,
+        "dirichlet": {"alpha": 1.0, "min_per_class": 1, "split_seed": 1}}
+    assert pool_recipes({"p": plan}, [0])[("digits_dir0p5_min1_draw8_split0", "simcnn")] == "r"
+    # Without approaches: every approach of the setting; an approach needs no base modules.
+    (every,) = plan_new_tasks(_pool_study({"members": 1}), decomposed).values()
+    assert set(every.members) == {"gradsplitter", "pan_rajan"}
+    (alone,) = plan_new_tasks(_pool_study({"members": 1, "approaches": ["mwt"]}), []).values()
+    assert alone.candidates == {"mwt": ()} and len(alone.members["mwt"]) == 2
+
+
+@pytest.mark.parametrize("pool, message", [
+    ({"members": 0}, r"settings\.p\.dirichlet_pool\.members: 0 is out of range"),
+    ({"alpha": {"digits": 0.5}}, r"dirichlet_pool\.alpha: expected a value for each of the "
+                                 r"setting's datasets \['digits', 'shapes'\]; missing "
+                                 r"\['shapes'\]"),
+    ({"alpha": -1}, r"dirichlet_pool\.alpha: expected a finite number > 0; got -1"),
+    ({"min_per_class": {"digits": 1, "shapes": 0}},
+     r"dirichlet_pool\.min_per_class\.shapes: expected an integer >= 1; got 0"),
+    ({"approaches": ["gradsplit"]}, r"dirichlet_pool\.approaches: 'gradsplit' is not an approach"),
+    ({"recipe": "slow"}, r"dirichlet_pool\.recipe: 'slow' is not defined under recipes"),
+    ({"size": 3}, r"settings\.p\.dirichlet_pool: unknown keys \['size'\]"),
+])
+def test_bad_dirichlet_pools_name_the_key(pool, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_new_tasks(_pool_study(pool), [("gradsplitter", "digits", "simcnn"),
+                                           ("gradsplitter", "shapes", "simcnn")])
+
+
+def test_a_pool_member_without_recipe_needs_a_base_model_to_take_it_from():
+    study = _pool_study({"members": 2}, pool=["vgg16"])
+    with pytest.raises(ConfigError, match=r"dirichlet_pool\.recipe: not given, and vgg16 on digits "
+                                          "is not a base model"):
+        plan_new_tasks(study, [("gradsplitter", "digits", "vgg16"),
+                               ("gradsplitter", "shapes", "vgg16")])
+    study["reuse"]["new_tasks"]["settings"]["p"]["dirichlet_pool"]["recipe"] = "r"
+    assert plan_new_tasks(study, [("gradsplitter", "digits", "vgg16"),
+                                  ("gradsplitter", "shapes", "vgg16")])
+
+
+def test_module_choice_picks_across_pool_members(data_root):
+    """Three members of digits: member 2 (draw seed 1) has the best module for class 3, member 1
+    for class 8; their models trained on their tasks, their modules stand for digits'."""
+    name, _, _ = _draw(data_root, 0.5, seed=1)
+    meta = {"dataset": name, "seed": 0, "class_names": [str(c) for c in range(10)]}
+    draw = pool_draw(data_root, meta, "model.safetensors")
+    assert draw["dataset"] == "digits" and draw["seed"] == 1 and draw["alpha"] == 0.5
+    members = [_candidate({3: f1_3, 8: f1_8}, name, f"member{k}")
+               for k, (f1_3, f1_8) in enumerate([(70.0, 95.0), (90.0, 60.0), (80.0, 95.0)], 1)]
+    members = [dataclasses.replace(c, draw=draw) for c in members]
+    assert all(c.dataset == "digits" and c.describe()["trained_on"] == name for c in members)
+    assert choose_module(members, "digits", 3).source == "member2"
+    assert choose_module(members, "digits", 8).source == "member1"  # a tie: the first member
+    with pytest.raises(ArtifactError, match="no candidate module set of shapes"):
+        choose_module(members, "shapes", 3)
+    # A model of another seed than its draw's split would be chosen on images it trained on.
+    with pytest.raises(ArtifactError, match="drawn from the training split of seed 0"):
+        pool_draw(data_root, {**meta, "seed": 1}, "model.safetensors")
+    assert pool_draw(data_root, {**meta, "dataset": "digits"}, "model.safetensors") is None
 
 
 # --------------------------------------------------- composition, by hand and fused
@@ -444,17 +614,25 @@ def test_bad_continuous_learning_option_is_refused_before_loading(tmp_path, caps
 # ------------------------------------------------------------------ table and figure
 
 
-def _composed_json(path, setting, approach, kind, accuracies, continuous=None):
+def _composed_json(path, setting, approach, kind, accuracies, continuous=None,
+                   candidates=None):
+    """A composed record; ``candidates``: dicts of the candidates (default one base model of
+    each of d and e), the chosen modules those of the first candidate of each dataset."""
+    candidates = candidates or [{"dataset": d, "trained_on": d, "dirichlet": None}
+                                for d in ("d", "e")]
+    chosen = {c["dataset"]: c for c in reversed(candidates)}
     pairs = [{"task": f"pair_{i}", "pair": f"d/{i} + e/{i}", "dataset_a": "d", "class_a": i,
               "class_name_a": str(i), "dataset_b": "e", "class_b": i, "class_name_b": str(i),
-              "module_a": {"model": "simcnn", "training": "st", "selection_f1": 90.0},
-              "module_b": {"model": "simcnn", "training": "st", "selection_f1": 80.0},
+              "module_a": {"model": "simcnn", "training": "st", "selection_f1": 90.0,
+                           **chosen["d"]},
+              "module_b": {"model": "simcnn", "training": "st", "selection_f1": 80.0,
+                           **chosen["e"]},
               "test_images": 20, "composed_accuracy": accuracy}
              for i, accuracy in enumerate(accuracies)]
     for record, accuracy in zip(pairs, continuous or [], strict=False):
         record["continuous_learning"] = {"composed_accuracy": accuracy, "history": []}
     write_json(path, {"setting": setting, "kind": kind, "approach": approach,
-                      "model": "simcnn", "seed": 0, "pairs": pairs})
+                      "model": "simcnn", "seed": 0, "pairs": pairs, "candidates": candidates})
     return path
 
 
@@ -495,6 +673,27 @@ def test_table_differences_means_and_published_beside(tmp_path):
     write_json(tmp_path / "other.json", {"setting": "pairs", "pairs": []})
     with pytest.raises(ArtifactError, match=r"other\.json: not a reuse new-task record"):
         new_task_table([tmp_path / "other.json"], scratch)
+
+
+def test_table_says_which_pool_member_each_module_came_from(tmp_path):
+    draw = {"alpha": 0.5, "min_per_class": 1, "split_seed": 0}
+    members = [{"dataset": d, "trained_on": f"{d}_dir0p5_min1_draw{k}_split0",
+                "dirichlet": {**draw, "dataset": d, "seed": k}}
+               for d, k in (("d", 1), ("d", 0), ("e", 0), ("e", 1), ("e", 2))]
+    composed = [_composed_json(tmp_path / "pool.json", "p", "gradsplitter", "inter", [90, 70],
+                               candidates=members),
+                _composed_json(tmp_path / "base.json", "p", "random", "inter", [80, 60])]
+    scratch = [_scratch_json(tmp_path, "pair_0", 85.0), _scratch_json(tmp_path, "pair_1", 75.0)]
+    table = new_task_table(composed, scratch)
+    pool = table[table.approach == "gradsplitter"]
+    assert set(pool.pool) == {"dirichlet"} and set(table[table.approach == "random"].pool) == {
+        "base_models"}
+    assert set(pool.pool_size_a) == {2} and set(pool.pool_size_b) == {3}  # mean rows too
+    rows = pool[pool.pair != "mean"]
+    assert set(rows.trained_on_a) == {"d_dir0p5_min1_draw1_split0"}
+    assert set(rows.trained_on_b) == {"e_dir0p5_min1_draw0_split0"}
+    new_task_figure(composed, scratch, tmp_path / "pool.png")
+    assert (tmp_path / "pool.png").stat().st_size
 
 
 def test_table_and_figure_give_both_variants_with_their_published_means(tmp_path):
@@ -600,3 +799,52 @@ def test_workflow_composes_new_tasks_and_reports_them(tmp_path):
     jobs = dry.stdout[dry.stdout.index("Job stats:"):]
     assert "figure_new_tasks" in jobs and "table_new_tasks" not in jobs
     assert "compose_new_tasks" not in jobs and "train_new_task_scratch" not in jobs
+
+
+TINY_POOL = {
+    **TINY,
+    "modularize": [{"approach": "gradsplitter", "dataset": "digits", "models": ["simcnn"]}],
+    # GradSplitter's pool of 2 members on digits, trained with the base model's recipe.
+    "reuse": {"new_tasks": {"recipe": "tiny", "settings": {
+        "pool": {"datasets": ["digits", "digits"], "model": "simcnn", "pairs": [[3, 8]],
+                 "dirichlet_pool": {"members": 2, "alpha": 0.5, "seed": 1,
+                                    "approaches": ["gradsplitter"]}}}}},
+}
+
+
+@pytest.mark.slow
+def test_workflow_trains_decomposes_and_chooses_among_a_dirichlet_pool(tmp_path):
+    project = make_project(tmp_path / "project")
+    configfile = write_config(project, TINY_POOL)
+    members = ["digits_dir0p5_min1_draw1_split0", "digits_dir0p5_min1_draw2_split0"]
+    # The composition only: the table's scratch baseline adds nothing the pool changes.
+    composed_path = "results/tiny/new_tasks/pool/gradsplitter/seed0/composed.json"
+    run = snakemake(project, composed_path, "--cores", "2", "--configfile", configfile)
+    assert run.returncode == 0, run.stdout[-3000:]
+    for member in members:  # each member derived, trained and decomposed like a base model
+        for path in (f"data/{member}/images.safetensors",
+                     f"results/tiny/models/{member}/simcnn/st/seed0/model.safetensors",
+                     f"results/tiny/modules/{member}/simcnn/gradsplitter/seed0/"
+                     "modules.safetensors"):
+            assert path in run.stdout
+    jobs = run.stdout[run.stdout.index("Job stats:"):]
+    # The pool replaces the base model: only the members are trained and decomposed.
+    assert re.search(r"train_base_model\s+2\b", jobs) and re.search(r"modularize\s+2\b", jobs)
+    composed = json.loads((project / composed_path).read_text())
+    assert [c["trained_on"] for c in composed["candidates"]] == members
+    assert {c["dataset"] for c in composed["candidates"]} == {"digits"}
+    (record,) = composed["pairs"]
+    for side, cls in (("a", 3), ("b", 8)):
+        chosen = record[f"module_{side}"]
+        best = max(composed["candidates"], key=lambda c: c["selection_f1"][str(cls)])
+        assert chosen["trained_on"] == best["trained_on"]
+        assert chosen["selection_f1"] == best["selection_f1"][str(cls)]
+    member_meta = json.loads((project / "data" / members[0] / "meta.json").read_text())
+    assert composed["candidates"][0]["dirichlet"]["kept_per_class"] == member_meta["source"][
+        "dirichlet"]["kept_per_class"]
+    scratch = _scratch_json(tmp_path, record["task"], 90.0)
+    table = new_task_table([project / composed_path], [scratch])
+    assert set(table.pool) == {"dirichlet"} and set(table.pool_size_a) == {2}
+    row = table[table.pair != "mean"].iloc[0]
+    assert (row.trained_on_a, row.trained_on_b) == (record["module_a"]["trained_on"],
+                                                    record["module_b"]["trained_on"])

@@ -75,6 +75,11 @@ BAD_INPUTS = {
         lambda root, model, out: ["data", "derive", "--task", "pair", "--root", str(root),
                                   "--spec", '{"parts": [{"dataset": "digits", "classes": [42]}]}'],
         r"tasks\.pair"),
+    "Dirichlet task of a concentration of zero": (
+        lambda root, model, out: ["data", "derive", "--task", "pool", "--root", str(root),
+                                  "--spec", '{"parts": [{"dataset": "digits", "classes": [1, 2]}]'
+                                            ', "dirichlet": {"alpha": 0, "split_seed": 0}}'],
+        r"tasks\.pool\.dirichlet\.alpha: 0 is out of range"),
     "E1 table of a missing model": (
         lambda root, model, out: ["table", "base-models", "--models", str(out.parent / "m.st"),
                                   "--out", str(out)],
@@ -113,6 +118,22 @@ BAD_INPUTS = {
     "E3 weak model not trained on a weak task": (
         lambda root, model, out: _patch(root, model, out, f"simple={model}"),
         r"model\.safetensors: the weak model was not trained on a derived task"),
+    "E3 unknown patching protocol": (
+        lambda root, model, out: [*_patch(root, model, out, f"simple={model}"),
+                                  "--protocol", "modas"],
+        r"--protocol: unknown protocol 'modas'; known: minmax, moda"),
+    "E3 calibration layer for the min-max protocol": (
+        lambda root, model, out: [*_patch(root, model, out, f"simple={model}"),
+                                  "--calibration-layer", '{"epochs": 5}'],
+        r"--calibration-layer: protocol 'minmax' trains no calibration layer"),
+    "E3 calibration layer trained for no epochs": (
+        lambda root, model, out: [*_patch(root, model, out, f"simple={model}"), "--protocol",
+                                  "moda", "--calibration-layer", '{"epochs": 0}'],
+        r"--calibration-layer\.epochs: 0 is out of range \[1, inf\]"),
+    "E3 calibration layer on the test split": (
+        lambda root, model, out: [*_patch(root, model, out, f"simple={model}"), "--protocol",
+                                  "moda", "--calibration-layer", '{"split": "test"}'],
+        r"--calibration-layer\.split: 'test' is not one of \['train', 'val'\]"),
     "E3 table of missing patch records": (
         lambda root, model, out: ["reuse", "patch-table", "--metrics",
                                   str(out.parent / "patch.json"), "--out", str(out)],

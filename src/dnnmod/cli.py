@@ -237,7 +237,9 @@ def cmd_reuse_patch(args: argparse.Namespace) -> None:
 
     record = patch_weak_models(Path(args.modules), Path(args.model),
                                [(weak_type, Path(path)) for weak_type, path in args.weak],
-                               Path(args.data_root), args.setting, device=claim.device)
+                               Path(args.data_root), args.setting, device=claim.device,
+                               protocol=args.protocol,
+                               calibration_layer=args.calibration_layer)
     record["device"] = _device_name(claim.device)
     write_json(args.out, record)
     for row in record["rows"]:
@@ -497,7 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "counts) from prepared datasets")
     derive.add_argument("--task", required=True, help="task name (a key of tasks in config)")
     derive.add_argument("--spec", type=_json_arg, required=True,
-                        help="JSON: parts [{dataset, classes}], samples_per_class, seed")
+                        help="JSON: parts [{dataset, classes}], samples_per_class, seed, "
+                             "dirichlet {alpha, split_seed, min_per_class} (a class-imbalanced "
+                             "draw from one dataset's training split)")
     derive.add_argument("--root", default="data")
     derive.set_defaults(func=cmd_data_derive)
 
@@ -642,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "sub-tasks (E5), replacement (E6)"
                              ).add_subparsers(dest="reuse_command", required=True)
     patch = reuse.add_parser("patch", help="E3: patch weak models with a strong model's "
-                                           "target-class modules (min-max protocol)")
+                                           "target-class modules (min-max or MODA protocol)")
     patch.add_argument("--modules", required=True, help="module set (*.safetensors)")
     patch.add_argument("--model", required=True,
                        help="the strong model it was cut from (*.safetensors)")
@@ -651,6 +655,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a weak model (simple, underfit or overfit) trained on a weak task "
                             "whose last class is the target class; repeatable")
     patch.add_argument("--setting", required=True, help="patching setting name (tables)")
+    patch.add_argument("--protocol", default="minmax",
+                       help="minmax (ASE/TOSEM: min-max normalised module score replaces the "
+                            "TC column) or moda (MODA: a trained calibration layer over the "
+                            "weak model's other logits and the module score); default minmax")
+    patch.add_argument("--calibration-layer", type=_json_arg, metavar="JSON",
+                       help="protocol moda only: the calibration layer's training, "
+                            '\'{"epochs": 20, "lr": 0.05, "batch_size": 128, "split": "train"}\' '
+                            "(MODA's; keys optional; split: train or val)")
     patch.add_argument("--data-root", default="data")
     patch.add_argument("--out", required=True, help="metrics JSON path")
     _device_argument(patch)

@@ -37,7 +37,9 @@ def model_entry(wildcards):
 
 
 def recipe_of(wildcards):
-    return config["recipes"][BASE_MODELS[(wildcards.dataset, wildcards.model)]]
+    """The recipe of a base model, or of an E4 Dirichlet pool member (trained on its task)."""
+    key = (wildcards.dataset, wildcards.model)
+    return config["recipes"][BASE_MODELS.get(key) or NEW_TASK_POOL_RECIPES[key]]
 
 
 def data_root(path):
@@ -176,10 +178,14 @@ def reference_module_sets(wildcards):
 
 def task_sources(wildcards):
     """The prepared images of the datasets a derived task draws from."""
-    parts = TASKS[wildcards.task]["parts"]
-    return list(
-        dict.fromkeys(f"{DATA}/{part['dataset']}/images.safetensors" for part in parts)
-    )
+    spec = TASKS[wildcards.task]
+    sources = [f"{DATA}/{part['dataset']}/images.safetensors" for part in spec["parts"]]
+    if "dirichlet" in spec:  # drawn from a training split (E4's Dirichlet pool members)
+        sources += [
+            f"{DATA}/{part['dataset']}/splits/seed{spec['dirichlet']['split_seed']}.safetensors"
+            for part in spec["parts"]
+        ]
+    return list(dict.fromkeys(sources))
 
 
 # E3 patching: weak models per (setting, strong model, weak type, target class), each patched
@@ -256,6 +262,11 @@ NEW_TASK_PAIRS = {pair.task: pair for plan in NEW_TASKS.values() for pair in pla
 # Each pair is a derived task (derive_task makes it): the scratch baseline trains on it and
 # both the baseline and the composed model are tested on its test images.
 TASKS.update({task: pair.task_spec() for task, pair in NEW_TASK_PAIRS.items()})
+# GradSplitter's Dirichlet pools: each member is a derived task per seed (a class-imbalanced
+# draw from the dataset's training split of that seed), trained like a base model
+# (train_base_model) and decomposed by modularize, but kept out of E1/E2/E5.
+TASKS.update(newtask.pool_tasks(NEW_TASKS, SEEDS))
+NEW_TASK_POOL_RECIPES = newtask.pool_recipes(NEW_TASKS, SEEDS)
 
 
 def new_task_scratch_weights(task, model, seed):
@@ -263,20 +274,24 @@ def new_task_scratch_weights(task, model, seed):
 
 
 def new_task_candidates(wildcards):
-    """(module set, base model) of every candidate of a setting and approach, in pool order."""
+    """(module set, base model) of every candidate of a setting and approach, in pool order
+    (a Dirichlet pool member's model trained on its task)."""
     approach, seed = wildcards.approach, wildcards.seed
     return [
         (
             f"{RESULTS}/modules/{dataset}/{model}/{approach}/seed{seed}/modules.safetensors",
             model_weights(dataset, model, training_of(approach), seed),
         )
-        for dataset, model in NEW_TASKS[wildcards.setting].candidates[approach]
+        for dataset, model in NEW_TASKS[wildcards.setting].trained_models(
+            approach, int(seed)
+        )
     ]
 
 
 def new_task_inputs(wildcards):
     """What composing a setting's pairs reads: the candidates, the selection splits of the
-    two datasets and the pairs' derived tasks (their test images)."""
+    two datasets, the pairs' derived tasks (their test images) and the Dirichlet pool
+    members' tasks (their meta.json names the dataset a member's modules stand for)."""
     plan = NEW_TASKS[wildcards.setting]
     candidates = new_task_candidates(wildcards)
     return {
@@ -287,6 +302,10 @@ def new_task_inputs(wildcards):
             for dataset in dict.fromkeys(plan.datasets)
         ],
         "pairs": [f"{DATA}/{pair.task}/images.safetensors" for pair in plan.pairs],
+        "pool_tasks": [
+            f"{DATA}/{member.task(int(wildcards.seed))}/meta.json"
+            for member in plan.members.get(wildcards.approach, ())
+        ],
     }
 
 
@@ -346,7 +365,9 @@ def subtask_settings(approach):
     """What one E5 unit reads of reuse.subtasks: union networks are built only for the
     approaches that compose sub-tasks as union networks (union_approaches)."""
     settings = {
-        k: v for k, v in SUBTASKS.items() if k not in ("union_approaches", "models", "datasets")
+        k: v
+        for k, v in SUBTASKS.items()
+        if k not in ("union_approaches", "models", "datasets")
     }
     if approach not in SUBTASKS["union_approaches"]:
         settings["union_subsets"] = 0

@@ -8,11 +8,17 @@ prepared dataset (``<root>/<task>/images.safetensors`` + ``meta.json``, see
 and every later step treat a task as one more dataset. Its labels are 0..k-1 in part order,
 then in the order of each part's classes; its channel statistics are those of its own
 training images; ``meta.json`` records the parts and the source datasets they came from.
+
+A task with a ``dirichlet`` draw (:class:`DirichletDraw`, GradSplitter's pool of models for new
+tasks) takes its training images from one dataset's *training split* of a seed, class-imbalanced
+by Dirichlet proportions, and its test images from the official test set: the validation split
+of that seed stays unseen by a model trained on the task.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,8 +30,9 @@ import torch
 
 from ..artifacts import save_tensors, sha256_file, write_json
 from ..errors import ConfigError
-from .dataset import ImageSet, combine, load_prepared
-from .registry import DATASETS, channel_stats, images_path
+from ..hyperparameters import Range, resolve
+from .dataset import ImageSet, combine, load_dataset, load_prepared
+from .registry import DATASETS, channel_stats, images_path, split_path
 
 SPLITS = ("train", "test")
 _NAME = re.compile(r"^[a-z0-9_]+$")
@@ -40,18 +47,57 @@ class TaskPart:
 
 
 @dataclass(frozen=True)
+class DirichletDraw:
+    """A class-imbalanced training set as GradSplitter draws one per model of its pool.
+
+    Proportions p ~ Dirichlet(``alpha`` · 1) over the task's classes, drawn with the task's
+    seed; class c keeps ``floor(p_c / max(p) · n_c)`` of its ``n_c`` images in the source
+    dataset's training split of ``split_seed`` (the most favoured class keeps them all), and at
+    least ``min_per_class``. Small ``alpha`` skews the counts, large ``alpha`` evens them out.
+    GradSplitter redraws p until every class has its minimum; raising the short classes to the
+    minimum instead always ends, and keeps the draw as skewed as it came.
+    """
+
+    alpha: float
+    split_seed: int
+    min_per_class: int = 1
+
+    DEFAULTS = {"alpha": 1.0, "split_seed": 0, "min_per_class": 1}
+    RANGES = {"alpha": Range(0, low_open=True), "split_seed": Range(0),
+              "min_per_class": Range(1)}
+
+    @classmethod
+    def from_config(cls, where: str, entry: Any) -> DirichletDraw:
+        """The draw of config entry ``where`` (``{alpha, split_seed[, min_per_class]}``);
+        ConfigError naming the key at fault."""
+        _check_keys(where, entry, required={"alpha", "split_seed"},
+                    optional={"min_per_class"})
+        values = resolve(where, cls.DEFAULTS, entry, cls.RANGES)
+        if not math.isfinite(values["alpha"]):
+            raise ConfigError(f"{where}.alpha: expected a finite number > 0; got "
+                              f"{values['alpha']!r}")
+        return cls(float(values["alpha"]), values["split_seed"], values["min_per_class"])
+
+    def to_config(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "split_seed": self.split_seed,
+                "min_per_class": self.min_per_class}
+
+
+@dataclass(frozen=True)
 class Task:
     """A task as configured under ``tasks.<name>``.
 
     ``samples_per_class`` maps a split (``train``, ``test``) to the number of images drawn per
     class; a split it leaves out keeps all images of the chosen classes. ``seed`` seeds the
-    draw (independently per split).
+    draw (independently per split). ``dirichlet`` makes the training images a class-imbalanced
+    draw from the one part's dataset instead (:class:`DirichletDraw`).
     """
 
     name: str
     parts: tuple[TaskPart, ...]
     samples_per_class: Mapping[str, int]
     seed: int = 0
+    dirichlet: DirichletDraw | None = None
 
     @classmethod
     def from_config(cls, name: str, entry: Mapping[str, Any]) -> Task:
@@ -63,7 +109,8 @@ class Task:
         if name in DATASETS:
             raise ConfigError(f"{where}: {name!r} is a registered dataset; a task needs a name "
                               f"of its own (it is written to <data root>/{name}/)")
-        _check_keys(where, entry, required={"parts"}, optional={"samples_per_class", "seed"})
+        _check_keys(where, entry, required={"parts"},
+                    optional={"samples_per_class", "seed", "dirichlet"})
         parts = entry["parts"]
         if not isinstance(parts, list) or not parts:
             raise ConfigError(f"{where}.parts: expected a non-empty list of "
@@ -90,7 +137,16 @@ class Task:
         seed = entry.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"{where}.seed: expected an integer >= 0; got {seed!r}")
-        return cls(name, tuple(checked), dict(samples), seed)
+        dirichlet = None
+        if "dirichlet" in entry:
+            dirichlet = DirichletDraw.from_config(f"{where}.dirichlet", entry["dirichlet"])
+            if len(checked) != 1:
+                raise ConfigError(f"{where}.dirichlet: draws from the training split of one "
+                                  f"dataset; the task has {len(checked)} parts")
+            if "train" in samples:
+                raise ConfigError(f"{where}: samples_per_class.train and dirichlet both say how "
+                                  "many training images to draw; give one")
+        return cls(name, tuple(checked), dict(samples), seed, dirichlet)
 
     @property
     def datasets(self) -> list[str]:
@@ -167,6 +223,10 @@ def derive_task(task: Task, root: Path) -> Path:
     loaded = {name: load_prepared(root, name) for name in task.datasets}
     sets = {name: {"train": train, "test": test} for name, (train, test, _) in loaded.items()}
     metas = {name: meta for name, (_, _, meta) in loaded.items()}
+    if task.dirichlet is not None:
+        # Drawn from the training split of the seed: its validation split stays unseen.
+        (source,) = task.datasets
+        sets[source]["train"] = load_dataset(root, source, task.dirichlet.split_seed).train
     indices = task.resolve({name: meta["class_names"] for name, meta in metas.items()})
     several = len(metas) > 1
     tensors: dict[str, torch.Tensor] = {}
@@ -182,10 +242,13 @@ def derive_task(task: Task, root: Path) -> Path:
             union = combine(parts)
         except ConfigError as err:
             raise ConfigError(f"tasks.{task.name}.parts: {err}") from None
-        chosen = _stratified_sample(
-            union, task.samples_per_class.get(split),
-            np.random.default_rng([task.seed, split_number]),
-            f"tasks.{task.name}.samples_per_class.{split}")
+        rng = np.random.default_rng([task.seed, split_number])
+        if split == "train" and task.dirichlet is not None:
+            chosen, drawn = _dirichlet_sample(union, task.dirichlet, rng,
+                                              f"tasks.{task.name}.dirichlet")
+        else:
+            chosen = _stratified_sample(union, task.samples_per_class.get(split), rng,
+                                        f"tasks.{task.name}.samples_per_class.{split}")
         tensors[f"{split}_images"], tensors[f"{split}_labels"] = chosen.images, chosen.labels
         class_names = chosen.class_names
     out_dir = root / task.name
@@ -206,12 +269,18 @@ def derive_task(task: Task, root: Path) -> Path:
                       for part, classes in zip(task.parts, indices, strict=True)],
             "samples_per_class": dict(task.samples_per_class),
             "seed": task.seed,
+            **({} if task.dirichlet is None else {"dirichlet": {
+                **drawn, "split_sha256": sha256_file(
+                    split_path(root, task.datasets[0], task.dirichlet.split_seed))}}),
             "datasets": {name: {"images_sha256": sha256_file(images_path(root, name)),
                                 "source": meta["source"]}
                          for name, meta in metas.items()},
         },
         "transform": "classes of " + ", ".join(task.datasets) + ", relabelled 0..k-1 in part "
-                     "order; channel statistics of the task's training images",
+                     "order" + ("" if task.dirichlet is None else "; training images a "
+                                "Dirichlet-imbalanced draw from the training split of seed "
+                                f"{task.dirichlet.split_seed}")
+                     + "; channel statistics of the task's training images",
         "counts": {split: len(tensors[f"{split}_labels"]) for split in SPLITS},
     })
     return out_dir
@@ -232,3 +301,24 @@ def _stratified_sample(images: ImageSet, count: int | None, rng: np.random.Gener
                               f"has only {len(members)}")
         chosen.append(rng.permutation(members)[:count])
     return images.take(np.sort(np.concatenate(chosen)))
+
+
+def _dirichlet_sample(images: ImageSet, draw: DirichletDraw, rng: np.random.Generator,
+                      where: str) -> tuple[ImageSet, dict[str, Any]]:
+    """The class-imbalanced draw of ``draw`` from ``images`` (in their original order) and its
+    record: the Dirichlet proportions, the images available and kept per class."""
+    labels = images.labels.cpu().numpy()
+    available = np.bincount(labels, minlength=images.num_classes)
+    for name, count in zip(images.class_names, available, strict=True):
+        if count < draw.min_per_class:
+            raise ConfigError(f"{where}.min_per_class: {draw.min_per_class} images per class "
+                              f"asked for, but class {name!r} has only {count} in the "
+                              "training split")
+    proportions = rng.dirichlet(np.full(images.num_classes, draw.alpha))
+    kept = np.floor(proportions / proportions.max() * available).astype(np.int64)
+    counts = np.maximum(kept, draw.min_per_class)
+    chosen = [rng.permutation(np.flatnonzero(labels == label))[:count]
+              for label, count in enumerate(counts)]
+    return images.take(np.sort(np.concatenate(chosen))), {
+        **draw.to_config(), "proportions": proportions.tolist(),
+        "available_per_class": available.tolist(), "kept_per_class": counts.tolist()}

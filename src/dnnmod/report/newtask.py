@@ -4,6 +4,11 @@ Pan & Rajan's continuous-learning step has two variants of every row: ``composed
 as decomposed) and ``continuous_learning`` (the same modules retrained on the pair's training
 split, :func:`dnnmod.reuse.newtask.continue_learning`), each with its own published mean.
 
+Every row says where its modules came from: ``pool`` (``base_models``, or ``dirichlet`` for
+GradSplitter's pool of models trained on Dirichlet-imbalanced subsets), the number of candidate
+module sets on each side's dataset (``pool_size_a``/``_b``) and what the chosen module's base
+model was trained on (``trained_on_a``/``_b``: the dataset, or the pool member's task).
+
 Both read the same per-unit results, the composed records of ``dnnmod reuse new-task`` (one
 JSON per setting, approach and seed) and the from-scratch models' metadata, so the table and
 the figure are rebuilt independently of each other.
@@ -30,14 +35,19 @@ PUBLISHED_SETTINGS = {("inter", COMPOSED): ("new_task_inter", "new_task"),
                       ("inter", CONTINUOUS): ("new_task_inter_continuous",)}
 PUBLISHED_METRIC = "accuracy_loss_vs_scratch_pct"
 VALUES = ["composed_accuracy", "scratch_accuracy", "accuracy_difference_pp"]
-COMPOSED_KEYS = ("setting", "kind", "approach", "model", "seed", "pairs")
+COMPOSED_KEYS = ("setting", "kind", "approach", "model", "seed", "pairs", "candidates")
+BASE_MODELS_POOL, DIRICHLET_POOL = "base_models", "dirichlet"
 NOTES = ("accuracy_difference_pp = composed − from-scratch test accuracy on the pair's test "
          "images; pair = mean rows average over the pairs, the published means beside them. "
-         "An approach appears in a setting when it decomposed a pool model of both datasets. "
+         "An approach appears in a setting when it decomposed a pool model of both datasets "
+         "or when the setting's Dirichlet pool names it. "
          "variant = composed: the modules as decomposed; continuous_learning: the same modules "
          "retrained with their masks fixed on the pair's training split for a fixed number of "
-         "epochs (Pan & Rajan's step; the recipe is ours, see the README). Not reproduced: "
-         "GradSplitter's pool of models trained on Dirichlet-imbalanced subsets.")
+         "epochs (Pan & Rajan's step; the recipe is ours, see the README). pool = "
+         "base_models: the candidates are the study's base models; dirichlet: GradSplitter's "
+         "pool, models trained on Dirichlet-imbalanced draws from the training split "
+         "(trained_on names the chosen member's task); pool_size = candidate module sets on "
+         "that side's dataset.")
 
 
 def _published_difference(reference: pd.DataFrame, approach: str, kind: str,
@@ -72,6 +82,7 @@ def new_task_table(composed_paths: list[Path], scratch_paths: list[Path]) -> pd.
         if missing:
             raise ArtifactError(f"{path}: not a reuse new-task record (lacks {missing})")
         common = {key: result[key] for key in ("setting", "kind", "approach", "model", "seed")}
+        common.update(_pool_columns(result))
         by_variant: dict[str, list[dict]] = {}
         for record in result["pairs"]:
             key = (record["task"], result["model"], result["seed"])
@@ -89,10 +100,10 @@ def new_task_table(composed_paths: list[Path], scratch_paths: list[Path]) -> pd.
                     **common, "variant": variant, "pair": record["pair"], "task": record["task"],
                     **{f"{field}_{side}": record[f"{field}_{side}"] for side in ("a", "b")
                        for field in ("dataset", "class", "class_name")},
-                    "module_a": _module_label(record["module_a"]),
-                    "selection_f1_a": record["module_a"]["selection_f1"],
-                    "module_b": _module_label(record["module_b"]),
-                    "selection_f1_b": record["module_b"]["selection_f1"],
+                    **{column: value for side in ("a", "b") for column, value in (
+                        (f"module_{side}", _module_label(record[f"module_{side}"])),
+                        (f"trained_on_{side}", _trained_on(record[f"module_{side}"])),
+                        (f"selection_f1_{side}", record[f"module_{side}"]["selection_f1"]))},
                     "test_images": record["test_images"],
                     "composed_accuracy": accuracy,
                     "scratch_accuracy": scratch_accuracy,
@@ -111,11 +122,28 @@ def new_task_table(composed_paths: list[Path], scratch_paths: list[Path]) -> pd.
     table = pd.DataFrame(rows)
     # Mean rows leave the per-pair counts empty: nullable integers keep the others integral.
     integral = ["class_a", "class_b", "test_images", "scratch_selected_epoch", "scratch_epochs",
-                "pairs"]
+                "pairs", "pool_size_a", "pool_size_b"]
     table[integral] = table[integral].astype("Int64")
     table["is_mean"] = table.pair == MEAN
     return table.sort_values(["setting", "approach", "seed", "variant", "is_mean", "task"],
                              ignore_index=True).drop(columns="is_mean")
+
+
+def _pool_columns(result: dict) -> dict:
+    """The pool of a composed record: its kind and the candidate module sets per side."""
+    candidates = result["candidates"]
+    sides = {"a": result["pairs"][0]["dataset_a"], "b": result["pairs"][0]["dataset_b"]} \
+        if result["pairs"] else {}
+    return {"pool": DIRICHLET_POOL if any(c.get("dirichlet") for c in candidates)
+            else BASE_MODELS_POOL,
+            **{f"pool_size_{side}": sum(c["dataset"] == dataset for c in candidates)
+               for side, dataset in sides.items()}}
+
+
+def _trained_on(module: dict) -> str:
+    # Records from before Dirichlet pools name no trained_on: their models trained on the
+    # dataset itself.
+    return module.get("trained_on", module["dataset"])
 
 
 def _module_label(module: dict) -> str:
@@ -165,6 +193,8 @@ def new_task_figure(composed_paths: list[Path], scratch_paths: list[Path], path:
                 "pair")
             style = approach_style(approach)
             label = approach if variant == COMPOSED else f"{approach} + continuous learning"
+            if (rows[rows.approach == approach].pool == DIRICHLET_POOL).any():
+                label += " (Dirichlet pool)"
             xs = [i - 0.4 + width * (offset + 0.5) for i in range(len(pairs))]
             ys = [ours.difference.get(p, float("nan")) for p in pairs]
             ax.bar(xs, ys, width, color=style["color"], alpha=0.6, label=label,

@@ -44,23 +44,52 @@ stated in the README:
   0 or 1 saturated the sigmoid and undid the composition on the demo (26 % after 2 epochs on
   a pair it composed at 100 %).
 
-Not implemented yet: GradSplitter's pool of models trained on Dirichlet-imbalanced subsets
-(the pool here is the study's base models of each dataset).
+By default the pool is the study's base models of each dataset (the setting's ``pool`` models,
+``[model]`` unless given). A setting's ``dirichlet_pool`` (:func:`resolve_dirichlet_pool`) is
+GradSplitter's pool instead: per dataset and pool model, ``members`` models of the same
+architecture, each trained on its own class-imbalanced subsample of the dataset's training split
+and decomposed by each of the pool's approaches (the other approaches of the setting keep the
+base models). GradSplitter (TOSEM 2023; the authors' code, as we read it) trains 10 models per
+architecture and dataset; proportions p ~ Dirichlet(alpha · 1) over the classes, class c keeping
+floor(p_c / max p · n_c) of its images (alpha 1 and at least 100 images a class on CIFAR-10, 0.5
+and 10 on SVHN); each model trains and validates on an 8:2 split of its own sample; a class's
+module is the member's with the best binary F1 on held-out images. Here:
+
+- each member is a derived task :meth:`PoolMember.task` (:class:`dnnmod.data.tasks.DirichletDraw`,
+  the proportions and kept counts in its ``meta.json``), whose training images are drawn from the
+  dataset's *training split of the study seed*, not from the whole official training set, so that
+  the validation split on which modules are chosen, and the test images, are the ones the base
+  models' candidates use, unseen by every member. Its own validation split (the study's
+  ``validation_fraction`` of its sample, GradSplitter's 8:2) serves its training recipe and its
+  decomposition;
+- member k (0-based) draws with seed ``seed + k``; GradSplitter's kept estimator indices
+  (e.g. 1, 3, 4, 6, …) are not explained, so we take consecutive seeds, and raise a class short of
+  ``min_per_class`` to it where GradSplitter redraws the proportions;
+- the F1 of a candidate module is measured on the dataset's whole selection split (every class),
+  as for the base models; GradSplitter measures it on the pair's module-evaluation images (its
+  class and the partner's, 20 % of the test sets), which a pool shared by every pair cannot use.
+
+A member's base model normalises with its own training images' statistics; the selection split
+is normalised with them when its modules are scored (:func:`load_candidates`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations, product
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dnnmod.artifacts import read_json
 from dnnmod.errors import ArtifactError, ConfigError
 from dnnmod.hyperparameters import Range, resolve
 from dnnmod.modules.combination import combine_scores
@@ -81,6 +110,14 @@ SELECTION_SPLITS = ("val", "train")
 CONTINUOUS_LEARNING = {"epochs": 5, "lr": 0.00001, "batch_size": 64}
 CONTINUOUS_LEARNING_RANGES = {"epochs": Range(1), "lr": Range(0, low_open=True),
                               "batch_size": Range(1)}
+#: GradSplitter's pool (``settings.<name>.dirichlet_pool``): models per dataset and pool model,
+#: the Dirichlet concentration and the minimum images per class (a number, or one per dataset),
+#: the seed of the first member's draw, the members' recipe (None: that of the study's base
+#: model of the dataset and model) and the approaches that decompose them (None: every approach
+#: of the setting)
+DIRICHLET_POOL = {"members": 10, "alpha": 1.0, "min_per_class": 1, "seed": 0, "recipe": None,
+                  "approaches": None}
+DIRICHLET_POOL_RANGES = {"members": Range(1), "seed": Range(0)}
 
 
 @dataclass(frozen=True)
@@ -168,22 +205,26 @@ def setting_pairs(name: str, setting: Mapping[str, Any],
 @dataclass
 class Candidate:
     """One candidate module set: its base model, what it was decomposed from and the binary
-    F1 (%) of each of its modules on the selection split."""
+    F1 (%) of each of its modules on the selection split. ``draw``: for a base model trained on
+    a Dirichlet pool member's task, the draw (source ``dataset``, draw ``seed``, the task's
+    ``dirichlet`` record), whose dataset's classes the modules stand for."""
 
     model: nn.Module
     meta: dict[str, Any]
     modules: ModuleSet
     source: str  # where it came from, for the record (e.g. the module-set path)
     f1: dict[int, float]
+    draw: dict[str, Any] | None = None
 
     @property
     def dataset(self) -> str:
-        return self.meta["dataset"]
+        return self.draw["dataset"] if self.draw else self.meta["dataset"]
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "model": self.meta.get("model"),
                 "arch": self.meta["arch"], "training": self.meta["training"],
-                "dataset": self.dataset, "seed": self.meta.get("seed"),
+                "dataset": self.dataset, "trained_on": self.meta["dataset"],
+                "dirichlet": self.draw, "seed": self.meta.get("seed"),
                 "weights_sha256": self.meta.get("weights_sha256")}
 
 
@@ -414,7 +455,8 @@ def load_candidates(paths: Sequence[tuple[Any, Any]], data_root, selection_split
                     device: str = "cpu") -> list[Candidate]:
     """Candidates from (module set, base model) paths, each set checked to belong to its model,
     with the binary F1 of its modules on ``selection_split`` of the model's dataset (the split
-    of the model's seed; each dataset loaded once)."""
+    of the model's seed; each dataset loaded once), normalised with the model's own statistics.
+    A model trained on a Dirichlet pool member's task is scored on its source dataset's split."""
     from dnnmod.data import load_dataset
     from dnnmod.training.model_io import load_model
 
@@ -426,20 +468,88 @@ def load_candidates(paths: Sequence[tuple[Any, Any]], data_root, selection_split
     for modules_path, model_path in paths:
         model, meta = load_model(model_path, device=device)
         modules = ModuleSet.load(modules_path, base=meta)
-        key = (meta["dataset"], meta["seed"])
+        draw = pool_draw(data_root, meta, model_path)
+        key = (draw["dataset"] if draw else meta["dataset"], meta["seed"])
         if key not in splits:
             splits[key] = getattr(load_dataset(data_root, *key, device=device), selection_split)
+        images = splits[key]
+        if draw and list(images.class_names) != list(meta["class_names"]):
+            raise ArtifactError(f"{model_path}: trained on {meta['dataset']}, whose classes "
+                                f"{meta['class_names']} are not those of {key[0]} "
+                                f"{images.class_names}")
+        statistics = normalization_of(modules)
+        images = dataclasses.replace(images, **{
+            name: torch.tensor(statistics[name], dtype=torch.float32, device=images.device)
+            for name in ("mean", "std")})
         candidates.append(Candidate(model=model, meta=meta, modules=modules,
                                     source=str(modules_path),
-                                    f1=selection_f1(model, modules, splits[key])))
+                                    f1=selection_f1(model, modules, images), draw=draw))
     return candidates
+
+
+def pool_draw(data_root, meta: Mapping[str, Any], model_path) -> dict[str, Any] | None:
+    """The Dirichlet draw of the task a model (``meta``) was trained on, from the task's
+    ``meta.json`` under ``data_root``: source ``dataset``, draw ``seed`` and the ``dirichlet``
+    record; None for a model of a dataset or of another task. ArtifactError if the draw is
+    not one a pool member's modules can stand for its dataset with (not every class in order,
+    or drawn from the training split of another seed than the model's, whose validation split
+    it may have trained on)."""
+    task_meta = Path(data_root) / meta["dataset"] / "meta.json"
+    source = read_json(task_meta).get("source", {}) if task_meta.is_file() else {}
+    if source.get("kind") != "task" or "dirichlet" not in source:
+        return None
+    (part,) = source["parts"]
+    if part["classes"] != list(range(len(meta["class_names"]))):
+        raise ArtifactError(f"{task_meta}: the draw keeps classes {part['classes']} of "
+                            f"{part['dataset']}; a pool member keeps every class in order")
+    if source["dirichlet"]["split_seed"] != meta["seed"]:
+        raise ArtifactError(f"{model_path}: a seed-{meta['seed']} model trained on "
+                            f"{meta['dataset']}, drawn from the training split of seed "
+                            f"{source['dirichlet']['split_seed']}: its modules would be chosen "
+                            "on images it may have trained on")
+    return {"dataset": part["dataset"], "seed": source["seed"], **source["dirichlet"]}
+
+
+@dataclass(frozen=True)
+class PoolMember:
+    """One model of a setting's Dirichlet pool: ``model`` trained with ``recipe`` on a
+    class-imbalanced draw (``alpha``, ``min_per_class``, draw seed ``draw``) from the training
+    split of ``dataset`` (``num_classes`` classes) of the study seed, the derived task
+    :meth:`task`. Models of every setting and pool model share the task of the same draw."""
+
+    dataset: str
+    num_classes: int
+    model: str
+    recipe: str
+    alpha: float
+    min_per_class: int
+    draw: int
+
+    def task(self, seed: int) -> str:
+        """The derived task's name; it names everything its images depend on (data roots are
+        shared between studies): alpha as its repr with ``.`` → ``p`` and ``-`` → ``m``."""
+        alpha = repr(self.alpha).replace(".", "p").replace("-", "m").replace("+", "")
+        return (f"{self.dataset}_dir{alpha}_min{self.min_per_class}_draw{self.draw}"
+                f"_split{seed}")
+
+    def task_spec(self, seed: int) -> dict[str, Any]:
+        """The ``tasks:`` entry (:class:`dnnmod.data.Task`) that derives :meth:`task`."""
+        return {"parts": [{"dataset": self.dataset, "classes": list(range(self.num_classes))}],
+                "seed": self.draw,
+                "dirichlet": {"alpha": self.alpha, "min_per_class": self.min_per_class,
+                              "split_seed": seed}}
 
 
 @dataclass(frozen=True)
 class SettingPlan:
-    """What the workflow runs for one setting: its pairs, per approach with module sets on
-    both datasets the (dataset, model) of every candidate module set, and the settings of the
-    continuous-learning step (None: the plain composition only)."""
+    """What the workflow runs for one setting: its pairs, per approach the candidate module
+    sets' base models, and the settings of the continuous-learning step (None: the plain
+    composition only).
+
+    ``candidates``: approach → the (dataset, model) of the study's base models whose module sets
+    are candidates, empty for an approach the Dirichlet pool serves; ``members``: approach → its
+    Dirichlet pool members (none without ``dirichlet_pool``).
+    """
 
     name: str
     datasets: tuple[str, str]
@@ -447,15 +557,93 @@ class SettingPlan:
     pairs: tuple[Pair, ...]
     candidates: Mapping[str, tuple[tuple[str, str], ...]]
     continuous_learning: Mapping[str, Any] | None = None
+    members: Mapping[str, tuple[PoolMember, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def kind(self) -> str:
         """``intra``: both classes from one dataset; ``inter``: from two."""
         return setting_kind(*self.datasets)
 
+    def trained_models(self, approach: str, seed: int) -> list[tuple[str, str]]:
+        """(dataset or pool member's task, model) of every candidate of ``approach``, in pool
+        order, for the study ``seed``."""
+        return [*self.candidates[approach],
+                *((member.task(seed), member.model) for member in self.members.get(approach, ()))]
+
 
 def setting_kind(dataset_a: str, dataset_b: str) -> str:
     return "intra" if dataset_a == dataset_b else "inter"
+
+
+def resolve_dirichlet_pool(where: str, entry: Any, datasets: Sequence[str],
+                           pool: Sequence[str], config: Mapping[str, Any],
+                           num_classes: Mapping[str, int]) -> tuple[list[str] | None,
+                                                                    tuple[PoolMember, ...]]:
+    """The approaches (None: every approach of the setting) and members of the Dirichlet pool
+    ``entry`` (:data:`DIRICHLET_POOL` overridden) of a setting with ``datasets`` and ``pool``
+    models; ConfigError naming the key under ``where``."""
+    from dnnmod.approaches import APPROACHES
+    from dnnmod.study import expand_base_models
+
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of {sorted(DIRICHLET_POOL)}; got "
+                          f"{entry!r}")
+    # alpha and min_per_class take a number or a mapping dataset → number: _per_dataset checks
+    settings = resolve(where, {**DIRICHLET_POOL, "alpha": None, "min_per_class": None}, entry,
+                       DIRICHLET_POOL_RANGES)
+    datasets = list(dict.fromkeys(datasets))
+    alpha = _per_dataset(f"{where}.alpha", entry.get("alpha", DIRICHLET_POOL["alpha"]),
+                         datasets, float)
+    minimum = _per_dataset(f"{where}.min_per_class",
+                           entry.get("min_per_class", DIRICHLET_POOL["min_per_class"]),
+                           datasets, int)
+    approaches = settings["approaches"]
+    if approaches is not None:
+        if (not isinstance(approaches, list) or not approaches
+                or len(set(approaches)) != len(approaches)):
+            raise ConfigError(f"{where}.approaches: expected a non-empty list of distinct "
+                              f"approaches; got {approaches!r}")
+        unknown = [a for a in approaches if a not in APPROACHES]
+        if unknown:
+            raise ConfigError(f"{where}.approaches: {unknown[0]!r} is not an approach "
+                              f"(known: {sorted(APPROACHES)})")
+    recipe = settings["recipe"]
+    if recipe is not None and recipe not in config["recipes"]:
+        raise ConfigError(f"{where}.recipe: {recipe!r} is not defined under recipes (defined: "
+                          f"{sorted(config['recipes'])})")
+    base_models = expand_base_models(config) if "base_models" in config else {}
+    members = []
+    for dataset in datasets:
+        for model in pool:
+            if recipe is None and (dataset, model) not in base_models:
+                raise ConfigError(f"{where}.recipe: not given, and {model} on {dataset} is not "
+                                  "a base model of the study whose recipe the members could take")
+            members += [PoolMember(dataset, num_classes[dataset], model,
+                                   recipe or base_models[dataset, model], alpha[dataset],
+                                   minimum[dataset], settings["seed"] + k)
+                        for k in range(settings["members"])]
+    return approaches, tuple(members)
+
+
+def _per_dataset(where: str, value: Any, datasets: Sequence[str], kind: type) -> dict[str, Any]:
+    """A positive number (``kind`` int: an integer >= 1) for every dataset: one for all, or a
+    mapping dataset → number naming each of ``datasets``."""
+    values = value if isinstance(value, Mapping) else dict.fromkeys(datasets, value)
+    missing = [d for d in datasets if d not in values]
+    unknown = [d for d in values if d not in datasets]
+    if missing or unknown:
+        raise ConfigError(f"{where}: expected a value for each of the setting's datasets "
+                          f"{datasets}; missing {missing}, unknown {unknown}")
+    for dataset, number in values.items():
+        valid = (not isinstance(number, bool) and isinstance(number, int)
+                 and number >= 1) if kind is int else (
+            not isinstance(number, bool) and isinstance(number, int | float)
+            and math.isfinite(number) and number > 0)
+        if not valid:
+            what = "an integer >= 1" if kind is int else "a finite number > 0"
+            key = f"{where}.{dataset}" if isinstance(value, Mapping) else where
+            raise ConfigError(f"{key}: expected {what}; got {number!r}")
+    return {dataset: kind(number) for dataset, number in values.items()}
 
 
 def plan_new_tasks(config: Mapping[str, Any],
@@ -463,8 +651,10 @@ def plan_new_tasks(config: Mapping[str, Any],
     """Setting name → plan, for ``reuse.new_tasks`` of a study config (none: empty).
 
     An approach takes part in a setting when it decomposed at least one pool model of each of
-    the two datasets (``modularize`` entries); a setting no approach can serve has no plan.
-    Names that do not resolve, and bad ``continuous_learning`` settings, are a ConfigError
+    the two datasets (``modularize`` entries), or when the setting's ``dirichlet_pool`` names it;
+    the pool's approaches (by default every approach taking part) compose from its members
+    instead of the base models. A setting no approach can serve has no plan. Names that do not
+    resolve, and bad ``continuous_learning`` or ``dirichlet_pool`` settings, are a ConfigError
     naming the key.
     """
     from dnnmod.data import DATASETS
@@ -497,11 +687,44 @@ def plan_new_tasks(config: Mapping[str, Any],
                           if (approach, dataset, m) in decomposed)
             if {dataset for dataset, _ in found} == set(datasets):
                 candidates[approach] = found
+        members = {}
+        if setting.get("dirichlet_pool") is not None:
+            approaches, pool_members = resolve_dirichlet_pool(
+                f"{where}.dirichlet_pool", setting["dirichlet_pool"], datasets, pool, config,
+                num_classes)
+            for approach in approaches or list(candidates):
+                candidates[approach] = ()
+                members[approach] = pool_members
         continuous_learning = setting.get("continuous_learning")
         if continuous_learning is not None:
             continuous_learning = resolve_continuous_learning(f"{where}.continuous_learning",
                                                               continuous_learning)
         if candidates:
             plans[name] = SettingPlan(name, tuple(setting["datasets"]), model, tuple(pairs),
-                                      candidates, continuous_learning)
+                                      candidates, continuous_learning, members)
     return plans
+
+
+def pool_tasks(plans: Mapping[str, SettingPlan], seeds: Sequence[int]) -> dict[str, dict]:
+    """Task name → ``tasks:`` entry of every Dirichlet pool member of ``plans`` and seed."""
+    return {member.task(seed): member.task_spec(seed)
+            for plan in plans.values() for members in plan.members.values()
+            for member in members for seed in seeds}
+
+
+def pool_recipes(plans: Mapping[str, SettingPlan], seeds: Sequence[int]
+                 ) -> dict[tuple[str, str], str]:
+    """(pool member's task, model) → recipe name, of every member of ``plans`` and seed; a
+    ConfigError if two settings train the same member with different recipes."""
+    recipes: dict[tuple[str, str], tuple[str, str]] = {}
+    for plan in plans.values():
+        for member in dict.fromkeys(m for members in plan.members.values() for m in members):
+            for seed in seeds:
+                key = (member.task(seed), member.model)
+                earlier = recipes.setdefault(key, (member.recipe, plan.name))
+                if earlier[0] != member.recipe:
+                    raise ConfigError(
+                        f"reuse.new_tasks.settings.{plan.name}.dirichlet_pool.recipe: trains "
+                        f"{member.model} on {key[0]} with recipe {member.recipe!r}, setting "
+                        f"{earlier[1]} with {earlier[0]!r}; give both the same recipe")
+    return {key: recipe for key, (recipe, _) in recipes.items()}
