@@ -52,6 +52,9 @@ class OneOf:
 def resolve(where: str, defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None,
             constraints: Mapping[str, Range | OneOf] | None = None) -> dict[str, Any]:
     """``defaults`` overridden by ``overrides``; ``where`` is the config key, for errors."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of {sorted(defaults)}; got "
+                          f"{overrides!r}")
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:

@@ -282,9 +282,6 @@ def resolve_continuous_learning(where: str,
                                 settings: Mapping[str, Any] | None) -> dict[str, Any]:
     """:data:`CONTINUOUS_LEARNING` overridden by ``settings``; ConfigError naming a bad key or
     value under ``where``."""
-    if settings is not None and not isinstance(settings, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of {sorted(CONTINUOUS_LEARNING)}; got "
-                          f"{settings!r}")
     return resolve(where, CONTINUOUS_LEARNING, settings, CONTINUOUS_LEARNING_RANGES)
 
 
@@ -585,7 +582,7 @@ def resolve_dirichlet_pool(where: str, entry: Any, datasets: Sequence[str],
     from dnnmod.approaches import APPROACHES
     from dnnmod.study import expand_base_models
 
-    if not isinstance(entry, Mapping):
+    if not isinstance(entry, Mapping):  # resolve takes None for no overrides; a pool needs keys
         raise ConfigError(f"{where}: expected a mapping of {sorted(DIRICHLET_POOL)}; got "
                           f"{entry!r}")
     # alpha and min_per_class take a number or a mapping dataset → number: _per_dataset checks

@@ -54,9 +54,6 @@ def resolve_calibration_layer(where: str,
                               settings: Mapping[str, Any] | None) -> dict[str, Any]:
     """:data:`CALIBRATION_LAYER` overridden by ``settings``; ConfigError naming a bad key or
     value under ``where``."""
-    if settings is not None and not isinstance(settings, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of {sorted(CALIBRATION_LAYER)}; got "
-                          f"{settings!r}")
     return resolve(where, CALIBRATION_LAYER, settings, CALIBRATION_LAYER_RANGES)
 
 
