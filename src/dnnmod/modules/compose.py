@@ -46,7 +46,7 @@ from dnnmod.modules.extract import (
     pad_and_extract,
     padded_channels,
 )
-from dnnmod.modules.masking import _fold_batch_norms, channel_view, masked_logits
+from dnnmod.modules.masking import batch_norm_folding, channel_view, masked_logits
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.modules.structure import ModelStructure
 
@@ -316,7 +316,7 @@ def first_layer(model: nn.Module, structure: ModelStructure) -> str | None:
 def fold_batch_norms(module: nn.Module, structure: ModelStructure) -> None:
     """Fold, in place, each BatchNorm of eval-mode ``module`` (the base model or one cut from
     it, with its layer names) that reads a conv of its group directly into that conv."""
-    folded = _fold_batch_norms(module, structure)
+    folded = batch_norm_folding(module, structure)
     with torch.no_grad():
         for name, tensor in folded.tensors.items():
             module.get_parameter(name).copy_(tensor)

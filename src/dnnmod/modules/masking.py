@@ -232,7 +232,7 @@ class KeptChannelPass:
         self.structure, self.masked_model = structure, model
         self.groups = {group for readers in slicing.values() for group, _ in readers}
         self.model = copy.deepcopy(model).eval()  # its BatchNorms are folded away below
-        folded = _fold_batch_norms(self.model, structure)
+        folded = batch_norm_folding(self.model, structure)
         self.base = {name: _layout(name, tensor.detach()) for name, tensor in
                      (*self.model.named_parameters(), *self.model.named_buffers())}
         self.base.update(folded.tensors)
@@ -368,16 +368,20 @@ def _layout(name: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _Folded:
+class BatchNormFolding:
+    """What :func:`batch_norm_folding` folded: the convs' new tensors, for the caller to use."""
+
     tensors: dict[str, torch.Tensor]  # the folding convs' new weights and biases
     shifts: dict[str, torch.Tensor]  # conv name → its folded norm's shift
     norms: set[str]  # the folded norms, now nn.Identity
 
 
-def _fold_batch_norms(model: nn.Module, structure: ModelStructure) -> _Folded:
-    """Fold, in place, every eval-mode BatchNorm of a group that reads the output of a conv of
-    the same group directly (found by a traced pass) into that conv: the conv gets weight
-    a·W, bias a·b + shift (a = γ/√(var + ε), shift = β − a·mean), the norm becomes Identity."""
+def batch_norm_folding(model: nn.Module, structure: ModelStructure) -> BatchNormFolding:
+    """Fold every eval-mode BatchNorm of a group that reads the output of a conv of the same
+    group directly (found by a traced pass) into that conv: the norm becomes Identity in
+    ``model`` and the conv's folded tensors, weight a·W and bias a·b + shift (a = γ/√(var + ε),
+    shift = β − a·mean), are returned for the caller to write or use (a conv without a bias
+    gets a zero one to hold it)."""
     layers = dict(model.named_modules())
     group_of_norm = {norm: group for group in structure.groups for norm in group.norms}
     produced: dict[int, str] = {}
@@ -405,7 +409,7 @@ def _fold_batch_norms(model: nn.Module, structure: ModelStructure) -> _Folded:
     probe(model, structure.input_shape, handles)
     convs = [conv for conv in pairs.values()]
     pairs = {norm: conv for norm, conv in pairs.items() if convs.count(conv) == 1}
-    folded = _Folded({}, {}, set())
+    folded = BatchNormFolding({}, {}, set())
     for norm_name, conv_name in pairs.items():
         norm, conv = layers[norm_name], layers[conv_name]
         with torch.no_grad():
