@@ -30,18 +30,32 @@ from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.modules.structure import trace_structure
 
 
+def random_module_set(structure, classes, head, generator, keep=0.4, position_masks=False,
+                      base=None):
+    """Random modules of ``classes``, each keeping about ``keep`` of every group and none
+    empty; with ``position_masks`` the first group's masks are per position."""
+    first = structure.groups[0]
+
+    def shape(group):
+        return group.shape if position_masks and group is first else (group.size,)
+
+    count = len(classes)
+    masks = ensure_nonempty(
+        {g.name: torch.rand(count, *shape(g), generator=generator) < keep
+         for g in structure.groups},
+        {g.name: torch.rand(count, *shape(g), generator=generator) for g in structure.groups})
+    return ModuleSet(approach="test", classes=list(classes), masks=masks, head=head,
+                     combination="argmax", base=base or {"weights_sha256": "0" * 64},
+                     structure=structure)
+
+
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
     model = build_model("rescnn", 10, width=0.125).eval()
-    structure = trace_structure(model)
-    generator = torch.Generator().manual_seed(1)
-    masks = ensure_nonempty(
-        {g.name: torch.rand(10, g.size, generator=generator) < 0.4 for g in structure.groups},
-        {g.name: torch.rand(10, g.size, generator=generator) for g in structure.groups})
-    modules = ModuleSet(approach="test", classes=list(range(10)), masks=masks,
-                        head=LogitMLPHead(list(range(10)), 10), combination="argmax",
-                        base={"weights_sha256": "0" * 64}, structure=structure)
+    modules = random_module_set(trace_structure(model), range(10),
+                                LogitMLPHead(list(range(10)), 10),
+                                torch.Generator().manual_seed(1))
     return model, modules
 
 
@@ -69,18 +83,12 @@ def test_sub_task_composition_outputs_its_classes_in_order(setup):
 
 def random_modules(model, dataset, seed, **base):
     """Hand-made random modules of an untrained ``model``, as if trained on ``dataset``."""
-    structure = trace_structure(model)
-    generator = torch.Generator().manual_seed(seed)
-    masks = ensure_nonempty(
-        {g.name: torch.rand(10, g.size, generator=generator) < 0.5 for g in structure.groups},
-        {g.name: torch.rand(10, g.size, generator=generator) for g in structure.groups})
     normalization = {"mean": dataset.train.mean.tolist(), "std": dataset.train.std.tolist()}
-    return ModuleSet(approach="test", classes=list(range(10)), masks=masks,
-                     head=LogitMLPHead(list(range(10)), 10), combination="argmax",
-                     base={"weights_sha256": str(seed) * 64, "arch": type(model).__name__,
-                           "dataset": dataset.meta["name"], "normalization": normalization,
-                           **base},
-                     structure=structure)
+    return random_module_set(
+        trace_structure(model), range(10), LogitMLPHead(list(range(10)), 10),
+        torch.Generator().manual_seed(seed), keep=0.5,
+        base={"weights_sha256": str(seed) * 64, "arch": type(model).__name__,
+              "dataset": dataset.meta["name"], "normalization": normalization, **base})
 
 
 @pytest.fixture(scope="module")
@@ -198,16 +206,10 @@ def normed_setup():
                 layer.running_var.copy_(torch.rand(layer.running_var.shape,
                                                    generator=generator) + 0.5)
     structure = trace_structure(model)
-    first = structure.groups[0]
-    assert len(first.shape) == 3
-    masks = ensure_nonempty(
-        {g.name: torch.rand(6, *(g.shape if g is first else (g.size,)),
-                            generator=generator) < 0.4 for g in structure.groups},
-        {g.name: torch.rand(6, *(g.shape if g is first else (g.size,)),
-                            generator=generator) for g in structure.groups})
-    modules = ModuleSet(approach="test", classes=[4, 0, 7, 2, 9, 5], masks=masks,
-                        head=OwnLogitHead([4, 0, 7, 2, 9, 5], 10), combination="argmax",
-                        base={"weights_sha256": "0" * 64}, structure=structure)
+    assert len(structure.groups[0].shape) == 3
+    classes = [4, 0, 7, 2, 9, 5]
+    modules = random_module_set(structure, classes, OwnLogitHead(classes, 10), generator,
+                                position_masks=True)
     return model, modules
 
 
