@@ -173,3 +173,39 @@ def build_head(kind: str, classes: Sequence[int], num_outputs: int,
                                 f"(expected {expected})")
         head.load_state_dict(tensors)
     return head
+
+
+def fit_linear_layer(layer: nn.Linear, features: torch.Tensor, labels: torch.Tensor,
+                     optimizer: torch.optim.Optimizer, *, epochs: int, batch_size: int,
+                     seed: int, schedule: torch.optim.lr_scheduler.LRScheduler | None = None
+                     ) -> list[dict[str, float]]:
+    """Train ``layer`` in place, with cross-entropy, on fixed ``features`` (one row per image,
+    computed once by the caller) and their ``labels``: ``epochs`` passes in batches of
+    ``batch_size``, each epoch in its own seeded order (:func:`dnnmod.resumable.epoch_generator`),
+    ``schedule`` stepped once an epoch; the last epoch's weights are kept. Each epoch's mean
+    loss and training accuracy (%)."""
+    from dnnmod.resumable import epoch_generator
+
+    features, labels = features.detach(), labels.to(features.device)
+    history = []
+    with torch.enable_grad():
+        layer.train()
+        for epoch in range(epochs):
+            order = torch.randperm(len(labels), generator=epoch_generator(seed, epoch))
+            order = order.to(features.device)
+            loss_sum, correct = 0.0, 0
+            for start in range(0, len(order), batch_size):
+                index = order[start:start + batch_size]
+                outputs = layer(features[index])
+                loss = nn.functional.cross_entropy(outputs, labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(index)
+                correct += int((outputs.argmax(1) == labels[index]).sum())
+            if schedule is not None:
+                schedule.step()
+            history.append({"epoch": epoch + 1, "train_loss": loss_sum / len(labels),
+                            "train_accuracy": 100.0 * correct / len(labels)})
+    layer.eval()
+    return history

@@ -20,6 +20,7 @@ from torch import nn
 
 from dnnmod.errors import ConfigError
 from dnnmod.modules.extract import extract_module
+from dnnmod.modules.heads import fit_linear_layer
 from dnnmod.modules.inference import run
 from dnnmod.modules.moduleset import ModuleSet
 
@@ -65,16 +66,7 @@ def fine_tune_head(network: nn.Module, output_layer: str, train_images, *, epoch
         features = run(network, train_images)
     finally:
         setattr(parent, attribute, head)
-    labels = train_images.labels.to(features.device)
-    generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            order = torch.randperm(len(labels), generator=generator).to(features.device)
-            for start in range(0, len(order), batch_size):
-                index = order[start:start + batch_size]
-                loss = nn.functional.cross_entropy(head(features[index]), labels[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+    fit_linear_layer(head, features, train_images.labels, optimizer, epochs=epochs,
+                     batch_size=batch_size, seed=seed)
     return network.eval()

@@ -86,7 +86,7 @@ def train_calibration_layer(inputs: torch.Tensor, labels: torch.Tensor,
     images, frozen) and their ``labels`` with cross-entropy: SGD with Nesterov momentum 0.9
     at ``lr``, cosine schedule over ``epochs``, ``batch_size`` images a step, last epoch kept.
     Returns the layer (eval mode) and each epoch's mean loss and training accuracy (%)."""
-    from dnnmod.resumable import epoch_generator
+    from dnnmod.modules.heads import fit_linear_layer
 
     settings = resolve_calibration_layer("calibration_layer", settings)
     if inputs.dim() != 2 or len(inputs) != len(labels) or len(labels) == 0:
@@ -97,27 +97,10 @@ def train_calibration_layer(inputs: torch.Tensor, labels: torch.Tensor,
     optimizer = torch.optim.SGD(layer.parameters(), lr=settings["lr"], momentum=MOMENTUM,
                                 nesterov=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings["epochs"])
-    inputs, labels = inputs.detach().float(), labels.to(inputs.device)
-    history = []
-    with torch.enable_grad():
-        layer.train()
-        for epoch in range(settings["epochs"]):
-            order = torch.randperm(len(labels), generator=epoch_generator(seed, epoch))
-            order = order.to(inputs.device)
-            loss_sum, correct = 0.0, 0
-            for start in range(0, len(order), settings["batch_size"]):
-                index = order[start:start + settings["batch_size"]]
-                outputs = layer(inputs[index])
-                loss = nn.functional.cross_entropy(outputs, labels[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item() * len(index)
-                correct += int((outputs.argmax(1) == labels[index]).sum())
-            schedule.step()
-            history.append({"epoch": epoch + 1, "train_loss": loss_sum / len(labels),
-                            "train_accuracy": 100.0 * correct / len(labels)})
-    return layer.eval(), history
+    history = fit_linear_layer(layer, inputs.float(), labels, optimizer,
+                               epochs=settings["epochs"], batch_size=settings["batch_size"],
+                               seed=seed, schedule=schedule)
+    return layer, history
 
 
 def calibrated_predictions(layer: CalibrationLayer, inputs: torch.Tensor) -> torch.Tensor:
