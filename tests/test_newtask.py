@@ -268,6 +268,10 @@ def test_dirichlet_draws_of_one_dataset_only_and_no_more_than_it_has(data_root):
     with pytest.raises(ConfigError, match="samples_per_class.train and dirichlet both"):
         Task.from_config("t", {"parts": [{"dataset": "digits", "classes": [0]}],
                                "samples_per_class": {"train": 5}, "dirichlet": draw})
+    with pytest.raises(ConfigError, match="samples_per_class.train and dirichlet both"):
+        Task.from_config("t", {"parts": [{"dataset": "digits", "classes": [0],
+                                          "samples_per_class": {"train": 5}}],
+                               "dirichlet": draw})
     greedy = Task.from_config("greedy", {"parts": [{"dataset": "digits", "classes": [0, 1]}],
                                          "dirichlet": {**draw, "min_per_class": 1000}})
     with pytest.raises(ConfigError, match=r"tasks\.greedy\.dirichlet\.min_per_class: 1000 "

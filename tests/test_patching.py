@@ -217,6 +217,11 @@ def test_weak_tasks_and_recipes_follow_the_config():
     assert patching.weak_model_name(PATCHING_STUDY, "tiny", "simcnn", "underfit") == \
         "simcnn_nodropout"
     assert patching.weak_tasks(TINY) == {}
+    scarce = copy.deepcopy(PATCHING_STUDY)
+    scarce["reuse"]["patching"]["settings"]["tiny"]["target_samples_per_class"] = {"train": 5}
+    assert patching.weak_tasks(scarce)["e3_tiny_tc8"]["parts"] == [
+        PATCHING_STUDY["reuse"]["patching"]["settings"]["tiny"]["others"],
+        {"dataset": "digits", "classes": [8], "samples_per_class": {"train": 5}}]
 
 
 def test_underfit_run_replays_the_overfit_runs_first_epochs(small_digits):

@@ -85,6 +85,29 @@ def test_union_of_datasets_draws_stratified_seeded_samples(root):
     assert not torch.equal(reseeded["train_images"], tensors["train_images"])
 
 
+def test_a_part_draws_its_own_count_over_the_tasks(root):
+    # E3's weak tasks: the target class (last part) gets fewer training images.
+    scarce = copy.deepcopy(WEAK)
+    scarce["parts"][1]["samples_per_class"] = {"train": 3}
+    tensors, meta = derive(root, "scarce", scarce)
+    assert torch.bincount(tensors["train_labels"]).tolist() == [10, 10, 3]
+    assert torch.bincount(tensors["test_labels"]).tolist() == [5, 5, 5]
+    assert meta["source"]["parts"][1]["samples_per_class"] == {"train": 3}
+    assert "samples_per_class" not in meta["source"]["parts"][0]
+    # The other parts draw exactly what they drew without the override.
+    plain, _ = derive(root, "plain", WEAK)
+    for split in ("train", "test"):
+        for label in (0, 1):
+            assert torch.equal(tensors[f"{split}_images"][tensors[f"{split}_labels"] == label],
+                               plain[f"{split}_images"][plain[f"{split}_labels"] == label])
+    # A part may draw where the task keeps all images.
+    alone, _ = derive(root, "alone", {"parts": [
+        {"dataset": "digits", "classes": [1]},
+        {"dataset": "digits", "classes": [2], "samples_per_class": {"train": 4}}]})
+    train, _, _ = load_prepared(root, "digits")
+    assert torch.bincount(alone["train_labels"]).tolist() == [int((train.labels == 1).sum()), 4]
+
+
 def test_a_task_loads_splits_and_normalises_as_a_dataset(root):
     derive(root, "weak_split", WEAK)
     data = load_dataset(root, "weak_split", seed=0)
@@ -104,6 +127,11 @@ def test_a_task_loads_splits_and_normalises_as_a_dataset(root):
     ("big", {**WEAK, "samples_per_class": {"train": 1000}},
      r"tasks\.big\.samples_per_class\.train: 1000 images per class asked for, but class "
      r"'shapes/circle' has only \d+"),
+    ("part_big", {"parts": [{"dataset": "shapes", "classes": [0]},
+                            {"dataset": "digits", "classes": [7],
+                             "samples_per_class": {"train": 1000}}]},
+     r"tasks\.part_big\.parts\[1\]\.samples_per_class\.train: 1000 images per class asked "
+     r"for, but class 'digits/7' has only \d+"),
     ("named", {"parts": [{"dataset": "shapes", "classes": ["circle"]},
                          {"dataset": "digits", "classes": ["seven"]}]},
      r"tasks\.named\.parts\[1\]\.classes: digits has no class 'seven'; its classes: 0, 1"),
@@ -137,6 +165,10 @@ def test_a_source_that_is_not_prepared_names_the_command(tmp_path):
      r"tasks\.t\.samples_per_class: unknown keys \['val'\]"),
     ("t", {"parts": [{"dataset": "shapes", "classes": [1]}], "samples_per_class": {"test": 0}},
      r"tasks\.t\.samples_per_class\.test: expected an integer >= 1"),
+    ("t", {"parts": [{"dataset": "shapes", "classes": [1], "samples_per_class": {"train": 0}}]},
+     r"tasks\.t\.parts\[0\]\.samples_per_class\.train: expected an integer >= 1"),
+    ("t", {"parts": [{"dataset": "shapes", "classes": [1], "samples_per_class": 3}]},
+     r"tasks\.t\.parts\[0\]\.samples_per_class: expected a mapping split → count"),
 ])
 def test_malformed_task_entries(name, entry, message):
     with pytest.raises(ConfigError, match=message):

@@ -2,10 +2,11 @@
 
 A task takes classes from one or more prepared datasets (a class subset of one dataset, or a
 union of classes of several), optionally a fixed number of images per class in each official
-split, drawn seeded and stratified. :func:`derive_task` writes it in exactly the layout of a
-prepared dataset (``<root>/<task>/images.safetensors`` + ``meta.json``, see
-:mod:`dnnmod.data.registry`), so that splitting, :func:`~dnnmod.data.load_dataset`, training
-and every later step treat a task as one more dataset. Its labels are 0..k-1 in part order,
+split, drawn seeded and stratified; a part may draw its own number (E3's weak tasks give their
+target class fewer training images than the other classes). :func:`derive_task` writes it in
+exactly the layout of a prepared dataset (``<root>/<task>/images.safetensors`` + ``meta.json``,
+see :mod:`dnnmod.data.registry`), so that splitting, :func:`~dnnmod.data.load_dataset`,
+training and every later step treat a task as one more dataset. Its labels are 0..k-1 in part order,
 then in the order of each part's classes; its channel statistics are those of its own
 training images; ``meta.json`` records the parts and the source datasets they came from.
 
@@ -40,10 +41,18 @@ _NAME = re.compile(r"^[a-z0-9_]+$")
 
 @dataclass(frozen=True)
 class TaskPart:
-    """Classes of one source dataset, each by index or by class name, in task order."""
+    """Classes of one source dataset, each by index or by class name, in task order.
+
+    ``samples_per_class`` overrides the task's count per split for this part's classes.
+    """
 
     dataset: str
     classes: tuple[int | str, ...]
+    samples_per_class: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def count(self, task: Task, split: str) -> int | None:
+        """Images drawn per class of this part from ``split`` (None: all of them)."""
+        return self.samples_per_class.get(split, task.samples_per_class.get(split))
 
 
 @dataclass(frozen=True)
@@ -118,22 +127,17 @@ class Task:
         checked = []
         for position, part in enumerate(parts):
             part_where = f"{where}.parts[{position}]"
-            _check_keys(part_where, part, required={"dataset", "classes"}, optional=set())
+            _check_keys(part_where, part, required={"dataset", "classes"},
+                        optional={"samples_per_class"})
             classes = part["classes"]
             if (not isinstance(classes, list) or not classes or not all(
                     isinstance(c, str) or (isinstance(c, int) and not isinstance(c, bool))
                     for c in classes)):
                 raise ConfigError(f"{part_where}.classes: expected a non-empty list of class "
                                   f"indices or class names; got {classes!r}")
-            checked.append(TaskPart(str(part["dataset"]), tuple(classes)))
-        samples = entry.get("samples_per_class", {})
-        if not isinstance(samples, Mapping):
-            raise ConfigError(f"{where}.samples_per_class: expected a mapping split → count")
-        _check_keys(f"{where}.samples_per_class", samples, required=set(), optional=set(SPLITS))
-        for split, count in samples.items():
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ConfigError(f"{where}.samples_per_class.{split}: expected an integer "
-                                  f">= 1; got {count!r}")
+            checked.append(TaskPart(str(part["dataset"]), tuple(classes), _sample_counts(
+                f"{part_where}.samples_per_class", part.get("samples_per_class", {}))))
+        samples = _sample_counts(f"{where}.samples_per_class", entry.get("samples_per_class", {}))
         seed = entry.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"{where}.seed: expected an integer >= 0; got {seed!r}")
@@ -143,7 +147,7 @@ class Task:
             if len(checked) != 1:
                 raise ConfigError(f"{where}.dirichlet: draws from the training split of one "
                                   f"dataset; the task has {len(checked)} parts")
-            if "train" in samples:
+            if "train" in samples or "train" in checked[0].samples_per_class:
                 raise ConfigError(f"{where}: samples_per_class.train and dirichlet both say how "
                                   "many training images to draw; give one")
         return cls(name, tuple(checked), dict(samples), seed, dirichlet)
@@ -182,6 +186,17 @@ class Task:
                 taken[part.dataset, index] = f"{where}.classes"
             resolved.append(indices)
         return resolved
+
+
+def _sample_counts(where: str, samples: Any) -> dict[str, int]:
+    """A checked ``samples_per_class`` mapping (split → images per class)."""
+    if not isinstance(samples, Mapping):
+        raise ConfigError(f"{where}: expected a mapping split → count")
+    _check_keys(where, samples, required=set(), optional=set(SPLITS))
+    for split, count in samples.items():
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"{where}.{split}: expected an integer >= 1; got {count!r}")
+    return dict(samples)
 
 
 def _check_keys(where: str, entry: Any, required: set[str], optional: set[str]) -> None:
@@ -247,8 +262,12 @@ def derive_task(task: Task, root: Path) -> Path:
             chosen, drawn = _dirichlet_sample(union, task.dirichlet, rng,
                                               f"tasks.{task.name}.dirichlet")
         else:
-            chosen = _stratified_sample(union, task.samples_per_class.get(split), rng,
-                                        f"tasks.{task.name}.samples_per_class.{split}")
+            counts = [(part.count(task, split), f"tasks.{task.name}.parts[{position}]."
+                       f"samples_per_class.{split}" if split in part.samples_per_class
+                       else f"tasks.{task.name}.samples_per_class.{split}")
+                      for position, (part, classes) in enumerate(
+                          zip(task.parts, indices, strict=True)) for _ in classes]
+            chosen = _stratified_sample(union, counts, rng)
         tensors[f"{split}_images"], tensors[f"{split}_labels"] = chosen.images, chosen.labels
         class_names = chosen.class_names
     out_dir = root / task.name
@@ -265,7 +284,9 @@ def derive_task(task: Task, root: Path) -> Path:
         "source": {
             "kind": "task",
             "parts": [{"dataset": part.dataset, "classes": classes,
-                       "class_names": [metas[part.dataset]["class_names"][c] for c in classes]}
+                       "class_names": [metas[part.dataset]["class_names"][c] for c in classes],
+                       **({"samples_per_class": dict(part.samples_per_class)}
+                          if part.samples_per_class else {})}
                       for part, classes in zip(task.parts, indices, strict=True)],
             "samples_per_class": dict(task.samples_per_class),
             "seed": task.seed,
@@ -286,20 +307,20 @@ def derive_task(task: Task, root: Path) -> Path:
     return out_dir
 
 
-def _stratified_sample(images: ImageSet, count: int | None, rng: np.random.Generator,
-                       where: str) -> ImageSet:
-    """``count`` images of every class drawn with ``rng`` (all of them if None), in their
-    original order."""
-    if count is None:
+def _stratified_sample(images: ImageSet, counts: Sequence[tuple[int | None, str]],
+                       rng: np.random.Generator) -> ImageSet:
+    """``counts[c][0]`` images of class c drawn with ``rng`` (all of them if None), in their
+    original order; ``counts[c][1]`` names the config key that asked for them."""
+    if all(count is None for count, _ in counts):
         return images
     labels = images.labels.numpy()
     chosen = []
-    for label, name in enumerate(images.class_names):
+    for label, (name, (count, where)) in enumerate(zip(images.class_names, counts, strict=True)):
         members = np.flatnonzero(labels == label)
-        if count > len(members):
+        if count is not None and count > len(members):
             raise ConfigError(f"{where}: {count} images per class asked for, but class {name!r} "
                               f"has only {len(members)}")
-        chosen.append(rng.permutation(members)[:count])
+        chosen.append(members if count is None else rng.permutation(members)[:count])
     return images.take(np.sort(np.concatenate(chosen)))
 
 

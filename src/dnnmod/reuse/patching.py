@@ -83,9 +83,12 @@ def weak_task_name(setting: str, target_class: int) -> str:
 
 
 def weak_task_spec(setting: Mapping[str, Any], target_class: int) -> dict[str, Any]:
-    """The ``tasks`` entry of one weak task: the other classes, then the TC (last part)."""
-    spec = {"parts": [dict(setting["others"]),
-                      {"dataset": setting["dataset"], "classes": [target_class]}]}
+    """The ``tasks`` entry of one weak task: the other classes, then the TC (last part), which
+    draws ``target_samples_per_class`` where the setting gives it."""
+    target = {"dataset": setting["dataset"], "classes": [target_class]}
+    if "target_samples_per_class" in setting:
+        target["samples_per_class"] = dict(setting["target_samples_per_class"])
+    spec = {"parts": [dict(setting["others"]), target]}
     for key in ("samples_per_class", "seed"):
         if key in setting:
             spec[key] = setting[key]
