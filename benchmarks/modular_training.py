@@ -5,11 +5,20 @@ Part 1: for each model, the same data, recipe, seed and machine train it with th
 median of the epochs' ``seconds`` after the first (warm-up). Printed: seconds per epoch and the
 ratio to standard training (target: at most 1.1x).
 
-Part 2: the modular-trained models are decomposed (MwT, MODA at their defaults) and the union
+Part 2: the extra losses alone. MwT's cohesion/coupling and MODA's affinity/dispersion are mean
+cosine similarities of same- and different-class sample pairs of a batch, taken on the vectors
+a training batch captures (MwT: masks; MODA: spatially averaged activations). dnnmod takes all
+pairs' similarities from one (batch, batch) product; the naive way, written out below, gathers
+both vectors of every pair i < j and multiplies them. Both run forward + backward on the same
+captured vectors (one training batch of the trained model); printed: milliseconds per batch
+and the naive / dnnmod ratio.
+
+Part 3: the modular-trained models are decomposed (MwT, MODA at their defaults) and the union
 network of a sub-task of ``--subtask`` classes is timed against the base model it was cut from
 (batch of ``--batch`` test images, one warm-up pass, best of 5 passes), with parameter counts.
 
     python benchmarks/modular_training.py                          # digits, demo models, CPU
+    python benchmarks/modular_training.py --models simcnn:0.25 --batch-size 128   # fidelity's
     python benchmarks/modular_training.py --device cuda --epochs 4 --threads 16
 """
 
@@ -28,7 +37,7 @@ from dnnmod.data import load_dataset, make_splits, prepare
 from dnnmod.models import build_model
 from dnnmod.modules.extract import count_parameters
 from dnnmod.modules.union import union_network
-from dnnmod.training.objectives import get_objective
+from dnnmod.training.objectives import get_objective, pair_similarities
 from dnnmod.training.train import Recipe, train
 
 KINDS = ("st", "mwt", "moda")
@@ -44,6 +53,39 @@ def best_seconds(function, repeats: int = 5) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return min(times)
+
+
+def gathered_pair_similarities(vectors: list[torch.Tensor], labels: torch.Tensor):
+    """The naive way: both vectors of every pair i < j gathered, multiplied and summed."""
+    first, second = torch.triu_indices(len(labels), len(labels), 1, device=labels.device)
+    same = labels[first] == labels[second]
+    cohesions, couplings = [], []
+    for layer in vectors:
+        unit = torch.nn.functional.normalize(layer.float(), dim=1)
+        similarity = (unit[first] * unit[second]).sum(1)
+        cohesions.append(similarity[same].mean())
+        couplings.append(similarity[~same].mean())
+    return torch.stack(cohesions).mean(), torch.stack(couplings).mean()
+
+
+def captured_vectors(result, kind: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """The (batch, K) vectors the ``kind`` objective's loss takes from one batch ``x``."""
+    objective = get_objective(kind)
+    with torch.no_grad(), objective.capture(result.model) as captured:
+        result.model(x)
+        vectors = list(captured.values())
+    return [v.float().mean((2, 3)) if v.dim() == 4 else v.float() for v in vectors]
+
+
+def pair_term_seconds(function, vectors: list[torch.Tensor], labels: torch.Tensor) -> float:
+    """Best time of one forward + backward of ``function`` on fresh leaf copies of ``vectors``."""
+    leaves = [v.detach().clone().requires_grad_(True) for v in vectors]
+
+    def step():
+        cohesion, coupling = function(leaves, labels)
+        (coupling - cohesion).backward()
+
+    return best_seconds(step)
 
 
 def main() -> None:
@@ -87,6 +129,19 @@ def main() -> None:
             accuracy = trained[kind].history[-1].val_accuracy
             print(f"  {kind:5s} {per_epoch[kind]:8.3f} s  x{per_epoch[kind] / per_epoch['st']:.2f}"
                   f"  (val {accuracy:.1f}% after {args.epochs} epochs)")
+
+        batch_x, batch_labels = data.train.float_batch(
+            torch.arange(min(args.batch_size, len(data.train)), device=data.train.labels.device))
+        print(f"{arch}: pair-similarity terms of one training batch ({len(batch_labels)} "
+              "images), forward + backward")
+        for kind in ("mwt", "moda"):
+            vectors = captured_vectors(trained[kind], kind, batch_x)
+            product = pair_term_seconds(pair_similarities, vectors, batch_labels)
+            naive = pair_term_seconds(gathered_pair_similarities, vectors, batch_labels)
+            widths = "/".join(str(v.shape[1]) for v in vectors)
+            print(f"  {kind:5s} {len(vectors)} layers ({widths}): product "
+                  f"{product * 1e3:7.2f} ms | gathered pairs (naive) {naive * 1e3:7.2f} ms"
+                  f" | x{naive / product:.1f}")
 
         print(f"{arch}: union network of classes {classes} vs its base model, "
               f"batch {len(x)}")

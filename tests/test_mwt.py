@@ -75,6 +75,32 @@ def test_cohesion_and_coupling_on_hand_made_masks():
     assert "cohesion" not in parts and torch.isfinite(loss)
 
 
+def test_pair_similarities_match_the_pairwise_definition():
+    # One (batch, batch) product stands for the per-pair cosine similarities: same values and
+    # gradients as the definition, pair by pair.
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    layers = [torch.randn(6, k, generator=generator, requires_grad=True) for k in (3, 8)]
+    cohesion, coupling = pair_similarities(layers, labels)
+    (cohesion + 2 * coupling).backward()
+    product_grads = [layer.grad.clone() for layer in layers]
+    for layer in layers:
+        layer.grad = None
+    pairs = [(i, j) for i in range(6) for j in range(i + 1, 6)]
+
+    def mean_similarity(layer, same):
+        return torch.stack([nn.functional.cosine_similarity(layer[i], layer[j], dim=0)
+                            for i, j in pairs if (labels[i] == labels[j]) == same]).mean()
+
+    expected_cohesion = torch.stack([mean_similarity(layer, True) for layer in layers]).mean()
+    expected_coupling = torch.stack([mean_similarity(layer, False) for layer in layers]).mean()
+    assert cohesion.item() == pytest.approx(expected_cohesion.item(), abs=1e-6)
+    assert coupling.item() == pytest.approx(expected_coupling.item(), abs=1e-6)
+    (expected_cohesion + 2 * expected_coupling).backward()
+    for layer, grad in zip(layers, product_grads, strict=True):
+        assert torch.allclose(grad, layer.grad, atol=1e-6)
+
+
 def test_threshold_and_per_layer_fallback():
     frequency = torch.tensor([[0.95, 0.9, 0.2], [0.8, 0.7, 0.1], [0.0, 0.0, 0.0]])
     kept = threshold_with_fallback(frequency, 0.9, 0.05)

@@ -113,16 +113,17 @@ def pair_similarities(vectors: list[torch.Tensor], labels: torch.Tensor
     cohesion/coupling (of masks) and MODA's affinity/dispersion (of activations) both are this.
 
     ``vectors``: one (batch, K) tensor per layer.
+
+    Every layer has the same pairs, so the mean over layers of a pair's similarities is the dot
+    product of the pair's unit vectors concatenated over layers, divided by the layer count: one
+    (batch, batch) product for all pairs and layers. Gathering both vectors of every pair instead
+    moves batch²/2 · K values per layer forward and scatters them back
+    (benchmarks/modular_training.py times both).
     """
-    first, second = torch.triu_indices(len(labels), len(labels), 1, device=labels.device)
-    same = labels[first] == labels[second]
-    cohesions, couplings = [], []
-    for layer in vectors:
-        unit = nn.functional.normalize(layer.float(), dim=1)
-        similarity = (unit[first] * unit[second]).sum(1)
-        if same.any():
-            cohesions.append(similarity[same].mean())
-        if (~same).any():
-            couplings.append(similarity[~same].mean())
-    return (torch.stack(cohesions).mean() if cohesions else None,
-            torch.stack(couplings).mean() if couplings else None)
+    upper = torch.ones(len(labels), len(labels), dtype=torch.bool, device=labels.device).triu(1)
+    same_class = labels[:, None] == labels[None, :]
+    same, different = upper & same_class, upper & ~same_class
+    units = torch.cat([nn.functional.normalize(layer.float(), dim=1) for layer in vectors], dim=1)
+    similarity = (units @ units.T) / len(vectors)
+    return (similarity[same].mean() if same.any() else None,
+            similarity[different].mean() if different.any() else None)
