@@ -50,9 +50,13 @@ class TaskPart:
     classes: tuple[int | str, ...]
     samples_per_class: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
-    def count(self, task: Task, split: str) -> int | None:
-        """Images drawn per class of this part from ``split`` (None: all of them)."""
-        return self.samples_per_class.get(split, task.samples_per_class.get(split))
+    def count(self, task: Task, position: int, split: str) -> tuple[int | None, str]:
+        """Images drawn per class of this part (``task.parts[position]``) from ``split`` (None:
+        all of them), and the config key that asks for them."""
+        if split in self.samples_per_class:
+            return (self.samples_per_class[split],
+                    f"tasks.{task.name}.parts[{position}].samples_per_class.{split}")
+        return task.samples_per_class.get(split), f"tasks.{task.name}.samples_per_class.{split}"
 
 
 @dataclass(frozen=True)
@@ -262,9 +266,7 @@ def derive_task(task: Task, root: Path) -> Path:
             chosen, drawn = _dirichlet_sample(union, task.dirichlet, rng,
                                               f"tasks.{task.name}.dirichlet")
         else:
-            counts = [(part.count(task, split), f"tasks.{task.name}.parts[{position}]."
-                       f"samples_per_class.{split}" if split in part.samples_per_class
-                       else f"tasks.{task.name}.samples_per_class.{split}")
+            counts = [part.count(task, position, split)
                       for position, (part, classes) in enumerate(
                           zip(task.parts, indices, strict=True)) for _ in classes]
             chosen = _stratified_sample(union, counts, rng)
