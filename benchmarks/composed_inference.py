@@ -20,10 +20,12 @@ images per second of
 and prints each variant's speed-up over the naive way, naive time / variant time (an image
 counts once however many modules process it), with the base model's time relative to the
 naive way's for scale. The masked model (full-size compute with dropped channels zeroed) is
-not compared: composed models never run it.
+not compared: composed models never run it. On CUDA (``--device cuda``) the composed model
+always runs its fused pass, and every timing ends with a synchronisation.
 
     python benchmarks/composed_inference.py                      # the models of the README
     python benchmarks/composed_inference.py --arch resnet20 --width 0.5 --batch-sizes 1 32
+    python benchmarks/composed_inference.py --device cuda --batch-sizes 1 32 256 4096
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def random_keeps(structure: ModelStructure, modules: int, rate: float,
     return keeps
 
 
-def best_seconds(variants: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, float]:
+def best_seconds(variants: dict[str, Callable[[], object]], device: torch.device,
+                 repeats: int = 3) -> dict[str, float]:
     """Best wall time of each variant over ``repeats`` rounds, after one warm-up call each.
 
     Each round times every variant once, so a burst of load from other processes on a shared
@@ -74,14 +77,16 @@ def best_seconds(variants: dict[str, Callable[[], object]], repeats: int = 3) ->
         for name, run in variants.items():
             started = time.perf_counter()
             run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             best[name] = min(best[name], time.perf_counter() - started)
     return best
 
 
 def benchmark(arch: str, width: float, modules: int, rate: float, batch_sizes: list[int],
-              seed: int) -> list[dict]:
+              seed: int, device: torch.device) -> list[dict]:
     torch.manual_seed(seed)
-    model = build_model(arch, modules, width).eval()
+    model = build_model(arch, modules, width).eval().to(device)
     structure = trace_structure(model)
     keeps = random_keeps(structure, modules, rate, seed)
     module_set = ModuleSet(
@@ -101,7 +106,7 @@ def benchmark(arch: str, width: float, modules: int, rate: float, batch_sizes: l
           f"{composed[None].first_layer is not None}", flush=True)
     rows = []
     for batch_size in batch_sizes:
-        x = torch.randn(batch_size, *structure.input_shape[1:])
+        x = torch.randn(batch_size, *structure.input_shape[1:], device=device)
         variants: dict[str, Callable[[], object]] = {
             "base": lambda x=x: model(x),
             "naive": lambda x=x: head(torch.stack([module(x) for module in extracted])),
@@ -111,7 +116,7 @@ def benchmark(arch: str, width: float, modules: int, rate: float, batch_sizes: l
             "composed": lambda x=x: composed[None](x),
         }
         with torch.no_grad():
-            seconds = best_seconds(variants)
+            seconds = best_seconds(variants, device)
             expected = variants["naive"]()
             deviation = float((composed[None](x) - expected).abs().max())
         naive = seconds["naive"]
@@ -123,7 +128,8 @@ def benchmark(arch: str, width: float, modules: int, rate: float, batch_sizes: l
             "sequential": round(naive / seconds["sequential"], 2),
             "separate": round(naive / seconds["separate"], 2),
             "composed": round(naive / seconds["composed"], 2),
-            "chosen": composed[None].choice.chosen[batch_bucket(batch_size)],
+            "chosen": (composed[None].choice.chosen[batch_bucket(batch_size)]
+                       if device.type == "cpu" else "fused"),
             "max |diff|": f"{deviation:.1e}",
         })
         print(rows[-1], flush=True)
@@ -139,14 +145,18 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:index]")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"keep rate {args.keep_rate}, N = {args.modules}; speed-ups are naive time / time")
+    device = torch.device(args.device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}, keep rate {args.keep_rate}, "
+          f"N = {args.modules}; speed-ups are naive time / time")
     models = [(args.arch, args.width)] if args.arch else MODELS
     rows = [row for arch, width in models
             for row in benchmark(arch, width, args.modules, args.keep_rate, args.batch_sizes,
-                                 args.seed)]
+                                 args.seed, device)]
     print()
     print(pd.DataFrame(rows).to_markdown(index=False))
 

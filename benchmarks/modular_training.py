@@ -1,8 +1,9 @@
 """Cost of modular training (MwT, MODA) against standard training, and union-network latency.
 
-Part 1: for each model, the same data, recipe, seed and machine train it with the ``st``,
-``mwt`` and ``mwt``-free ``moda`` objectives through the shared loop; the per-epoch time is the
-median of the epochs' ``seconds`` after the first (warm-up). Printed: seconds per epoch and the
+Part 1: for each model, the same data (``--dataset``, default digits), recipe, seed and
+machine train it with the ``st``, ``mwt`` and ``mwt``-free ``moda`` objectives through the
+shared loop; the per-epoch time is the median of the epochs' ``seconds`` after the first
+(warm-up). Printed: seconds per epoch and the
 ratio to standard training (target: at most 1.1x).
 
 Part 2: the extra losses alone. MwT's cohesion/coupling and MODA's affinity/dispersion are mean
@@ -20,6 +21,7 @@ network of a sub-task of ``--subtask`` classes is timed against the base model i
     python benchmarks/modular_training.py                          # digits, demo models, CPU
     python benchmarks/modular_training.py --models simcnn:0.25 --batch-size 128   # fidelity's
     python benchmarks/modular_training.py --device cuda --epochs 4 --threads 16
+    python benchmarks/modular_training.py --device cuda --dataset fashion_mnist --batch-size 128
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--subtask", type=int, default=3)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dataset", default="digits",
+                        help="a registry dataset (fashion_mnist reads Debian's copy or downloads)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
@@ -105,9 +109,9 @@ def main() -> None:
     print(f"device: {device_name}; torch {torch.__version__}")
 
     root = Path(tempfile.mkdtemp(prefix="dnnmod-bench-"))
-    prepare("digits", root)
-    make_splits(root, "digits", seed=0)
-    data = load_dataset(root, "digits", seed=0, device=args.device)
+    prepare(args.dataset, root)
+    make_splits(root, args.dataset, seed=0)
+    data = load_dataset(root, args.dataset, seed=0, device=args.device)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=0.05, nesterov=True)
     x, _ = data.test.float_batch(torch.arange(min(args.batch, len(data.test)),
                                               device=data.test.labels.device))
@@ -147,7 +151,7 @@ def main() -> None:
               f"batch {len(x)}")
         for kind in ("mwt", "moda"):
             model = trained[kind].model.eval()
-            meta = {"arch": arch, "dataset": "digits", "training": kind}
+            meta = {"arch": arch, "dataset": args.dataset, "training": kind}
             modules = run_approach(kind, model, meta, data, seed=0, device=args.device)
             network = union_network(model, modules, classes)
             with torch.no_grad():

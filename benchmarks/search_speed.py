@@ -21,8 +21,13 @@ steps of both ways are compared from the same state: losses and score gradients 
 within float tolerance. Achieved GFLOP/s: the FLOPs of one step (``FlopCounterMode``, forward
 and backward) over its median time, against this machine's float32 matmul peak.
 
+On CUDA (``--device cuda``) dnnmod's search runs all modules in one batched masked pass (the
+kept-channel pass is CPU-only) and the naive way its per-module loop; every timing ends with a
+synchronisation.
+
     python benchmarks/search_speed.py                 # simcnn, vgg16, resnet20 at width 1.0
     python benchmarks/search_speed.py --models simcnn --images 128 --keep-rates 0.5
+    python benchmarks/search_speed.py --device cuda --images 2560 --batch-size 128
 """
 
 from __future__ import annotations
@@ -53,14 +58,24 @@ from dnnmod.modules.structure import trace_structure
 GRADIENT_TOLERANCE = 1e-2
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """Best float32 matmul rate of this machine (GFLOP/s) at the current thread count."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on a CPU), so that a timer reads it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Best float32 matmul rate of ``device`` (GFLOP/s; on a CPU at the current thread count)."""
+    if device.type == "cuda":
+        size *= 4  # a 2048 product is over before an H100-class device is busy
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         started = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best / 1e9
 
@@ -104,13 +119,15 @@ class Search:
         self.optimizer.load_state_dict(other.optimizer.state_dict())
 
     def step(self, loss_of, *inputs) -> tuple[float, float]:
-        """One optimizer step on ``loss_of(self, *inputs)``; returns (loss, seconds)."""
+        """One optimizer step on ``loss_of(self, *inputs)``; returns (loss, seconds). Reading
+        the loss waits for the step's queued work, so the time is right on CUDA too."""
         started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_of(self, *inputs)
         loss.backward()
         self.optimizer.step()
-        return loss.item(), time.perf_counter() - started
+        value = loss.item()
+        return value, time.perf_counter() - started
 
 
 def initial_state(structure, modules, keep_rate, generator):
@@ -152,24 +169,25 @@ def step_flops(side: Search, loss_of, *inputs) -> int:
     return counter.get_total_flops()
 
 
-def benchmark(arch, width, modules, images, keep_rate, batch_size, seed, peak):
+def benchmark(arch, width, modules, images, keep_rate, batch_size, seed, peak, device):
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build_model(arch, modules, width).eval()
+    model = build_model(arch, modules, width).eval().to(device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     structure = trace_structure(model)
     pixels = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, modules, (images,), generator=generator)
     train = ImageSet(pixels, labels, [str(i) for i in range(modules)],
-                     torch.full((3,), 0.5), torch.full((3,), 0.25))
+                     torch.full((3,), 0.5), torch.full((3,), 0.25)).to(device)
     hp = resolve_hyperparameters("gradsplitter", {"batch_size": batch_size})
-    scores = initial_state(structure, modules, keep_rate, generator)
-    head = LogitMLPHead(list(range(modules)), modules, hp["head_hidden"])
+    scores = {name: score.to(device) for name, score
+              in initial_state(structure, modules, keep_rate, generator).items()}
+    head = LogitMLPHead(list(range(modules)), modules, hp["head_hidden"]).to(device)
     started = time.perf_counter()
     kept_pass = kept_channel_pass(model, structure)
     setup_seconds = time.perf_counter() - started
-    order = torch.randperm(images, generator=generator)
+    order = torch.randperm(images, generator=generator).to(device)
     steps = [train.float_batch(order[b:b + batch_size]) for b in range(0, images, batch_size)]
     alpha = hp["alpha"]
 
@@ -193,8 +211,10 @@ def benchmark(arch, width, modules, images, keep_rate, batch_size, seed, peak):
 
     # Head-only epoch. naive: the masked forward in every step; dnnmod: once per phase.
     fixed = {name: (s > 0).float() for name, s in fast.scores.items()}
+    synchronize(device)
     started = time.perf_counter()
     cached = run(model, train, structure=structure, masks=fixed, kept_pass=kept_pass)
+    synchronize(device)
     cache_seconds = time.perf_counter() - started
     def naive_head_loss(side, x, y):
         logits = naive_head_logits(model, structure, side.scores, x)
@@ -258,15 +278,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:index]")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    peak = matmul_peak_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 matmul peak "
-          f"{peak:.0f} GFLOP/s")
+    device = torch.device(args.device)
+    peak = matmul_peak_gflops(device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}, float32 matmul peak {peak:.0f} GFLOP/s")
     for arch in args.models.split(","):
         for keep_rate in (float(rate) for rate in args.keep_rates.split(",")):
             benchmark(arch, args.width, args.modules, args.images, keep_rate, args.batch_size,
-                      args.seed, peak)
+                      args.seed, peak, device)
 
 
 if __name__ == "__main__":

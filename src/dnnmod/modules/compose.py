@@ -134,6 +134,7 @@ class SharedFirstLayer(nn.Module):
             torch.where(own[padded], position[padded], len(channels))
             for own, padded in zip(kept, padded_channels(kept), strict=True)]))
         self.modules_count = len(kept)
+        self.to(self.layer.weight.device)  # the index buffers come from the masks' device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
@@ -199,6 +200,7 @@ class FusedModuleSet(nn.Module):
             value = None if normalization is None else \
                 torch.tensor(normalization[key], dtype=torch.float32).view(1, -1, 1, 1)
             self.register_buffer(key, value)
+        self.to(next(model.parameters()).device)  # the head and buffers built on the CPU
 
     def _build(self, model: nn.Module, structure: ModelStructure,
                keeps: Sequence[Mapping[str, torch.Tensor]], optimised: bool) -> None:
@@ -235,9 +237,10 @@ class FusedModuleSet(nn.Module):
         """Whether every execution built computes the masked modules' logits on a random
         probe."""
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn((2, *structure.input_shape[1:]), generator=generator).to(
-            next(model.parameters()).device)
-        expected = masked_logits(model, structure, masks, x)
+        device = next(model.parameters()).device
+        x = torch.randn((2, *structure.input_shape[1:]), generator=generator).to(device)
+        expected = masked_logits(model, structure,
+                                 {name: mask.to(device) for name, mask in masks.items()}, x)
         tolerance = 1e-4 * (1 + float(expected.abs().max()))
         return all(float((run(x) - expected).abs().max()) <= tolerance
                    for run in self.executions().values())
@@ -391,8 +394,9 @@ class ComposedModel(nn.Module):
                   classes: Sequence[int], combination: str) -> None:
         """``groups``' scores, concatenated, hold the scores of ``positions`` in that order."""
         self.groups = nn.ModuleList(groups)
-        self.register_buffer("order", torch.argsort(torch.tensor(list(positions))))
-        self.register_buffer("classes", torch.tensor(list(classes)))
+        device = next(groups[0].parameters()).device
+        self.register_buffer("order", torch.argsort(torch.tensor(list(positions), device=device)))
+        self.register_buffer("classes", torch.tensor(list(classes), device=device))
         self.combination = combination
 
     def train(self, mode: bool = True) -> ComposedModel:
