@@ -70,13 +70,13 @@ class MODATraining(Objective):
         affinity, dispersion, compactness = activation_terms(list(captured.values()), labels)
         weights = self.hyperparameters
         loss = cross_entropy + weights["gamma"] * compactness
-        parts = {"cross_entropy": cross_entropy.item(), "compactness": compactness.item()}
+        parts = {"cross_entropy": cross_entropy.detach(), "compactness": compactness.detach()}
         if affinity is not None:
             loss = loss + weights["alpha"] * (1 - affinity)
-            parts["affinity"] = affinity.item()
+            parts["affinity"] = affinity.detach()
         if dispersion is not None:
             loss = loss + weights["beta"] * dispersion
-            parts["dispersion"] = dispersion.item()
+            parts["dispersion"] = dispersion.detach()
         return loss, parts
 
 

@@ -152,13 +152,13 @@ class MwTTraining(Objective):
         cross_entropy = nn.functional.cross_entropy(logits, labels)
         cohesion, coupling = pair_similarities(list(captured.values()), labels)
         loss = cross_entropy
-        parts = {"cross_entropy": cross_entropy.item()}
+        parts = {"cross_entropy": cross_entropy.detach()}
         if cohesion is not None:
             loss = loss + self.hyperparameters["alpha"] * (1 - cohesion)
-            parts["cohesion"] = cohesion.item()
+            parts["cohesion"] = cohesion.detach()
         if coupling is not None:
             loss = loss + self.hyperparameters["beta"] * coupling
-            parts["coupling"] = coupling.item()
+            parts["coupling"] = coupling.detach()
         return loss, parts
 
 

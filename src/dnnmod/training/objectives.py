@@ -60,7 +60,8 @@ class Objective(ABC):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor,
              captured: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss to minimise for one batch, and its named parts (logged and recorded in
-        the epoch history as means over the epoch's samples)."""
+        the epoch history as means over the epoch's samples): floats, or detached 0-dim
+        tensors, which the loop sums where they are and reads once an epoch."""
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}
@@ -103,7 +104,7 @@ class StandardTraining(Objective):
 
     def loss(self, logits, labels, captured):
         cross_entropy = nn.functional.cross_entropy(logits, labels)
-        return cross_entropy, {"cross_entropy": cross_entropy.item()}
+        return cross_entropy, {"cross_entropy": cross_entropy.detach()}
 
 
 def pair_similarities(vectors: list[torch.Tensor], labels: torch.Tensor

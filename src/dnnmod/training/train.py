@@ -213,8 +213,10 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
         generator = epoch_generator(seed, epoch)
         order = torch.randperm(len(train_set), generator=generator).to(train_set.labels.device)
         model.train()
+        # Sums stay on the device and are read once an epoch: reading them every step would
+        # make the CPU wait for the GPU before it queues the next step's kernels.
         loss_sum = correct = seen = 0.0
-        part_sums: dict[str, float] = {}
+        part_sums: dict[str, Any] = {}
         lr = optimizer.param_groups[0]["lr"]
         with objective.capture(model) as captured:
             for start in range(0, len(order), recipe.batch_size):
@@ -229,17 +231,19 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                loss_sum += loss.item() * len(y)
+                loss_sum = loss_sum + loss.detach().double() * len(y)
                 for name, value in parts.items():
+                    value = value.detach().double() if torch.is_tensor(value) else value
                     part_sums[name] = part_sums.get(name, 0.0) + value * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
+                correct = correct + (logits.argmax(1) == y).sum()
                 seen += len(y)
         schedule.step()
         val_accuracy = accuracy(model, data.val)
-        record = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen,
-                             train_accuracy=100.0 * correct / seen, val_accuracy=val_accuracy,
-                             seconds=time.monotonic() - epoch_started,
-                             losses={name: total / seen for name, total in part_sums.items()})
+        record = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=float(loss_sum) / seen,
+                             train_accuracy=100.0 * float(correct) / seen,
+                             val_accuracy=val_accuracy, seconds=time.monotonic() - epoch_started,
+                             losses={name: float(total) / seen
+                                     for name, total in part_sums.items()})
         history.append(record)
         if val_accuracy > best_accuracy:
             best_accuracy, best_epoch = val_accuracy, epoch
