@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -394,7 +395,7 @@ class ComposedModel(nn.Module):
                   classes: Sequence[int], combination: str) -> None:
         """``groups``' scores, concatenated, hold the scores of ``positions`` in that order."""
         self.groups = nn.ModuleList(groups)
-        device = next(groups[0].parameters()).device
+        device = next(itertools.chain(groups[0].parameters(), groups[0].buffers())).device
         self.register_buffer("order", torch.argsort(torch.tensor(list(positions), device=device)))
         self.register_buffer("classes", torch.tensor(list(classes), device=device))
         self.combination = combination
