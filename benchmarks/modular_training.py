@@ -3,8 +3,8 @@
 Part 1: for each model, the same data (``--dataset``, default digits), recipe, seed and
 machine train it with the ``st``, ``mwt`` and ``mwt``-free ``moda`` objectives through the
 shared loop; the per-epoch time is the median of the epochs' ``seconds`` after the first
-(warm-up). Printed: seconds per epoch and the
-ratio to standard training (target: at most 1.1x).
+(warm-up). Printed: seconds per epoch and the ratio to standard training (target: at most
+1.1x).
 
 Part 2: the extra losses alone. MwT's cohesion/coupling and MODA's affinity/dispersion are mean
 cosine similarities of same- and different-class sample pairs of a batch, taken on the vectors
