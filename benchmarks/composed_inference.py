@@ -37,6 +37,7 @@ from collections.abc import Callable
 import pandas as pd
 import torch
 
+from dnnmod.devices import synchronize
 from dnnmod.models import build_model
 from dnnmod.modules.compose import FusedModuleSet, batch_bucket
 from dnnmod.modules.extract import count_parameters, extract_module
@@ -77,8 +78,7 @@ def best_seconds(variants: dict[str, Callable[[], object]], device: torch.device
         for name, run in variants.items():
             started = time.perf_counter()
             run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             best[name] = min(best[name], time.perf_counter() - started)
     return best
 

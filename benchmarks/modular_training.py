@@ -36,6 +36,7 @@ import torch
 
 from dnnmod.approaches import run_approach
 from dnnmod.data import load_dataset, make_splits, prepare
+from dnnmod.devices import synchronize
 from dnnmod.models import build_model
 from dnnmod.modules.extract import count_parameters
 from dnnmod.modules.union import union_network
@@ -45,14 +46,13 @@ from dnnmod.training.train import Recipe, train
 KINDS = ("st", "mwt", "moda")
 
 
-def best_seconds(function, repeats: int = 5) -> float:
+def best_seconds(function, device, repeats: int = 5) -> float:
     function()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         function()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return min(times)
 
@@ -87,7 +87,7 @@ def pair_term_seconds(function, vectors: list[torch.Tensor], labels: torch.Tenso
         cohesion, coupling = function(leaves, labels)
         (coupling - cohesion).backward()
 
-    return best_seconds(step)
+    return best_seconds(step, labels.device)
 
 
 def main() -> None:
@@ -155,8 +155,8 @@ def main() -> None:
             modules = run_approach(kind, model, meta, data, seed=0, device=args.device)
             network = union_network(model, modules, classes)
             with torch.no_grad():
-                base_s = best_seconds(lambda model=model: model(x))
-                union_s = best_seconds(lambda network=network: network(x))
+                base_s = best_seconds(lambda model=model: model(x), x.device)
+                union_s = best_seconds(lambda network=network: network(x), x.device)
             print(f"  {kind:5s} base {base_s * 1e3:7.2f} ms, {count_parameters(model):8d} params"
                   f" | union {union_s * 1e3:7.2f} ms, {count_parameters(network):8d} params"
                   f" | latency x{union_s / base_s:.2f}")

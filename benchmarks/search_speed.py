@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dnnmod.approaches import resolve_hyperparameters
 from dnnmod.approaches.gradsplitter import _BinaryMask, kept_channel_pass, mask_loss
 from dnnmod.data import ImageSet
+from dnnmod.devices import synchronize
 from dnnmod.models import build_model
 from dnnmod.modules.heads import LogitMLPHead
 from dnnmod.modules.inference import run
@@ -56,12 +57,6 @@ from dnnmod.modules.structure import trace_structure
 #: on other draws the other way round). Both ways agree to 1e-9 in float64
 #: (tests/test_search_speed.py).
 GRADIENT_TOLERANCE = 1e-2
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on ``device`` (a no-op on a CPU), so that a timer reads it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_peak_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:

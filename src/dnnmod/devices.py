@@ -141,3 +141,12 @@ def select_device(request: str = "auto", pool_dir: Path = DEFAULT_POOL_DIR) -> D
     log.info("claimed GPU slot %s (CUDA_VISIBLE_DEVICES=%s)", claim.physical_id,
              claim.physical_id)
     return claim
+
+
+def synchronize(device) -> None:
+    """Wait for the work queued on ``device`` (a torch device or its name; nothing to wait for
+    on a CPU), so that a wall-clock timer read next covers it."""
+    import torch  # here, so that choosing a device (the CLI's start) does not load torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
