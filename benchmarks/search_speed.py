@@ -41,12 +41,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dnnmod.approaches import resolve_hyperparameters
-from dnnmod.approaches.gradsplitter import _BinaryMask, kept_channel_pass, mask_loss
+from dnnmod.approaches.gradsplitter import _BinaryMask, mask_loss
 from dnnmod.data import ImageSet
 from dnnmod.devices import synchronize
 from dnnmod.models import build_model
 from dnnmod.modules.heads import LogitMLPHead
-from dnnmod.modules.inference import run
+from dnnmod.modules.inference import kept_channel_pass, run
 from dnnmod.modules.masking import masked_logits
 from dnnmod.modules.structure import trace_structure
 

@@ -25,7 +25,7 @@ from dnnmod.approaches.cnnsplitter import (
 from dnnmod.errors import ConfigError
 from dnnmod.models import build_model
 from dnnmod.modules.extract import extract_module
-from dnnmod.modules.inference import run
+from dnnmod.modules.inference import kept_channel_pass, run
 from dnnmod.modules.structure import trace_structure
 from dnnmod.training.train import Recipe, train
 
@@ -181,7 +181,8 @@ def test_composition_difference_is_the_mean_pairwise_jaccard_difference():
     assert math.isclose(scores.fitness[0, 0, 1].item(), 0.9 + 0.1 * 8 / 9)
 
 
-def test_batched_population_equals_extracted_modules(model, small_digits):
+@pytest.mark.parametrize("execution", ["batched", "kept"])
+def test_population_logits_equal_extracted_modules(model, small_digits, execution):
     structure = _structure(model, small_digits)
     hp = CNNSplitter().resolve({})
     generator = torch.Generator().manual_seed(1)
@@ -192,8 +193,10 @@ def test_batched_population_equals_extracted_modules(model, small_digits):
                                 dtype=torch.uint8)
     populations[:, :, [where.start for where in layout.layer_slices()]] = 1
     images = small_digits.val.take(range(24))
+    kept_pass = kept_channel_pass(model, structure) if execution == "kept" else None
+    assert execution == "batched" or kept_pass is not None
     logits, evaluated = population_logits(model, structure, images, layout, populations,
-                                          [{} for _ in range(10)])
+                                          [{} for _ in range(10)], kept_pass)
     assert evaluated == 30 and logits.shape == (10, 3, 24)
     for c in (0, 7):
         for p in range(3):

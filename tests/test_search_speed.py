@@ -12,7 +12,7 @@ import dnnmod.approaches.gradsplitter as gradsplitter
 from dnnmod.data import ImageSet
 from dnnmod.models import build_model
 from dnnmod.modules.heads import LogitMLPHead
-from dnnmod.modules.inference import run
+from dnnmod.modules.inference import kept_channel_pass, run
 from dnnmod.modules.masking import KeptChannelPass, masked_logits
 from dnnmod.modules.structure import trace_structure
 
@@ -53,7 +53,7 @@ def _loss_and_gradients(model, structure, kept_pass, scores, head, x, y):
 def test_fast_path_equals_the_masked_pass(arch, width):
     model = _frozen(arch, width)
     structure = trace_structure(model)
-    kept_pass = gradsplitter.kept_channel_pass(model, structure)
+    kept_pass = kept_channel_pass(model, structure)
     assert kept_pass is not None
     scores = _scores(structure)
     head = LogitMLPHead(list(range(MODULES)), MODULES)
@@ -96,15 +96,30 @@ def test_in_float64_the_fast_path_is_exact(arch, width):
 def test_run_with_the_fast_path_gives_the_masked_logits(arch, width):
     model = _frozen(arch, width)
     structure = trace_structure(model)
-    kept_pass = gradsplitter.kept_channel_pass(model, structure)
+    kept_pass = kept_channel_pass(model, structure)
     masks = {name: s > 0 for name, s in _scores(structure, seed=1).items()}
     images = ImageSet(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8),
                       torch.zeros(40, dtype=torch.long), ["a", "b", "c"],
                       torch.full((3,), 0.5), torch.full((3,), 0.25))
     masked = run(model, images, structure=structure, masks=masks)
-    fast = run(model, images, structure=structure, masks=masks, kept_pass=kept_pass)
+    fast = run(model, images, structure=structure, masks=masks, kept_pass=kept_pass,
+               budget=1 << 20)  # several image chunks
     assert fast.shape == masked.shape == (MODULES, 40, MODULES)
     torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-4 * masked.abs().max().item())
+    # Module by module: one module's sliced weights are held at a time, so P candidates of a
+    # population on a wide model never hold P weight copies.
+    assert len(kept_pass._sliced) == 1
+
+
+def test_a_model_with_in_place_relus_gets_the_masked_pass():
+    # The masked pass multiplies (a new tensor); the kept pass hands the conv's output on as
+    # it is, which an in-place ReLU may not overwrite while its mask's gradient needs it.
+    model = _frozen("simcnn", 0.125)
+    for layer in model.modules():
+        if isinstance(layer, nn.ReLU):
+            layer.inplace = True
+    structure = trace_structure(model)
+    assert kept_channel_pass(model, structure) is None
 
 
 def test_a_module_with_an_empty_group_runs_masked():

@@ -25,10 +25,12 @@ composition (:func:`score_compositions`), and the generation whose best composit
 highest α·acc + (1 − α)·diff on the validation images is the result.
 
 Speed (spec's performance decision): a class's population runs as P channel masks through the
-one batched masked pass (:func:`~dnnmod.modules.inference.run`, chunked over images and
-modules), each distinct solution once: its own-class logits are cached and carried to the
+one inference path (:func:`~dnnmod.modules.inference.run`): on a CPU each solution as its
+kept-channel sub-network (:func:`~dnnmod.modules.inference.kept_channel_pass`: weights sliced
+by index, no network built), elsewhere all in one batched masked pass chunked over images and
+modules. Each distinct solution runs once: its own-class logits are cached and carried to the
 next generation (elites are not run again), and all compositions are scored from the cached
-logits with tensor operations. No pruned network is built during the search.
+logits with tensor operations.
 
 Deviations from the paper and the reference implementation, all deliberate:
 - Sensitive layers are found automatically (accuracy drop at r = ``sensitivity_ratio`` above a
@@ -82,7 +84,8 @@ from dnnmod.artifacts import config_hash
 from dnnmod.errors import ConfigError
 from dnnmod.modules.activations import activation_statistics
 from dnnmod.modules.heads import OwnLogitHead
-from dnnmod.modules.inference import run
+from dnnmod.modules.inference import kept_channel_pass, run
+from dnnmod.modules.masking import KeptChannelPass
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import ModelStructure, trace_structure
 from dnnmod.resumable import ResumableLoop
@@ -218,8 +221,8 @@ def kernel_importance(model: nn.Module, structure: ModelStructure, images, num_c
 
 
 def sensitive_layers(model: nn.Module, structure: ModelStructure, images,
-                     order: Mapping[str, torch.Tensor],
-                     hyperparameters: Mapping[str, Any]) -> dict[str, float]:
+                     order: Mapping[str, torch.Tensor], hyperparameters: Mapping[str, Any],
+                     kept_pass: KeptChannelPass | None = None) -> dict[str, float]:
     """Group → composed accuracy (%) when that layer alone keeps the top
     ``sensitivity_ratio`` kernels of every module, all layers' compositions in one batched
     pass (module (layer, c) masks only that layer)."""
@@ -232,7 +235,7 @@ def sensitive_layers(model: nn.Module, structure: ModelStructure, images,
         masks[group.name][layer] = torch.zeros(classes, group.size, dtype=torch.bool).scatter_(
             1, order[group.name][:, :kept], True)
     head = OwnLogitHead(list(range(classes)) * len(groups), classes)
-    scores = run(model, images, structure=structure, head=head,
+    scores = run(model, images, structure=structure, head=head, kept_pass=kept_pass,
                  masks={name: mask.flatten(0, 1) for name, mask in masks.items()}).cpu()
     predicted = scores.view(len(images), len(groups), classes).argmax(2)
     correct = (predicted == images.labels.cpu()[:, None]).double().mean(0)
@@ -319,7 +322,8 @@ def breed(genes: torch.Tensor, fitness: torch.Tensor, layout: GeneLayout,
 
 def population_logits(model: nn.Module, structure: ModelStructure, images,
                       layout: GeneLayout, populations: torch.Tensor,
-                      caches: Sequence[dict[bytes, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+                      caches: Sequence[dict[bytes, torch.Tensor]],
+                      kept_pass: KeptChannelPass | None = None) -> tuple[torch.Tensor, int]:
     """(N, P, images) own-class logits of every class's solutions (``populations``: (N, P,
     genes)), and how many solutions were run.
 
@@ -335,7 +339,8 @@ def population_logits(model: nn.Module, structure: ModelStructure, images,
                    for c, class_new in enumerate(new) if class_new]
         masks = {group: torch.cat([d[group] for d in decoded]) for group in layout.groups}
         head = OwnLogitHead(owners, len(populations))
-        scores = run(model, images, structure=structure, masks=masks, head=head).cpu()
+        scores = run(model, images, structure=structure, masks=masks, head=head,
+                     kept_pass=kept_pass).cpu()
         columns = iter(range(len(owners)))
         for cache, class_new in zip(caches, new, strict=True):
             cache.update({key: scores[:, next(columns)] for key in class_new})
@@ -572,7 +577,8 @@ class CNNSplitter(Approach):
                                               hp["confidence"])
         order = {name: torch.sort(value, dim=1, descending=True, stable=True).indices
                  for name, value in importance.items()}
-        sensitivity = (sensitive_layers(model, structure, images, order, hp)
+        kept_pass = kept_channel_pass(model, structure)
+        sensitivity = (sensitive_layers(model, structure, images, order, hp, kept_pass)
                        if hp["initialisation"] == "heuristic" else {})
         sensitive = [base_accuracy - sensitivity.get(g.name, base_accuracy)
                      > hp["sensitivity_margin_pp"] for g in structure.conv_groups]
@@ -615,7 +621,7 @@ class CNNSplitter(Approach):
                       {row.tobytes(): column for row, column in
                        zip(previous[c].numpy(), cached[c], strict=True)} for c in classes]
             cached, evaluations = population_logits(model, structure, images, layout,
-                                                    populations, caches)
+                                                    populations, caches, kept_pass)
             previous, logits = populations, list(cached)
             weight = hp["alpha"] + max(0.0, hp["gamma"] - accuracy_prev_best)
             # the previous best composition's members are the first elites (breed)

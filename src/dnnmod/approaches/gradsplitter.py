@@ -43,7 +43,7 @@ from dnnmod.approaches.base import Approach
 from dnnmod.artifacts import config_hash
 from dnnmod.hyperparameters import Range
 from dnnmod.modules.heads import LogitMLPHead
-from dnnmod.modules.inference import accuracy, run
+from dnnmod.modules.inference import accuracy, kept_channel_pass, run
 from dnnmod.modules.masking import KeptChannelPass, ensure_nonempty, masked_logits
 from dnnmod.modules.metrics import composed_accuracy
 from dnnmod.modules.moduleset import ModuleSet, base_identity
@@ -223,21 +223,6 @@ class GradSplitter(Approach):
             "wall_seconds": loop.wall_seconds,
         }
         return _module_set(base_meta, structure, masks, head.cpu(), provenance)
-
-
-def kept_channel_pass(model: nn.Module, structure) -> KeptChannelPass | None:
-    """The kept-channel pass over the conv groups on a CPU (None elsewhere, or where the
-    model does not allow it): per step, module by module, it beats the batched masked pass
-    there by about 1/r² and by channels-last convs (benchmarks/search_speed.py). On CUDA the
-    batched pass stays: one pass over all modules fills the device, unmeasured here."""
-    if next(model.parameters()).device.type != "cpu":
-        return None
-    kept_pass = KeptChannelPass.build(model, structure,
-                                      [group.name for group in structure.conv_groups])
-    if kept_pass is None:
-        log.info("kept-channel pass unavailable for %s: batched masked pass",
-                 type(model).__name__)
-    return kept_pass
 
 
 def mask_loss(model: nn.Module, structure, kept_pass: KeptChannelPass | None,

@@ -12,11 +12,13 @@ beyond about 320 images runs slower than one module at a time there (memory-boun
 pass holds at most 320 repeated images (512 for a plain pass); a GPU takes 256 images per
 module, as many modules at once as the activation memory budget allows. With a
 :class:`~dnnmod.modules.masking.KeptChannelPass`, modules run one at a time as their
-kept-channel sub-networks, in plain-pass chunks of images.
+kept-channel sub-networks, in plain-pass chunks of images (:func:`kept_channel_pass` builds
+it where it pays).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +27,8 @@ from torch import nn
 
 from dnnmod.modules.masking import KeptChannelPass, check_masks, masked_logits
 from dnnmod.modules.structure import ModelStructure, eval_mode, probe
+
+log = logging.getLogger(__name__)
 
 CPU_MASKED_IMAGES = 320
 CPU_PLAIN_IMAGES = 512
@@ -77,6 +81,22 @@ def plan_pass(model: nn.Module, input_shape: tuple[int, ...], modules: int | Non
     return PassPlan(chunk, max(1, repeated // chunk))
 
 
+def kept_channel_pass(model: nn.Module, structure: ModelStructure) -> KeptChannelPass | None:
+    """The kept-channel pass over the conv groups on a CPU (None elsewhere, or where the
+    model does not allow it). Module by module, it beats the batched masked pass there by
+    about 1/r², by channels-last convs and by running no mask products: the repeated batch
+    is memory-bound there (benchmarks/search_speed.py, cnnsplitter_generation.py). On CUDA
+    the batched pass stays: one pass over all modules fills the device."""
+    if next(model.parameters()).device.type != "cpu":
+        return None
+    kept_pass = KeptChannelPass.build(model, structure,
+                                      [group.name for group in structure.conv_groups])
+    if kept_pass is None:
+        log.info("kept-channel pass unavailable for %s: batched masked pass",
+                 type(model).__name__)
+    return kept_pass
+
+
 def batches(images, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised float images and labels of an ImageSet, ``size`` at a time, in order."""
     for start in range(0, len(images), size):
@@ -108,8 +128,13 @@ def run(model: nn.Module, images, *, structure: ModelStructure | None = None,
         if kept_pass is not None:  # one module at a time: plain-pass batches
             plan = plan_pass(model, input_shape, None, reference.device, budget)
             masks = {name: mask.to(reference.device) for name, mask in masks.items()}
-            logits = torch.cat([kept_pass.logits(masks, x).float()
-                                for x, _ in batches(images, plan.images)], dim=1)
+            # Module-outer, so that the pass keeps one module's sliced weights at a time
+            # however many modules there are (P candidates of a population, say).
+            logits = torch.cat([
+                torch.cat([kept_pass.logits({name: mask[module:module + 1]
+                                             for name, mask in masks.items()}, x).float()
+                           for x, _ in batches(images, plan.images)], dim=1)
+                for module in range(modules)])
             return head(logits) if head is not None else logits
         plan = plan_pass(model, input_shape, modules, reference.device, budget)
         per_chunk = []

@@ -222,9 +222,10 @@ class KeptChannelPass:
     gradient is zero where the channel's zeros reach the logits only through a ReLU (which
     passes no gradient at 0), as in the zoo's models with BatchNorm; here it is zero always.
     :meth:`build` checks all this by a float64 probe against the masked model and returns None
-    where they differ or where a sub-network cannot be sliced (grouped convs, norms over
-    concatenations, flattened feature maps); callers then use :func:`masked_logits`, as
-    for position masks, which this pass does not take.
+    where they differ, where a sub-network cannot be sliced (grouped convs, norms over
+    concatenations, flattened feature maps) or where the model modifies a masked layer's
+    output in place; callers then use :func:`masked_logits`, as for position masks, which
+    this pass does not take.
     """
 
     def __init__(self, model: nn.Module, structure: ModelStructure,
@@ -257,7 +258,15 @@ class KeptChannelPass:
             return None
         # The probe runs in float64, so that float32 rounding is not mistaken for a difference.
         probe = cls(copy.deepcopy(model).double(), structure, slicing)
-        if not probe._agrees_with_masked_model(groups):
+        try:
+            if not probe._agrees_with_masked_model(groups):
+                return None
+        except RuntimeError as error:
+            # An in-place op on a masked layer's output (torchvision's ReLU(inplace=True))
+            # would overwrite the pass-through output its mask's backward needs: autograd
+            # refuses it, and the masked pass serves such a model.
+            if "inplace" not in str(error):
+                raise
             return None
         return cls(model, structure, slicing)
 

@@ -34,16 +34,22 @@ from torch import nn
 from dnnmod.errors import ConfigError
 from dnnmod.modules.extract import count_flops, count_parameters, extract_module
 from dnnmod.modules.inference import accuracy as model_accuracy
-from dnnmod.modules.inference import run
+from dnnmod.modules.inference import kept_channel_pass, run
 from dnnmod.modules.masking import channel_view
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.modules.structure import ChannelGroup
 
 
 def module_scores(model: nn.Module, modules: ModuleSet, images) -> torch.Tensor:
-    """Scores of all modules on an ImageSet, (samples, modules), in batched masked passes."""
+    """Scores of all modules on an ImageSet, (samples, modules): on a CPU module by module as
+    kept-channel sub-networks where the set has channel masks of conv groups only, else in
+    batched masked passes (:func:`~dnnmod.modules.inference.kept_channel_pass`)."""
+    conv_groups = {group.name for group in modules.structure.conv_groups}
+    channel_masks = all(name in conv_groups and mask.dim() == 2
+                        for name, mask in modules.masks.items())
+    kept_pass = kept_channel_pass(model, modules.structure) if channel_masks else None
     return run(model, images, structure=modules.structure, masks=modules.masks,
-               head=modules.head.to(images.labels.device))
+               head=modules.head.to(images.labels.device), kept_pass=kept_pass)
 
 
 def composed_accuracy(modules: ModuleSet, scores: torch.Tensor, labels: torch.Tensor) -> float:
