@@ -280,17 +280,22 @@ def module_output(scores: torch.Tensor) -> torch.Tensor:
                         "takes one score, or two concern votes (V_c, V_uc), per module")
 
 
-def strong_module_scores(strong_model, modules, images, normalization: Mapping[str, Any]
-                         ) -> torch.Tensor:
-    """One score per image of the ImageSet ``images`` (:func:`module_output`) from the one
-    module in ``modules``, which sees the images normalised as its strong model was trained
-    (``normalization``), not with the weak task's statistics."""
+def strong_module_scores(strong_model, modules, image_sets: Sequence,
+                         normalization: Mapping[str, Any]) -> list[torch.Tensor]:
+    """One score per image of each ImageSet in ``image_sets`` (:func:`module_output`) from
+    the one module in ``modules``, which sees the images normalised as its strong model was
+    trained (``normalization``), not with the weak task's statistics. The sets go through
+    one scoring call together, so the module's execution is set up once."""
     from dnnmod.modules.metrics import module_scores
 
-    device = images.labels.device
-    as_strong_input = replace(images, mean=torch.tensor(normalization["mean"], device=device),
-                              std=torch.tensor(normalization["std"], device=device))
-    return module_output(module_scores(strong_model, modules, as_strong_input))
+    first = image_sets[0]
+    device = first.labels.device
+    together = replace(first, images=torch.cat([s.images for s in image_sets]),
+                       labels=torch.cat([s.labels for s in image_sets]),
+                       mean=torch.tensor(normalization["mean"], device=device),
+                       std=torch.tensor(normalization["std"], device=device))
+    scores = module_output(module_scores(strong_model, modules, together))
+    return list(scores.split([len(s) for s in image_sets]))
 
 
 def calibrated_module_scores(strong_model, modules, weak_data, normalization: Mapping[str, Any],
@@ -298,9 +303,9 @@ def calibrated_module_scores(strong_model, modules, weak_data, normalization: Ma
     """The TC module's min-max calibrated scores on the weak task's test images, and the
     calibration. ``modules`` holds the one TC module."""
     val_tc = weak_data.val.take((weak_data.val.labels == tc_column).nonzero().flatten())
-    low, high = minmax_calibration(strong_module_scores(strong_model, modules, val_tc,
-                                                        normalization))
-    scores = strong_module_scores(strong_model, modules, weak_data.test, normalization)
+    val_scores, scores = strong_module_scores(strong_model, modules, [val_tc, weak_data.test],
+                                              normalization)
+    low, high = minmax_calibration(val_scores)
     return calibrate(scores, low, high), {"min": low, "max": high,
                                           "val_tc_images": len(val_tc)}
 

@@ -127,9 +127,8 @@ class ModaPatch:
                               f"{self.settings['split']} split, which holds no image of the "
                               "target (mixed) class (raise samples_per_class.train)")
         self.test, self.tc_column, self.tc_images = weak_data.test, tc_column, tc_images
-        self.calibration_scores = strong_module_scores(strong_model, modules, self.calibration,
-                                                       normalization)
-        self.test_scores = strong_module_scores(strong_model, modules, self.test, normalization)
+        self.calibration_scores, self.test_scores = strong_module_scores(
+            strong_model, modules, [self.calibration, self.test], normalization)
 
     def patch(self, weak_model: nn.Module, seed: int) -> tuple[dict[str, float], dict[str, Any]]:
         """(weak vs patched metrics, the calibration record) of one weak model."""
