@@ -21,7 +21,7 @@ from dnnmod.modules.masking import masked_logits
 from dnnmod.modules.structure import trace_structure
 from dnnmod.modules.union import fine_tune_head, union_masks, union_network
 from dnnmod.training.model_io import load_model
-from dnnmod.training.objectives import get_objective, pair_similarities
+from dnnmod.training.objectives import get_objective, pair_similarities, spatial_mean
 
 WIDTH = 0.0625
 
@@ -73,6 +73,20 @@ def test_cohesion_and_coupling_on_hand_made_masks():
     loss, parts = get_objective("mwt").loss(torch.zeros(2, 2), torch.tensor([0, 1]),
                                             {"a": aligned[[0, 2]]})
     assert "cohesion" not in parts and torch.isfinite(loss)
+
+
+def test_spatial_mean_matches_mean_in_value_and_gradient():
+    # Both training kinds' spatial means: summed, then divided on the small result.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 7, generator=generator, requires_grad=True)
+    weights = torch.randn(4, 3, generator=generator)
+    (spatial_mean(x) * weights).sum().backward()
+    ours = x.grad.clone()
+    x.grad = None
+    expected = x.mean((2, 3))
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(spatial_mean(x), expected)
+    torch.testing.assert_close(ours, x.grad)
 
 
 def test_pair_similarities_match_the_pairwise_definition():

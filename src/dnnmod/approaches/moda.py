@@ -45,7 +45,12 @@ from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.masking import ensure_nonempty
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import trace_structure
-from dnnmod.training.objectives import Objective, pair_similarities, register_objective
+from dnnmod.training.objectives import (
+    Objective,
+    pair_similarities,
+    register_objective,
+    spatial_mean,
+)
 
 
 @register_objective
@@ -84,7 +89,7 @@ def activation_terms(activations: list[torch.Tensor], labels: torch.Tensor
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Affinity, dispersion (None where the batch has no such pair) and compactness of a batch,
     averaged over layers; ``activations``: one (batch, C) or (batch, C, H, W) tensor per layer."""
-    vectors = [a.float().mean((2, 3)) if a.dim() == 4 else a.float() for a in activations]
+    vectors = [spatial_mean(a.float()) if a.dim() == 4 else a.float() for a in activations]
     affinity, dispersion = pair_similarities(vectors, labels)
     return affinity, dispersion, torch.stack([v.abs().mean() for v in vectors]).mean()
 

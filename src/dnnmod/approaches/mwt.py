@@ -55,7 +55,12 @@ from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.inference import batches, eval_mode
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import trace_structure
-from dnnmod.training.objectives import Objective, pair_similarities, register_objective
+from dnnmod.training.objectives import (
+    Objective,
+    pair_similarities,
+    register_objective,
+    spatial_mean,
+)
 
 
 class GeneratorLinear(nn.Linear):
@@ -81,7 +86,7 @@ class MaskGenerator(nn.Module):
         nn.init.constant_(self.out.bias, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.out(nn.functional.relu(self.hidden(x.mean((2, 3)))))
+        z = self.out(nn.functional.relu(self.hidden(spatial_mean(x))))
         return self.gate(torch.tanh(z))
 
 

@@ -107,6 +107,17 @@ class StandardTraining(Objective):
         return cross_entropy, {"cross_entropy": cross_entropy.detach()}
 
 
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample, per-channel mean of a (batch, C, H, W) tensor: (batch, C).
+
+    Summed, then divided on the small result: the backward pass of ``x.mean((2, 3))`` divides the
+    expanded gradient, writing a full-size tensor per call, where a sum's backward is a
+    stride-0 view. MwT calls it on every gated conv's input and MODA on every ReLU's output,
+    in every training step.
+    """
+    return x.sum((2, 3)) / (x.shape[2] * x.shape[3])
+
+
 def pair_similarities(vectors: list[torch.Tensor], labels: torch.Tensor
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Mean cosine similarity of the vectors of same-class and of different-class sample pairs

@@ -166,6 +166,48 @@ def _make_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+@dataclass
+class Trainer:
+    """What a training run steps: the prepared model, its objective, optimizer and loss scaler.
+
+    Mixed precision (float16 autocast with loss scaling) and channels-last apply on CUDA only.
+    """
+
+    model: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    memory_format: torch.memory_format
+
+    @classmethod
+    def create(cls, model: nn.Module, recipe: Recipe, objective: Objective, device: str,
+               mixed_precision: bool = True) -> Trainer:
+        """``objective`` prepares ``model``, which moves to ``device``; the optimizer follows
+        ``recipe``. Draws from the global torch generator (the objective's additions)."""
+        on_cuda = torch.device(device).type == "cuda"
+        memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+        model = objective.prepare(model).to(device, memory_format=memory_format)
+        return cls(model, objective, _make_optimizer(model, recipe),
+                   torch.amp.GradScaler("cuda", enabled=on_cuda and mixed_precision),
+                   memory_format)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, captured: dict[str, Any]
+             ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+        """One optimisation step on batch ``(x, y)``; ``captured`` is the dict the objective's
+        :meth:`~dnnmod.training.objectives.Objective.capture` fills. Returns the loss, its
+        named parts and the logits."""
+        x = x.contiguous(memory_format=self.memory_format)
+        captured.clear()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.scaler.is_enabled()):
+            logits = self.model(x)
+            loss, parts = self.objective.loss(logits.float(), y, captured)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, parts, logits
+
+
 def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
           objective: Objective | None = None, device: str = "cpu",
           checkpoint: Path | None = None, run_config: dict[str, Any] | None = None,
@@ -175,8 +217,8 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
     ``objective`` (default: standard training) first prepares the model (the result's model is
     the prepared one), then supplies the loss of every batch. ``checkpoint`` is rewritten after
     every epoch; if it exists and was written by the same ``run_config`` + recipe + objective +
-    seed, training resumes after its last epoch. Mixed precision (float16 autocast with loss
-    scaling) and channels-last apply on CUDA only.
+    seed, training resumes after its last epoch. Mixed precision and channels-last apply on
+    CUDA only (:class:`Trainer`).
     """
     objective = objective or StandardTraining()
     fingerprint = config_hash({"run": run_config or {}, "recipe": recipe.to_dict(), "seed": seed,
@@ -185,12 +227,9 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
     loop = ResumableLoop(checkpoint, fingerprint, recipe.epochs, desc="train",
                          progress=progress)
     torch.manual_seed(seed)
-    on_cuda = torch.device(device).type == "cuda"
-    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
-    model = objective.prepare(model).to(device, memory_format=memory_format)
-    optimizer = _make_optimizer(model, recipe)
+    trainer = Trainer.create(model, recipe, objective, device, mixed_precision)
+    model, optimizer, scaler = trainer.model, trainer.optimizer, trainer.scaler
     schedule = _make_schedule(optimizer, recipe)
-    scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and mixed_precision)
 
     history: list[EpochRecord] = []
     best_accuracy, best_epoch, best_state = -math.inf, -1, None
@@ -221,16 +260,8 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
         with objective.capture(model) as captured:
             for start in range(0, len(order), recipe.batch_size):
                 x, y = train_set.float_batch(order[start:start + recipe.batch_size])
-                x = augment(x, recipe.augmentation, generator).contiguous(
-                    memory_format=memory_format)
-                captured.clear()
-                with torch.autocast("cuda", dtype=torch.float16, enabled=scaler.is_enabled()):
-                    logits = model(x)
-                    loss, parts = objective.loss(logits.float(), y, captured)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                loss, parts, logits = trainer.step(augment(x, recipe.augmentation, generator), y,
+                                                   captured)
                 loss_sum = loss_sum + loss.detach().double() * len(y)
                 for name, value in parts.items():
                     value = value.detach().double() if torch.is_tensor(value) else value
