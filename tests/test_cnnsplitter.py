@@ -25,6 +25,7 @@ from dnnmod.approaches.cnnsplitter import (
 from dnnmod.errors import ConfigError
 from dnnmod.models import build_model
 from dnnmod.modules.extract import extract_module
+from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.inference import kept_channel_pass, run
 from dnnmod.modules.structure import trace_structure
 from dnnmod.training.train import Recipe, train
@@ -239,10 +240,49 @@ def test_runs_are_seeded_and_leave_deap_creator_alone(model, small_digits, unint
     assert {"generation", "fitness_mean", "fitness_max", "val_accuracy", "krr"} <= set(record)
 
 
+def test_generation_is_selected_on_validation_images_the_search_did_not_score(
+        model, small_digits, uninterrupted):
+    fitness_images, held_out = small_digits.val.sample_and_rest(TINY["fitness_samples"], 0)
+    order = torch.randperm(160, generator=torch.Generator().manual_seed(0))
+    assert len(small_digits.val) == 160  # fitness images and held-out ones partition it
+    assert torch.equal(fitness_images.images,
+                       small_digits.val.take(order[:40].sort().values).images)
+    assert torch.equal(held_out.images, small_digits.val.take(order[40:].sort().values).images)
+    provenance = uninterrupted.provenance
+    assert provenance["fitness_samples"] == 40 and provenance["selection_samples"] == 120
+    records = provenance["logbook"]
+    selected = provenance["selected_generation"]
+    alpha = CNNSplitter().resolve(TINY)["alpha"]
+    expected = [alpha * r["selection_accuracy"] / 100 + (1 - alpha) * r["difference"]
+                for r in records]
+    assert [r["selection"] for r in records] == pytest.approx(expected)
+    assert selected == max(range(len(records)), key=lambda g: records[g]["selection"])
+    # The selected composition's accuracy on the held-out images, from extracted modules.
+    structure = uninterrupted.structure
+    classes = uninterrupted.classes
+    own_logits = torch.stack([
+        run(extract_module(model, structure, {g: m[c] for g, m in uninterrupted.masks.items()}),
+            held_out)[:, c] for c in classes], dim=1)
+    accuracy = 100 * (own_logits.argmax(1) == held_out.labels).float().mean().item()
+    assert records[selected]["selection_accuracy"] == pytest.approx(accuracy, abs=1e-4)
+    scores = run(model, held_out, structure=structure, masks=uninterrupted.masks,
+                 head=OwnLogitHead(classes, len(classes)))
+    assert torch.equal(scores.argmax(1), own_logits.argmax(1))
+
+
+def test_whole_validation_split_scores_and_selects_alike(model, small_digits):
+    result = run_approach("cnnsplitter", model, META, small_digits,
+                          {**TINY, "generations": 1, "fitness_samples": None}, seed=0)
+    records = result.provenance["logbook"]
+    assert result.provenance["selection_samples"] == result.provenance["fitness_samples"] == 160
+    assert all(r["selection_accuracy"] == r["val_accuracy"] for r in records)
+
+
 @pytest.mark.parametrize(("override", "key"), [
     ({"parents": 1}, "parents"), ({"elites": 6}, "elites"), ({"survivors": [5, 2]}, "survivors"),
     ({"grouping": "kmeans"}, "grouping"), ({"other_keep_ratios": [1.5]}, "other_keep_ratios"),
     ({"fitness_samples": 0}, "fitness_samples"),
+    ({"selection_samples": True}, "selection_samples"),
     ({"accuracy_thresholds": []}, "accuracy_thresholds"),
     ({"final_accuracy_threshold": 80}, "final_accuracy_threshold"),
 ])

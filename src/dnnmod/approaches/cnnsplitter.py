@@ -22,7 +22,7 @@ is reset to a random bit with probability ``mutation_rate``; the ``elites`` best
 survive unchanged. Every solution of class c runs the base model with its kernels and emits
 only its class's logit (no head, no retraining); the N populations are scored together by
 composition (:func:`score_compositions`), and the generation whose best composition has the
-highest α·acc + (1 − α)·diff on the validation images is the result.
+highest α·acc + (1 − α)·diff on validation is the result.
 
 Speed (spec's performance decision): a class's population runs as P channel masks through the
 one inference path (:func:`~dnnmod.modules.inference.run`): on a CPU each solution as its
@@ -61,6 +61,14 @@ Deviations from the paper and the reference implementation, all deliberate:
 - acc_prev_best is the accuracy of the previous generation's best (fittest) composition; the
   first generation's is 0, so its accuracy weight is α + γ.
 - Generation 0 is the initial population; ``generations`` breedings follow it.
+- Selection images. The reference scores fitness and selects the generation on the whole
+  validation split. With ``fitness_samples`` below its size (a reduction for small budgets),
+  fitness is scored on that sample and the generation is selected by the accuracy of each
+  generation's best composition on the validation images the search never scored (at most
+  ``selection_samples`` of them; ``selection_accuracy`` in the logbook). The images the
+  search scores cannot show that it fits them: the fittest composition survives every
+  generation, and on the demo's 150 images its accuracy stayed at 98.7 % while test accuracy
+  fell after generation 10, so selecting on them picked the last generation.
 """
 
 from __future__ import annotations
@@ -115,6 +123,9 @@ DEFAULTS: dict[str, Any] = {
     "grouping": "importance",   # ablation: "random" cuts randomly ordered kernels into groups
     "initialisation": "heuristic",  # ablation: "random" draws every gene uniformly
     "fitness_samples": None,    # validation images scored per generation (None: all)
+    # of the validation images fitness does not score, those that select the generation
+    # (None: all of them)
+    "selection_samples": None,
 }
 GROUPINGS = ("importance", "random")
 INITIALISATIONS = ("heuristic", "random")
@@ -459,6 +470,25 @@ def score_compositions(logits: Sequence[torch.Tensor], labels: torch.Tensor,
     return result
 
 
+def composition_masks(layout: GeneLayout, genes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Channel masks (modules × channels per group) of one composition: ``genes[c]`` are the
+    genes of class c's solution."""
+    return {group: torch.cat([layout.decode(genes[c:c + 1], c)[group]
+                              for c in range(len(genes))])
+            for group in layout.groups}
+
+
+def composition_accuracy(model: nn.Module, structure: ModelStructure, layout: GeneLayout,
+                         genes: torch.Tensor, images, kept_pass: KeptChannelPass | None
+                         ) -> float:
+    """Accuracy (0-1) on ``images`` of the composition ``genes`` (one solution per class):
+    the argmax over each module's own-class logit."""
+    classes = list(range(len(genes)))
+    scores = run(model, images, structure=structure, masks=composition_masks(layout, genes),
+                 head=OwnLogitHead(classes, len(classes)), kept_pass=kept_pass)
+    return float((scores.argmax(1).cpu() == images.labels.cpu()).float().mean())
+
+
 def _record(fitness: torch.Tensor, solutions: torch.Tensor, best: torch.Tensor,
             size: int) -> None:
     """Solutions in a surviving composition of ``size`` classes: (size, their best fitness)."""
@@ -552,10 +582,11 @@ class CNNSplitter(Approach):
             fail("grouping", f"one of {list(GROUPINGS)}")
         if hp["initialisation"] not in INITIALISATIONS:
             fail("initialisation", f"one of {list(INITIALISATIONS)}")
-        samples = hp["fitness_samples"]
-        if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool)
-                                    or samples < 1):
-            fail("fitness_samples", "a positive integer or null")
+        for key in ("fitness_samples", "selection_samples"):
+            samples = hp[key]
+            if samples is not None and (not isinstance(samples, int)
+                                        or isinstance(samples, bool) or samples < 1):
+                fail(key, "a positive integer or null")
         return hp
 
     def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
@@ -568,7 +599,9 @@ class CNNSplitter(Approach):
         classes = list(range(data.num_classes))
         if len(classes) < 2:
             raise ConfigError(f"{self.name}: needs at least two classes to compose")
-        images = data.val.sample(hp["fitness_samples"], seed)
+        images, held_out = data.val.sample_and_rest(hp["fitness_samples"], seed)
+        if held_out is not None:
+            held_out = held_out.sample(hp["selection_samples"], seed)
         labels = images.labels.cpu()
         base_scores = run(model, images).cpu()
         base_accuracy = 100.0 * (base_scores.argmax(1) == labels).float().mean().item()
@@ -635,10 +668,13 @@ class CNNSplitter(Approach):
             fitness = scores.fitness
             best_members = scores.solutions[0]  # the fittest surviving composition
             accuracy_prev_best = float(scores.accuracy[0])
-            selection = hp["alpha"] * accuracy_prev_best + (1 - hp["alpha"]) * float(
-                scores.difference[0])
             chosen = torch.stack([populations[c, best_members[c]] for c in classes])
             best_compositions.append(chosen)
+            selection_accuracy = (accuracy_prev_best if held_out is None else
+                                  composition_accuracy(model, structure, layout, chosen,
+                                                       held_out, kept_pass))
+            selection = hp["alpha"] * selection_accuracy + (1 - hp["alpha"]) * float(
+                scores.difference[0])
             kept = torch.stack([layout.kernel_sets(chosen[c:c + 1], c)[0] for c in classes])
             solutions = []
             for c in classes:
@@ -652,6 +688,7 @@ class CNNSplitter(Approach):
                               for k, v in statistics.compile(solutions).items()},
                            val_accuracy=100.0 * accuracy_prev_best,
                            difference=float(scores.difference[0]),
+                           selection_accuracy=100.0 * selection_accuracy,
                            selection=selection,
                            krr=float(kept.double().mean()))
             entry = logbook[-1]
@@ -667,13 +704,13 @@ class CNNSplitter(Approach):
         records = list(logbook)
         selected = max(range(len(records)), key=lambda g: records[g]["selection"])
         genes = best_compositions[selected]
-        masks = {group: torch.cat([layout.decode(genes[c:c + 1], c)[group] for c in classes])
-                 for group in layout.groups}
+        masks = composition_masks(layout, genes)
         provenance = {
             "approach": self.name, "hyperparameters": hp, "seed": seed,
             "wall_seconds": loop.wall_seconds, "selected_generation": selected,
             "val_accuracy": records[selected]["val_accuracy"],
             "base_val_accuracy": base_accuracy, "fitness_samples": len(images),
+            "selection_samples": len(images if held_out is None else held_out),
             "genes": layout.length, "importance_basis": {str(c): basis[c] for c in classes},
             "layer_sensitivity": sensitivity,
             "sensitive_layers": [g for g, s in zip(layout.groups, sensitive, strict=True) if s],

@@ -49,10 +49,16 @@ class ImageSet:
     def sample(self, limit: int | None, seed: int) -> ImageSet:
         """A seeded random subset of ``limit`` images, in their original order (the whole set
         when ``limit`` is None or not smaller than it)."""
+        return self.sample_and_rest(limit, seed)[0]
+
+    def sample_and_rest(self, limit: int | None, seed: int) -> tuple[ImageSet, ImageSet | None]:
+        """:meth:`sample`, and the images it left out, in their original order (None when it
+        left none out)."""
         if limit is None or limit >= len(self):
-            return self
+            return self, None
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        return self.take(order[:limit].sort().values.to(self.device))
+        return (self.take(order[:limit].sort().values.to(self.device)),
+                self.take(order[limit:].sort().values.to(self.device)))
 
     def subset(self, classes: Sequence[int], relabel: bool = True) -> ImageSet:
         """The images of ``classes``; with ``relabel`` their labels become 0..k-1 in the given

@@ -102,7 +102,8 @@ def _line_styles(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def ga_convergence_figure(paths: Sequence[Path], out: Path) -> None:
     """CNNSplitter's search per generation: best and mean fitness, composed validation
-    accuracy and KRR of the selected composition; one line per run."""
+    accuracy (on the fitness images, and on the selection images where those are apart) and
+    KRR of the selected composition; one line per run."""
     runs = read_module_runs(paths, "cnnsplitter", "logbook")
     for path, run in zip(paths, runs, strict=True):
         missing = {"generation", "fitness_max", "fitness_mean", "val_accuracy", "krr"} - set(
@@ -119,14 +120,23 @@ def ga_convergence_figure(paths: Sequence[Path], out: Path) -> None:
                      **style)
         accuracy.plot(generations, [r["val_accuracy"] for r in run["records"]], label=label,
                       marker="s", markersize=3, **style)
+        # runs that select on validation images the search did not score (fitness_samples)
+        selection_key = ("selection_accuracy" if "selection_accuracy" in run["records"][0]
+                         else "val_accuracy")
+        if selection_key != "val_accuracy":
+            accuracy.plot(generations, [r[selection_key] for r in run["records"]],
+                          marker="o", markersize=3, color=style["color"], linestyle=":")
         krr.plot(generations, [100 * r["krr"] for r in run["records"]], label=label,
                  marker="s", markersize=3, **style)
         if run["selected"] is not None:
             accuracy.plot(generations[run["selected"]],
-                          run["records"][run["selected"]]["val_accuracy"], marker="*",
+                          run["records"][run["selected"]][selection_key], marker="*",
                           markersize=12, color=style["color"], linestyle="none")
     fitness.plot([], [], color="0.3", label="best (solid with markers)")
     fitness.plot([], [], color="0.3", alpha=0.5, label="mean (faint)")
+    accuracy.plot([], [], color="0.3", marker="s", markersize=3, label="fitness images")
+    accuracy.plot([], [], color="0.3", marker="o", markersize=3, linestyle=":",
+                  label="selection images (if apart)")
     for axis, title, ylabel in (
             (fitness, "Population fitness", "fitness (weighted accuracy + diversity)"),
             (accuracy, "Selected composition (★ = chosen generation)",
