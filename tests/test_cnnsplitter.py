@@ -283,6 +283,7 @@ def test_whole_validation_split_scores_and_selects_alike(model, small_digits):
     ({"grouping": "kmeans"}, "grouping"), ({"other_keep_ratios": [1.5]}, "other_keep_ratios"),
     ({"fitness_samples": 0}, "fitness_samples"),
     ({"selection_samples": True}, "selection_samples"),
+    ({"selection_samples": 100}, "selection_samples"),
     ({"accuracy_thresholds": []}, "accuracy_thresholds"),
     ({"final_accuracy_threshold": 80}, "final_accuracy_threshold"),
 ])

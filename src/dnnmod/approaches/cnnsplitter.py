@@ -587,6 +587,9 @@ class CNNSplitter(Approach):
             if samples is not None and (not isinstance(samples, int)
                                         or isinstance(samples, bool) or samples < 1):
                 fail(key, "a positive integer or null")
+        if hp["selection_samples"] is not None and hp["fitness_samples"] is None:
+            fail("selection_samples", "null when fitness_samples is null (fitness then scores "
+                 "every validation image, and the generation is selected on them)")
         return hp
 
     def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
