@@ -44,7 +44,7 @@ from dnnmod.devices import synchronize
 from dnnmod.models import build_model
 from dnnmod.modules.extract import count_parameters
 from dnnmod.modules.union import union_network
-from dnnmod.training.objectives import get_objective, pair_similarities
+from dnnmod.training.objectives import get_objective, pair_similarities, spatial_mean
 from dnnmod.training.train import Recipe, Trainer, train
 
 KINDS = ("st", "mwt", "moda")
@@ -110,7 +110,7 @@ def captured_vectors(result, kind: str, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad(), objective.capture(result.model) as captured:
         result.model(x)
         vectors = list(captured.values())
-    return [v.float().mean((2, 3)) if v.dim() == 4 else v.float() for v in vectors]
+    return [spatial_mean(v.float()) if v.dim() == 4 else v.float() for v in vectors]
 
 
 def pair_term_seconds(function, vectors: list[torch.Tensor], labels: torch.Tensor) -> float:
