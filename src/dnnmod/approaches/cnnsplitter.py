@@ -470,25 +470,6 @@ def score_compositions(logits: Sequence[torch.Tensor], labels: torch.Tensor,
     return result
 
 
-def composition_masks(layout: GeneLayout, genes: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Channel masks (modules × channels per group) of one composition: ``genes[c]`` are the
-    genes of class c's solution."""
-    return {group: torch.cat([layout.decode(genes[c:c + 1], c)[group]
-                              for c in range(len(genes))])
-            for group in layout.groups}
-
-
-def composition_accuracy(model: nn.Module, structure: ModelStructure, layout: GeneLayout,
-                         genes: torch.Tensor, images, kept_pass: KeptChannelPass | None
-                         ) -> float:
-    """Accuracy (0-1) on ``images`` of the composition ``genes`` (one solution per class):
-    the argmax over each module's own-class logit."""
-    classes = list(range(len(genes)))
-    scores = run(model, images, structure=structure, masks=composition_masks(layout, genes),
-                 head=OwnLogitHead(classes, len(classes)), kept_pass=kept_pass)
-    return float((scores.argmax(1).cpu() == images.labels.cpu()).float().mean())
-
-
 def _record(fitness: torch.Tensor, solutions: torch.Tensor, best: torch.Tensor,
             size: int) -> None:
     """Solutions in a surviving composition of ``size`` classes: (size, their best fitness)."""
@@ -633,6 +614,7 @@ class CNNSplitter(Approach):
         for name, reduce in (("mean", np.mean), ("max", np.max), ("min", np.min)):
             statistics.register(name, reduce)
         populations, fitness, cached, best_compositions = None, None, None, []
+        held_out_caches = [{} for _ in classes]  # genes → own-class logits on held_out
         best_members, accuracy_prev_best = None, 0.0
         if loop.state is not None:
             state = loop.state
@@ -673,9 +655,14 @@ class CNNSplitter(Approach):
             accuracy_prev_best = float(scores.accuracy[0])
             chosen = torch.stack([populations[c, best_members[c]] for c in classes])
             best_compositions.append(chosen)
-            selection_accuracy = (accuracy_prev_best if held_out is None else
-                                  composition_accuracy(model, structure, layout, chosen,
-                                                       held_out, kept_pass))
+            if held_out is None:
+                selection_accuracy = accuracy_prev_best
+            else:  # the best composition's members are mostly last generation's: cached
+                held_out_logits, _ = population_logits(model, structure, held_out, layout,
+                                                       chosen[:, None], held_out_caches,
+                                                       kept_pass)
+                selection_accuracy = float((held_out_logits[:, 0].argmax(0)
+                                            == held_out.labels.cpu()).float().mean())
             selection = hp["alpha"] * selection_accuracy + (1 - hp["alpha"]) * float(
                 scores.difference[0])
             kept = torch.stack([layout.kernel_sets(chosen[c:c + 1], c)[0] for c in classes])
@@ -707,7 +694,8 @@ class CNNSplitter(Approach):
         records = list(logbook)
         selected = max(range(len(records)), key=lambda g: records[g]["selection"])
         genes = best_compositions[selected]
-        masks = composition_masks(layout, genes)
+        masks = {group: torch.cat([layout.decode(genes[c:c + 1], c)[group] for c in classes])
+                 for group in layout.groups}
         provenance = {
             "approach": self.name, "hyperparameters": hp, "seed": seed,
             "wall_seconds": loop.wall_seconds, "selected_generation": selected,
