@@ -153,7 +153,10 @@ def test_decomposition_cost_and_table_with_published_beside(resnet, small_digits
     assert record["composed_top5"] >= record["composed_top1"]
     assert record["model_top1"] - record["composed_top1"] == pytest.approx(
         record["top1_loss_pp"])
-    assert "no dense backtracking" in record["note"]
+    assert "no dense backtracking" in record["note"] and "TI" not in record["note"]
+    strict = run_approach("pan_rajan", model, meta, small_digits, {"tangling_rate": 0.5}, seed=0)
+    assert "at least 0.5 of the other classes' images" in decomposition_cost(
+        model, meta, strict, small_digits.test)["note"]
     table = decomposition_table([record, {**record, "dataset": "cifar10", "seed": 1}])
     paper = table[table.dataset == "cifar10"].iloc[0]
     assert paper.published_composed_top1 == 88.5 and paper.published_jaccard == 0.75

@@ -40,7 +40,8 @@ PUBLISHED_COLUMNS = [
 def decomposition_cost(model: nn.Module, model_meta: dict[str, Any], modules: ModuleSet,
                        test) -> dict[str, Any]:
     """Table 1 measures of one module set on the ImageSet ``test``, with what identifies it
-    and the notes a reader needs (BatchNorm, channel-level masks, backtracking skipped)."""
+    and the notes a reader needs (BatchNorm, channel-level masks, TI's rate ρ, backtracking
+    skipped)."""
     logits = run(model, test)
     scores = module_scores(model, modules, test)
     classes = list(range(logits.shape[1]))
@@ -71,6 +72,13 @@ def notes(provenance: dict[str, Any]) -> list[str]:
     if provenance.get("channel_masked_groups"):
         found.append(f"{len(provenance['channel_masked_groups'])} conv group(s) without one "
                      "spatial shape masked per channel, not per position")
+    hyperparameters = provenance.get("hyperparameters", {})
+    if not hyperparameters.get("tangling", True):
+        found.append("no tangling identification (CI alone)")
+    elif hyperparameters.get("tangling_rate", 0):
+        found.append(f"TI switches a position back on only when at least "
+                     f"{hyperparameters['tangling_rate']:g} of the other classes' images "
+                     "activate it (the paper: any one of them)")
     backtracking = provenance.get("backtracking")
     if isinstance(backtracking, dict) and not backtracking.get("applied", True):
         found.append(f"no dense backtracking: {backtracking.get('reason', '')}")
