@@ -41,7 +41,7 @@ def fabricate_study(results: Path) -> None:
                 ["dataset", "model", "training"], ["test_accuracy"])
     e2 = pd.DataFrame({"approach": ["gradsplitter", "random"], "model": ["simcnn"] * 2,
                        "dataset": ["digits"] * 2, "krr": [0.4, 0.4],
-                       "composed_accuracy": [88.0, 40.0]})
+                       "module_size": [0.45, 0.45], "composed_accuracy": [88.0, 40.0]})
     accuracy_vs_krr_figure(e2, results / "figures/e2_accuracy_vs_krr.png")
     for job, seconds, rss, cpu, log in JOBS:
         benchmark = results / "benchmarks" / f"{job}.tsv"

@@ -220,23 +220,29 @@ def modularization_table(metrics_paths: list[Path]) -> pd.DataFrame:
 
 
 def accuracy_vs_krr_figure(table: pd.DataFrame, path: Path) -> None:
-    """Scatter of composed accuracy against KRR, one point per (approach, model, dataset);
-    written as ``path`` (PNG) and the same name with ``.pdf``."""
+    """Composed accuracy against KRR (left) and against module size (right), one point per
+    (approach, model, dataset); written as ``path`` (PNG) and the same name with ``.pdf``.
+    Both panels, because the approaches cut at different grains: Pan & Rajan switches off
+    positions and MODA hidden units, which module size sees and KRR does not."""
     means = table.groupby(["approach", "model", "dataset"], as_index=False)[
-        ["krr", "composed_accuracy"]].mean()
-    figure, axes = pyplot().subplots(figsize=(6, 4.5))
-    for approach, points in means.groupby("approach"):
-        axes.scatter(100 * points.krr, points.composed_accuracy, label=approach, s=40,
-                     **approach_style(approach))
-        for point in points.itertuples():
-            axes.annotate(f"{point.model}/{point.dataset}", (100 * point.krr,
-                          point.composed_accuracy), fontsize=7, xytext=(4, 2),
-                          textcoords="offset points")
-    axes.set_xlabel("kernel retention rate (%)")
-    axes.set_ylabel("composed test accuracy (%)")
-    axes.set_title("Modularization: accuracy vs kernels kept")
-    axes.legend(title="approach")
-    axes.grid(alpha=0.3)
+        ["krr", "module_size", "composed_accuracy"]].mean()
+    figure, panels = pyplot().subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for axes, column, label in ((panels[0], "krr", "kernel retention rate (%)"),
+                                (panels[1], "module_size", "module size (% of parameters)")):
+        for approach, points in means.dropna(subset=[column]).groupby("approach"):
+            axes.scatter(100 * points[column], points.composed_accuracy, label=approach, s=40,
+                         **approach_style(approach))
+            for point in points.itertuples():
+                axes.annotate(f"{point.model}/{point.dataset}",
+                              (100 * getattr(point, column), point.composed_accuracy),
+                              fontsize=7, xytext=(4, 2), textcoords="offset points")
+        axes.set_xlabel(label)
+        axes.grid(alpha=0.3)
+    panels[0].set_ylabel("composed test accuracy (%)")
+    panels[0].set_title("accuracy vs kernels kept")
+    panels[1].set_title("accuracy vs parameters kept")
+    panels[1].legend(title="approach")
+    figure.suptitle("Modularization")
     figure.tight_layout()
     save_figure(figure, path)
 
