@@ -16,6 +16,7 @@ from workflow_helpers import REPO, TINY, make_project, snakemake, write_config
 from dnnmod.cli import main
 from dnnmod.report.cost import ENERGY_DEFAULTS, energy_model, job_costs, stage_of
 from dnnmod.report.html import build_report
+from dnnmod.report.orderings import ordering_table, write_ordering_report
 from dnnmod.report.tables import accuracy_vs_krr_figure, write_table
 
 BENCHMARK_HEADER = "\t".join(["s", "h:m:s", "max_rss", "max_vms", "max_uss", "max_pss", "io_in",
@@ -96,6 +97,49 @@ def test_energy_follows_the_stated_method(study):
     assert jobs.loc["e1_base_models"].seed == -1
 
 
+def e2_row(approach, model, krr, size, loss, seed=0):
+    return {"approach": approach, "model": model, "dataset": "digits", "seed": seed,
+            "krr": krr, "module_size": size, "accuracy_loss_pp": loss}
+
+
+def test_orderings_compare_seed_means_on_the_same_model(tmp_path):
+    e2 = pd.DataFrame([
+        # simcnn: GradSplitter smaller than CNNSplitter (seed means 0.6 vs 0.8) at less loss
+        e2_row("gradsplitter", "simcnn", 0.5, 0.6, 1.0), e2_row("gradsplitter", "simcnn",
+                                                                0.7, 0.6, 1.0, seed=1),
+        e2_row("cnnsplitter", "simcnn", 0.8, 0.9, 3.0),
+        e2_row("mwt", "simcnn", 0.7, 0.7, 0.5), e2_row("moda", "simcnn", 0.9, 0.2, 2.0),
+        # vgg16: GradSplitter smaller but at more loss; no MwT or MODA
+        e2_row("gradsplitter", "vgg16", 0.5, 0.5, 4.0), e2_row("cnnsplitter", "vgg16",
+                                                               0.6, 0.6, 2.0),
+        e2_row("pan_rajan", "vgg16", 1.0, 0.9, 0.0)])
+    table = ordering_table(e2)
+    rows = {(row.model, row.claim.split(" modules")[0], row.claim.split("than ")[1][:6]): row
+            for row in table.itertuples()}
+    assert set(rows) == {("simcnn", "gradsplitter", "cnnspl"), ("simcnn", "mwt", "cnnspl"),
+                         ("simcnn", "mwt", "gradsp"), ("simcnn", "moda", "gradsp"),
+                         ("simcnn", "moda", "cnnspl"), ("vgg16", "gradsplitter", "cnnspl")}
+    splitters = rows[("simcnn", "gradsplitter", "cnnspl")]
+    assert (splitters.first_value, splitters.second_value) == pytest.approx((0.6, 0.8))
+    assert splitters.fewer_pct == pytest.approx(25.0) and splitters.holds == "yes"
+    assert splitters.published_fewer_pct == 19.88
+    assert rows[("simcnn", "mwt", "cnnspl")].published_fewer_pct == 74.31
+    # MwT keeps as many kernels as GradSplitter: not fewer
+    assert rows[("simcnn", "mwt", "gradsp")].holds == "no"
+    assert pd.isna(rows[("simcnn", "mwt", "gradsp")].published_fewer_pct)
+    # MODA is judged on module size (0.2 against 0.6), and loss is not part of its claim
+    moda = rows[("simcnn", "moda", "gradsp")]
+    assert moda.measure == "module_size" and moda.holds == "yes"
+    # fewer kernels, but at more loss than the claim allows
+    assert rows[("vgg16", "gradsplitter", "cnnspl")].holds == "no"
+
+    write_ordering_report(e2, tmp_path / "e2_orderings.csv")
+    assert "fewer_pct_minus_published" in (tmp_path / "e2_orderings.md").read_text()
+    assert (tmp_path / "e2_orderings.tex").read_text().count("\\toprule") == 1
+    empty = ordering_table(pd.DataFrame([e2_row("gradsplitter", "simcnn", 0.5, 0.6, 1.0)]))
+    assert empty.empty and list(empty.columns)[:3] == ["model", "dataset", "claim"]
+
+
 def test_stages_take_the_longest_matching_path():
     stages = ENERGY_DEFAULTS["stages"]
     assert stage_of("new_tasks/scratch/t/m/seed0", stages) == "from_scratch"
@@ -140,7 +184,7 @@ def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("module", ["tables", "newtask", "cost", "html", "subtasks", "sensitivity",
-                                    "curves", "figures", "patching"])
+                                    "curves", "figures", "patching", "orderings"])
 def test_table_and_report_writers_leave_torch_unimported(module):
     """Their jobs read JSON, CSV and benchmark files only: importing torch would cost each job
     about 2 s of the demo's budget."""

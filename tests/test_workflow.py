@@ -45,6 +45,9 @@ def test_tiny_study_runs_end_to_end(project):
     assert json.loads((random / "metrics.json").read_text())["krr"] == module_metrics["krr"]
     for suffix in ("png", "pdf"):
         assert (project / f"results/tiny/figures/e2_accuracy_vs_krr.{suffix}").stat().st_size
+    # Only GradSplitter and its control: no pair of approaches a paper orders
+    orderings = (project / "results/tiny/tables/e2_orderings.csv").read_text().splitlines()
+    assert orderings[0].startswith("model,dataset,claim") and len(orderings) == 1
 
     again = snakemake(project, "--cores", "2", "--configfile", configfile)
     assert again.returncode == 0

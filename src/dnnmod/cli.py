@@ -206,11 +206,14 @@ def _device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_table_modularization(args: argparse.Namespace) -> None:
+    from dnnmod.report.orderings import write_ordering_report
     from dnnmod.report.tables import write_modularization_report
 
-    write_modularization_report([Path(p) for p in args.metrics], Path(args.out),
-                                Path(args.figure) if args.figure else None,
-                                Path(args.summary) if args.summary else None)
+    table = write_modularization_report([Path(p) for p in args.metrics], Path(args.out),
+                                        Path(args.figure) if args.figure else None,
+                                        Path(args.summary) if args.summary else None)
+    if args.orderings:
+        write_ordering_report(table, Path(args.orderings))
 
 
 def cmd_table_cost(args: argparse.Namespace) -> None:
@@ -577,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2.add_argument("--out", required=True, help="CSV path (.md rendering written beside)")
     e2.add_argument("--figure", help="accuracy-vs-KRR scatter (PNG; a PDF is written beside)")
     e2.add_argument("--summary", help="JSON path for DVC metrics")
+    e2.add_argument("--orderings", help="CSV path of the papers' orderings checked on E2 "
+                                        "(.md and .tex written beside)")
     e2.set_defaults(func=cmd_table_modularization)
     table_1 = table.add_parser("pan-rajan", help="Pan & Rajan's Table 1: decomposition cost "
                                                  "per module set, published beside")

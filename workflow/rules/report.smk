@@ -41,6 +41,13 @@ rule table_modularization:
         ),
         figure_pdf=f"{RESULTS}/figures/e2_accuracy_vs_krr.pdf",
         summary=f"{RESULTS}/metrics/e2_modularization.json",
+        orderings=report(
+            f"{RESULTS}/tables/e2_orderings.csv",
+            caption="../report/e2_orderings.rst",
+            category="E2 modularization",
+        ),
+        orderings_markdown=f"{RESULTS}/tables/e2_orderings.md",
+        orderings_latex=f"{RESULTS}/tables/e2_orderings.tex",
     log:
         f"{RESULTS}/logs/report/e2_modularization.log",
     benchmark:
@@ -49,7 +56,8 @@ rule table_modularization:
         "../../environment.yml"
     shell:
         "dnnmod table modularization --metrics {input} --out {output.csv} "
-        "--figure {output.figure} --summary {output.summary} 2> {log}"
+        "--figure {output.figure} --summary {output.summary} "
+        "--orderings {output.orderings} 2> {log}"
 
 
 rule table_cost:

@@ -273,8 +273,8 @@ E2_NOTES = (
 
 def write_modularization_report(metrics_paths: list[Path], csv_path: Path,
                                 figure_path: Path | None = None,
-                                summary_path: Path | None = None) -> None:
-    """E2 as CSV + Markdown, its accuracy-vs-KRR figure and its DVC metrics."""
+                                summary_path: Path | None = None) -> pd.DataFrame:
+    """E2 as CSV + Markdown, its accuracy figure and its DVC metrics; returns the table."""
     table = modularization_table(metrics_paths)
     write_table(table, csv_path, title="E2 modularization",
                 keys=["dataset", "model", "approach"],
@@ -290,3 +290,4 @@ def write_modularization_report(metrics_paths: list[Path], csv_path: Path,
                 "accuracy_loss_pp": row.accuracy_loss_pp, "krr": row.krr,
                 "module_size": row.module_size}
             for row in table.itertuples()})
+    return table
