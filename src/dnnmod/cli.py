@@ -578,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2 = table.add_parser("modularization", help="E2: module quality and cost per approach")
     e2.add_argument("--metrics", nargs="+", required=True, help="evaluate-modules JSON files")
     e2.add_argument("--out", required=True, help="CSV path (.md rendering written beside)")
-    e2.add_argument("--figure", help="accuracy-vs-KRR scatter (PNG; a PDF is written beside)")
+    e2.add_argument("--figure", help="accuracy against KRR and module size (PNG; a PDF is "
+                                      "written beside)")
     e2.add_argument("--summary", help="JSON path for DVC metrics")
     e2.add_argument("--orderings", help="CSV path of the papers' orderings checked on E2 "
                                         "(.md and .tex written beside)")

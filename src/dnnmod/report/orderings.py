@@ -28,15 +28,17 @@ class Ordering:
     source: str           # where the claim comes from
 
     @property
+    def counted(self) -> str:
+        return "kernels" if self.measure == "krr" else "parameters"
+
+    @property
     def claim(self) -> str:
-        what = "kernels" if self.measure == "krr" else "parameters"
         loss = ", at no more accuracy loss" if self.loss_too else ""
-        return f"{self.smaller} modules keep fewer {what} than {self.larger}'s{loss}"
+        return f"{self.smaller} modules keep fewer {self.counted} than {self.larger}'s{loss}"
 
     @property
     def published_metric(self) -> str:
-        what = "kernels" if self.measure == "krr" else "parameters"
-        return f"fewer_{what}_than_{self.larger}_pct"
+        return f"fewer_{self.counted}_than_{self.larger}_pct"
 
 
 ORDERINGS = [
@@ -74,20 +76,20 @@ def ordering_table(e2: pd.DataFrame) -> pd.DataFrame:
             if ((ordering.smaller, model, dataset) not in means.index
                     or (ordering.larger, model, dataset) not in means.index):
                 continue
-            small = means.loc[(ordering.smaller, model, dataset)]
-            large = means.loc[(ordering.larger, model, dataset)]
+            first = means.loc[(ordering.smaller, model, dataset)]
+            second = means.loc[(ordering.larger, model, dataset)]
             value, _ = published_value(reference, model="", dataset="",
                                        approach=ordering.smaller,
                                        metric=ordering.published_metric)
-            smaller = small[ordering.measure] < large[ordering.measure]
-            no_more_loss = small.accuracy_loss_pp <= large.accuracy_loss_pp
+            smaller = first[ordering.measure] < second[ordering.measure]
+            no_more_loss = first.accuracy_loss_pp <= second.accuracy_loss_pp
             rows.append({
                 "model": model, "dataset": dataset, "claim": ordering.claim,
                 "measure": ordering.measure,
-                "first_value": small[ordering.measure], "first_loss_pp": small.accuracy_loss_pp,
-                "second_value": large[ordering.measure],
-                "second_loss_pp": large.accuracy_loss_pp,
-                "fewer_pct": 100 * (1 - small[ordering.measure] / large[ordering.measure]),
+                "first_value": first[ordering.measure], "first_loss_pp": first.accuracy_loss_pp,
+                "second_value": second[ordering.measure],
+                "second_loss_pp": second.accuracy_loss_pp,
+                "fewer_pct": 100 * (1 - first[ordering.measure] / second[ordering.measure]),
                 "published_fewer_pct": value,
                 "holds": "yes" if smaller and (no_more_loss or not ordering.loss_too) else "no",
                 "source": ordering.source,
