@@ -266,8 +266,9 @@ E2_NOTES = (
     "model's. MwT and MODA decompose their own modular-trained model (base_accuracy is "
     "that model's). pan_rajan switches off output positions, not kernels: a channel counts "
     "as kept when any of its positions is active, so its krr stays near 1 by the method's "
-    "design; its own measure, the model-module Jaccard index of active positions, is in "
-    "pan_rajan_decomposition. random keeps as many kernels per layer as the approach it "
+    "design; module_size counts what it removes (hidden units, and channels inactive at every "
+    "position), and its own measure, the model-module Jaccard index of active positions, is "
+    "in pan_rajan_decomposition. random keeps as many kernels per layer as the approach it "
     "matches, chosen at random: the floor every approach should beat.")
 
 
