@@ -120,17 +120,18 @@ def ga_convergence_figure(paths: Sequence[Path], out: Path) -> None:
                      **style)
         accuracy.plot(generations, [r["val_accuracy"] for r in run["records"]], label=label,
                       marker="s", markersize=3, **style)
-        # runs that select on validation images the search did not score (fitness_samples)
-        selection_key = ("selection_accuracy" if "selection_accuracy" in run["records"][0]
-                         else "val_accuracy")
-        if selection_key != "val_accuracy":
-            accuracy.plot(generations, [r[selection_key] for r in run["records"]],
-                          marker="o", markersize=3, color=style["color"], linestyle=":")
+        # runs that select on validation images the search did not score (fitness_samples);
+        # otherwise both accuracies are the fitness images' (or the run predates the split)
+        selection = [r.get("selection_accuracy", r["val_accuracy"]) for r in run["records"]]
+        apart = selection != [r["val_accuracy"] for r in run["records"]]
+        if apart:
+            accuracy.plot(generations, selection, marker="o", markersize=3,
+                          color=style["color"], linestyle=":")
         krr.plot(generations, [100 * r["krr"] for r in run["records"]], label=label,
                  marker="s", markersize=3, **style)
         if run["selected"] is not None:
             accuracy.plot(generations[run["selected"]],
-                          run["records"][run["selected"]][selection_key], marker="*",
+                          selection[run["selected"]], marker="*",
                           markersize=12, color=style["color"], linestyle="none")
     fitness.plot([], [], color="0.3", label="best (solid with markers)")
     fitness.plot([], [], color="0.3", alpha=0.5, label="mean (faint)")
