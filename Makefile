@@ -34,6 +34,7 @@ lint: $(STAMP)
 
 dry-run: $(STAMP)
 	snakemake -n --configfile config/demo.yaml
+	snakemake -n --configfile config/demo_long.yaml
 	snakemake -n --configfile config/medium.yaml
 	snakemake -n --configfile config/config.yaml
 

@@ -102,8 +102,9 @@ def test_unresolvable_names_are_reported_with_their_key(project, change, message
     assert message in run.stdout
 
 
-@pytest.mark.parametrize("configfile", ["config/demo.yaml", "config/medium.yaml",
-                                        "config/fidelity.yaml", "config/config.yaml"])
+@pytest.mark.parametrize("configfile", ["config/demo.yaml", "config/demo_long.yaml",
+                                        "config/medium.yaml", "config/fidelity.yaml",
+                                        "config/config.yaml"])
 def test_every_shipped_config_builds_its_dag(configfile):
     run = snakemake(REPO, "-n", "--configfile", configfile, "--directory", str(REPO))
     assert run.returncode == 0, run.stdout[-3000:]
