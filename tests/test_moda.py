@@ -11,6 +11,7 @@ from dnnmod.approaches.moda import activation_terms
 from dnnmod.errors import ConfigError
 from dnnmod.modules.activations import activation_statistics
 from dnnmod.modules.masking import masked_logits
+from dnnmod.modules.metrics import evaluate
 from dnnmod.modules.union import union_masks, union_network
 from dnnmod.training.model_io import load_model
 from dnnmod.training.objectives import get_objective
@@ -82,3 +83,26 @@ def test_decomposition_thresholds_activation_rates_of_conv_and_linear_groups(mod
     assert torch.allclose(network(x), expected, atol=1e-5)
     assert sum(p.numel() for p in network.parameters()) <= sum(
         p.numel() for p in model.parameters())
+
+
+def test_e2_reports_the_whole_set_composed_as_one_union_network(modular, small_digits):
+    _, path = modular
+    model, meta = load_model(path)
+    modules = run_approach("moda", model, meta, small_digits, {"threshold": 0.5}, seed=0)
+    result = evaluate(model, modules, small_digits.test, base_accuracy=90.0, with_costs=False,
+                      union=get_approach("moda").composes_by_union)
+    network = union_network(model, modules, modules.classes)
+    predictions = network(small_digits.test.float_batch(
+        torch.arange(len(small_digits.test.labels)))[0]).argmax(1)
+    expected = 100.0 * (predictions == small_digits.test.labels).float().mean().item()
+    assert result["union_accuracy"] == pytest.approx(expected)
+    assert result["union_loss_pp"] == pytest.approx(90.0 - expected)
+    whole = sum(p.numel() for p in model.parameters())
+    assert result["union_size"] == pytest.approx(
+        sum(p.numel() for p in network.parameters()) / whole)
+    # A subset of the model's channels and units: never larger than the model.
+    assert result["union_size"] <= 1.0
+    assert "union_accuracy" not in evaluate(model, modules, small_digits.test,
+                                            with_costs=False)
+    assert not get_approach("gradsplitter").composes_by_union
+    assert get_approach("mwt").composes_by_union

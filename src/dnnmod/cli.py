@@ -163,10 +163,12 @@ def cmd_evaluate_modules(args: argparse.Namespace) -> None:
 
 def _write_module_metrics(model, meta, modules, data, out: str) -> None:
     """The shared metrics of a module set on the test split, as its metrics.json record."""
+    from dnnmod.approaches import get_approach
     from dnnmod.artifacts import write_json
     from dnnmod.modules.metrics import evaluate, metrics_record
 
-    result = evaluate(model, modules, data.test, meta["metrics"]["test_accuracy"])
+    result = evaluate(model, modules, data.test, meta["metrics"]["test_accuracy"],
+                      union=get_approach(modules.approach).composes_by_union)
     write_json(out, metrics_record(meta, modules, result))
     log.info("%s on %s/%s: composed %.2f%% (base %.2f%%), KRR %.3f", modules.approach,
              meta["dataset"], meta["model"], result["composed_accuracy"],

@@ -35,10 +35,14 @@ class Approach(ABC):
         training: training kind of the base models it decomposes (``st`` = standard).
         defaults: reference hyperparameters (from the paper); configs override them.
         constraints: ranges or choices of hyperparameters (:mod:`dnnmod.hyperparameters`).
+        composes_by_union: whether the approach's own composition of modules is one union
+            network (the OR of their masks: MwT, MODA) rather than the modules side by side;
+            E2 then also reports that network for the whole set.
     """
 
     name: ClassVar[str]
     training: ClassVar[str] = "st"
+    composes_by_union: ClassVar[bool] = False
     defaults: ClassVar[Mapping[str, Any]]
     constraints: ClassVar[Mapping[str, Range | OneOf]] = {}
 

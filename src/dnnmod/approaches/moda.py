@@ -97,6 +97,7 @@ def activation_terms(activations: list[torch.Tensor], labels: torch.Tensor
 class MODA(Approach):
     name = "moda"
     training = "moda"
+    composes_by_union = True
     defaults = {
         "threshold": 0.9,                 # τ: least activation rate of a kept channel or unit
         "residual_skip": "intersection",  # how the sites of coupled convs combine

@@ -210,6 +210,7 @@ def sample_masks(model: nn.Module, images) -> torch.Tensor:
 class MwT(Approach):
     name = "mwt"
     training = "mwt"
+    composes_by_union = True
     defaults = {
         "threshold": 0.9,       # τ: least fraction of a class's images a kept kernel is active on
         "fallback_step": 0.05,  # τ is lowered by this for a layer that would keep nothing

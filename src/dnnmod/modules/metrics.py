@@ -174,9 +174,27 @@ def module_costs(model: nn.Module, modules: ModuleSet) -> list[dict[str, float]]
     return rows
 
 
+def union_composition(model: nn.Module, modules: ModuleSet, test,
+                      base_accuracy: float) -> dict[str, float]:
+    """The whole set composed as MwT and MODA compose modules: one union network of all its
+    modules (:func:`~dnnmod.modules.union.union_network`), on the test images of the set's
+    classes. Its accuracy, the loss against ``base_accuracy`` (pp) and its parameters as a
+    fraction of the base model's."""
+    from dnnmod.modules.union import union_network
+
+    network = union_network(model, modules, modules.classes)
+    images = test.subset(modules.classes)  # labels in the network's output order
+    accuracy = 100.0 * (run(network, images).argmax(1) == images.labels).float().mean().item()
+    return {"union_accuracy": accuracy, "union_loss_pp": base_accuracy - accuracy,
+            "union_size": count_parameters(network) / count_parameters(model)}
+
+
 def evaluate(model: nn.Module, modules: ModuleSet, test, base_accuracy: float | None = None,
-             with_costs: bool = True) -> dict[str, Any]:
-    """Every shared metric of a module set on the ImageSet ``test`` (base-model labels)."""
+             with_costs: bool = True, union: bool = False) -> dict[str, Any]:
+    """Every shared metric of a module set on the ImageSet ``test`` (base-model labels); with
+    ``union``, also :func:`union_composition` (for approaches that compose by union network:
+    the shared composition sets the modules side by side, and their own-class scores, each
+    from a different sub-network, grow less comparable as the modules shrink)."""
     scores = module_scores(model, modules, test)
     if base_accuracy is None:
         base_accuracy = model_accuracy(model, test)
@@ -195,6 +213,8 @@ def evaluate(model: nn.Module, modules: ModuleSet, test, base_accuracy: float | 
         "modules": [{**row, "krr": k, "unit_retention": u} for row, k, u in
                     zip(binary, krr, units or [None] * len(krr), strict=True)],
     }
+    if union:
+        result.update(union_composition(model, modules, test, base_accuracy))
     if with_costs:
         costs = module_costs(model, modules)
         result["module_size"] = sum(c["size_fraction"] for c in costs) / len(costs)

@@ -108,7 +108,8 @@ def _mean_std_view(summary: pd.DataFrame, keys: list[str], values: list[str],
     to it beside (empty cells where the paper has none)."""
     view = summary[keys].copy()
     for value in values:
-        view[value] = [f"{m:.2f} ± {s:.2f}" for m, s in
+        # empty where a value does not apply to the row (E2's union columns, for example)
+        view[value] = [None if pd.isna(m) else f"{m:.2f} ± {s:.2f}" for m, s in
                        zip(summary[f"{value}_mean"], summary[f"{value}_std"], strict=True)]
         if f"published_{value}" in summary.columns:
             view[f"{value} (published)"] = summary[f"published_{value}"]
@@ -187,6 +188,7 @@ E2_PUBLISHED = [
 E2_COLUMNS = ["approach", "training", "model", "arch", "dataset", "seed", "base_accuracy",
               "composed_accuracy", "accuracy_loss_pp", "krr", "unit_retention", "module_size",
               "flops_fraction", "overlap", "mean_precision", "mean_recall", "mean_f1",
+              "union_accuracy", "union_loss_pp", "union_size",
               "train_seconds", "modularize_seconds", "seconds", "device"]
 
 
@@ -269,7 +271,11 @@ E2_NOTES = (
     "design; module_size counts what it removes (hidden units, and channels inactive at every "
     "position), and its own measure, the model-module Jaccard index of active positions, is "
     "in pan_rajan_decomposition. random keeps as many kernels per layer as the approach it "
-    "matches, chosen at random: the floor every approach should beat.")
+    "matches, chosen at random: the floor every approach should beat. composed_accuracy sets "
+    "the modules side by side (each scores its own class; argmax); MwT and MODA compose "
+    "modules into one union network instead (the OR of their masks), and union_accuracy, "
+    "union_loss_pp and union_size (parameters over the model's) give that network for the "
+    "whole set: the smaller their modules, the less comparable their separate scores.")
 
 
 def write_modularization_report(metrics_paths: list[Path], csv_path: Path,
@@ -280,7 +286,8 @@ def write_modularization_report(metrics_paths: list[Path], csv_path: Path,
     write_table(table, csv_path, title="E2 modularization",
                 keys=["dataset", "model", "approach"],
                 values=["composed_accuracy", "accuracy_loss_pp", "krr", "module_size",
-                        "flops_fraction", "overlap", "mean_f1", "seconds"],
+                        "flops_fraction", "overlap", "mean_f1", "union_loss_pp", "union_size",
+                        "seconds"],
                 notes=E2_NOTES)
     if figure_path:
         accuracy_vs_krr_figure(table, figure_path)
