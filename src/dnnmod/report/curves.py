@@ -55,13 +55,12 @@ def read_module_runs(paths: Sequence[Path], approach: str, key: str) -> list[dic
 
 def read_training_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
     """The epoch histories of modular-trained models (their loss parts per epoch)."""
-    from dnnmod.training.objectives import StandardTraining
     from dnnmod.training.records import read_model_record
 
     runs = []
     for path in paths:
         meta = read_model_record(path)
-        if meta["training"] == StandardTraining.name:
+        if meta["training"] == "st":  # the objectives' registry would import torch (~2 s)
             raise ArtifactError(f"{path}: a standard-trained model; this figure shows the loss "
                                 "parts of modular training (e.g. mwt, moda)")
         if not meta.get("history"):
