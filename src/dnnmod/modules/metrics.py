@@ -183,8 +183,8 @@ def union_composition(model: nn.Module, modules: ModuleSet, test,
     from dnnmod.modules.union import union_network
 
     network = union_network(model, modules, modules.classes)
-    images = test.subset(modules.classes)  # labels in the network's output order
-    accuracy = 100.0 * (run(network, images).argmax(1) == images.labels).float().mean().item()
+    # T's images, labelled in the network's output order
+    accuracy = model_accuracy(network, test.subset(modules.classes))
     return {"union_accuracy": accuracy, "union_loss_pp": base_accuracy - accuracy,
             "union_size": count_parameters(network) / count_parameters(model)}
 
