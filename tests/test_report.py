@@ -81,6 +81,19 @@ def test_tables_have_latex_and_published_differences(study):
     assert "nan" not in latex and "nan" not in markdown
 
 
+def test_a_value_that_does_not_apply_to_a_row_is_an_empty_cell(tmp_path):
+    # E2's union columns exist for MwT and MODA only.
+    table = pd.DataFrame({"approach": ["gradsplitter", "moda"], "model": ["simcnn"] * 2,
+                          "seed": [0, 0], "krr": [0.7, 0.74],
+                          "union_loss_pp": [None, 0.25]})
+    write_table(table, tmp_path / "e2.csv", "E2", ["model", "approach"],
+                ["krr", "union_loss_pp"])
+    markdown = (tmp_path / "e2.md").read_text()
+    latex = (tmp_path / "e2.tex").read_text()
+    assert "0.25 ± 0.00" in markdown and "0.70 ± 0.00" in markdown
+    assert "nan" not in markdown and "nan" not in latex
+
+
 def test_energy_follows_the_stated_method(study):
     jobs = job_costs(study, energy_model({})).set_index("job")
     d = ENERGY_DEFAULTS
