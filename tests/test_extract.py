@@ -19,6 +19,7 @@ from dnnmod.modules.extract import (
     count_flops,
     count_parameters,
     extract_module,
+    layer_flops,
     pad_and_extract,
 )
 from dnnmod.modules.masking import masked_logits
@@ -81,6 +82,44 @@ def test_extracted_module_equals_masked_model(name):
     assert all(torch.equal(before[key], after[key]) for key in before)
     assert count_parameters(module) < count_parameters(model)
     assert count_flops(module, structure.input_shape) < count_flops(model, structure.input_shape)
+
+
+def flop_counter_total(module: nn.Module, input_shape) -> int:
+    """FLOPs of one input as torch's FlopCounterMode counts them (what count_flops replaces)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module.eval()(torch.zeros((1, *input_shape[1:])))
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_counted_flops_equal_torchs_flop_counter(name):
+    # Whole models and extracted modules (fewer channels, position-mask hooks) alike.
+    model = MODELS[name]()
+    structure = trace_structure(model)
+    module = extract_module(model, structure, random_keep(structure, seed=2))
+    for network in (model, module):
+        assert count_flops(network, structure.input_shape) == flop_counter_total(
+            network, structure.input_shape)
+
+
+def test_counted_flops_of_grouped_transposed_and_reused_layers():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.grouped = nn.Conv2d(4, 8, 3, stride=2, groups=2)
+            self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            x = self.up(self.grouped(x))
+            return self.fc(self.fc.weight.new_ones(3, 4)) + self.fc(x.mean((2, 3)))[:1]
+
+    model = Odd()
+    assert count_flops(model, (1, 4, 9, 9)) == flop_counter_total(model, (1, 4, 9, 9))
+    assert layer_flops(model, (1, 4, 9, 9))["fc"] == 2 * 4 * 5 * (3 + 1)
 
 
 @pytest.mark.parametrize("arch", ["simcnn", "incecnn", "resnet20", "mobilenet"])

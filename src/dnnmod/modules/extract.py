@@ -30,11 +30,10 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from dnnmod.errors import ArtifactError
 from dnnmod.modules.masking import channel_view, check_masks
-from dnnmod.modules.structure import ModelStructure
+from dnnmod.modules.structure import ModelStructure, eval_mode
 
 #: attribute name of the :class:`PositionMask` on a producer layer of an extracted module
 POSITION_MASK = "position_mask"
@@ -152,25 +151,51 @@ def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one eval-mode forward pass of one input.
+#: the layers that do multiply-accumulate work, as torch.utils.flop_counter counts them
+_MAC_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
-    ``input_shape`` is a full model input shape, such as ``ModelStructure.input_shape``; its
-    batch dimension is replaced by 1.
+
+def layer_flops(module: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """FLOPs of one eval-mode forward pass of one input, per layer (dotted name; a layer run
+    twice counts twice), for the layers that do multiply-accumulate work.
+
+    Counted as :class:`torch.utils.flop_counter.FlopCounterMode` counts them, two per
+    multiply-accumulate: a convolution (transposed ones too), ``2 · out positions · C_out ·
+    C_in / groups · kernel size`` per image, a Linear layer ``2 · in · out`` per output row;
+    biases, norms, activations and pooling count nothing. Read from the shapes a forward pass
+    produces, by hooks, because FlopCounterMode's dispatch imports ``torch._dynamo``, about
+    1.5 s of every job that counts. ``input_shape`` is a full model input shape, such as
+    ``ModelStructure.input_shape``; its batch dimension is replaced by 1.
     """
+    counts: dict[str, int] = {}
+
+    def count(name: str, layer: nn.Module, inputs, output: torch.Tensor) -> None:
+        if isinstance(layer, nn.Linear):
+            flops = 2 * output.numel() * layer.in_features
+        else:  # a transposed conv does its work at the input's positions
+            positions = (inputs[0] if layer.transposed else output)[0, 0].numel()
+            flops = 2 * positions * layer.weight.shape[:2].numel() * \
+                layer.weight.shape[2:].numel() * output.shape[0]
+        counts[name] = counts.get(name, 0) + flops
+
     reference = next(module.parameters(), None)
     x = torch.zeros((1, *input_shape[1:]),
                     device=reference.device if reference is not None else None,
                     dtype=reference.dtype if reference is not None else None)
-    training = module.training
-    module.eval()
+    hooks = [layer.register_forward_hook(lambda layer, i, o, name=name: count(name, layer, i, o))
+             for name, layer in module.named_modules() if isinstance(layer, _MAC_LAYERS)]
     try:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
+        with eval_mode(module), torch.no_grad():
             module(x)
     finally:
-        module.train(training)
-    return counter.get_total_flops()
+        for hook in hooks:
+            hook.remove()
+    return counts
+
+
+def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one eval-mode forward pass of one input (:func:`layer_flops`, summed)."""
+    return sum(layer_flops(module, input_shape).values())
 
 
 def pad_and_extract(model: nn.Module, structure: ModelStructure,

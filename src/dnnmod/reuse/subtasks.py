@@ -48,14 +48,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from dnnmod.artifacts import atomic_write, write_json
 from dnnmod.errors import ConfigError
 from dnnmod.hyperparameters import Range, resolve
 from dnnmod.modules.combination import combine_scores
-from dnnmod.modules.extract import count_parameters, extract_module
-from dnnmod.modules.inference import eval_mode, run
+from dnnmod.modules.extract import count_parameters, extract_module, layer_flops
+from dnnmod.modules.inference import run
 from dnnmod.modules.masking import channel_view
 from dnnmod.modules.metrics import module_costs, module_scores
 from dnnmod.modules.moduleset import ModuleSet
@@ -165,13 +164,14 @@ class UnionCosts:
                         self.shrink[name][dim][group.name] = full - left
         self.output_tensors = {f"{structure.output_layer}.{kind}" for kind in ("weight", "bias")}
         self.base_params = count_parameters(model)
-        layer_flops, self.base_flops = _layer_flops(model, tuple(structure.input_shape))
+        flops = layer_flops(model, tuple(structure.input_shape))
+        self.base_flops = sum(flops.values())
         #: FLOPs per weight element of each leaf layer that counts any
         self.flops_per_weight = {
-            f"{layer}.weight": flops / math.prod(self.shapes[f"{layer}.weight"])
-            for layer, flops in layer_flops.items() if f"{layer}.weight" in self.shapes}
+            f"{layer}.weight": count / math.prod(self.shapes[f"{layer}.weight"])
+            for layer, count in flops.items() if f"{layer}.weight" in self.shapes}
         self.fixed_flops = self.base_flops - sum(
-            layer_flops[name.removesuffix(".weight")] for name in self.flops_per_weight)
+            flops[name.removesuffix(".weight")] for name in self.flops_per_weight)
 
     def counts(self, kept: Mapping[str, int], outputs: int) -> tuple[int, float]:
         """Parameters and FLOPs of the union network keeping ``kept[group]`` channels of each
@@ -195,21 +195,6 @@ class UnionCosts:
         """:meth:`counts` as fractions of the base model's parameters and FLOPs."""
         params, flops = self.counts(kept, outputs)
         return params / self.base_params, flops / self.base_flops
-
-
-def _layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, float], int]:
-    """FLOPs of one input per leaf layer (dotted name) and in total, as
-    :func:`~dnnmod.modules.extract.count_flops` counts them."""
-    reference = next(model.parameters())
-    counter = FlopCounterMode(display=False)
-    with eval_mode(model), counter, torch.no_grad():
-        model(torch.zeros((1, *input_shape[1:]), device=reference.device, dtype=reference.dtype))
-    # The counter names modules "<root class>.<dotted name>".
-    by_module = counter.get_flop_counts()
-    root = type(model).__name__
-    leaves = {name: sum(by_module.get(f"{root}.{name}", {}).values())
-              for name, module in model.named_modules() if name and not list(module.children())}
-    return {name: flops for name, flops in leaves.items() if flops}, counter.get_total_flops()
 
 
 class KeptChannels:
