@@ -8,7 +8,12 @@ import torch
 from test_replacement import trained_model  # noqa: F401  (fixture)
 
 from dnnmod.approaches import run_approach
-from dnnmod.approaches.pan_rajan import backtrack, negative_rates, tangling_sample
+from dnnmod.approaches.pan_rajan import (
+    backtrack,
+    decomposition_cost,
+    negative_rates,
+    tangling_sample,
+)
 from dnnmod.cli import main
 from dnnmod.errors import ArtifactError, ConfigError
 from dnnmod.modules.combination import combine_scores
@@ -17,7 +22,7 @@ from dnnmod.modules.heads import ConcernVotesHead
 from dnnmod.modules.masking import masked_logits
 from dnnmod.modules.metrics import model_module_jaccard, top_k_accuracy
 from dnnmod.modules.moduleset import ModuleSet
-from dnnmod.report.pan_rajan import decomposition_cost, decomposition_table
+from dnnmod.report.pan_rajan import decomposition_table
 from dnnmod.training.model_io import load_model
 
 

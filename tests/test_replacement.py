@@ -13,7 +13,8 @@ from dnnmod.errors import ConfigError
 from dnnmod.models import build_model
 from dnnmod.modules.combination import combine_scores
 from dnnmod.modules.compose import ComposedModel, ComposedPart
-from dnnmod.reuse.replacement import replace_modules, replacement_scores, replacement_table
+from dnnmod.report.replacement import replacement_table
+from dnnmod.reuse.replacement import replace_modules, replacement_scores
 from dnnmod.training.model_io import load_model, save_model
 from dnnmod.training.objectives import get_objective
 from dnnmod.training.train import Recipe, train

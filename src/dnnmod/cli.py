@@ -390,10 +390,10 @@ def cmd_reuse_subtasks_figure(args: argparse.Namespace) -> None:
 
 def cmd_evaluate_decomposition(args: argparse.Namespace) -> None:
     claim = select_device(args.device)
+    from dnnmod.approaches.pan_rajan import decomposition_cost
     from dnnmod.artifacts import write_json
     from dnnmod.data import load_dataset
     from dnnmod.modules.moduleset import ModuleSet
-    from dnnmod.report.pan_rajan import decomposition_cost
     from dnnmod.training.model_io import load_model
 
     model, meta = load_model(args.model, device=claim.device)
@@ -441,14 +441,14 @@ def cmd_reuse_replace(args: argparse.Namespace) -> None:
 
 
 def cmd_reuse_replace_table(args: argparse.Namespace) -> None:
-    from dnnmod.reuse.replacement import write_replacement_table
+    from dnnmod.report.replacement import write_replacement_table
 
     write_replacement_table([Path(p) for p in args.records], Path(args.out),
                             Path(args.summary) if args.summary else None)
 
 
 def cmd_reuse_replace_figure(args: argparse.Namespace) -> None:
-    from dnnmod.reuse.replacement import replacement_figure
+    from dnnmod.report.replacement import replacement_figure
 
     replacement_figure([Path(p) for p in args.records], Path(args.out))
 

@@ -60,7 +60,15 @@ from dnnmod.errors import ConfigError
 from dnnmod.hyperparameters import Range
 from dnnmod.modules.activations import ActivationStatistics, activation_statistics
 from dnnmod.modules.heads import ConcernVotesHead
+from dnnmod.modules.inference import run
 from dnnmod.modules.masking import ensure_nonempty, mask_shapes
+from dnnmod.modules.metrics import (
+    composed_accuracy,
+    kernel_retention,
+    model_module_jaccard,
+    module_scores,
+    top_k_accuracy,
+)
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import ChannelGroup, ModelStructure, probe, trace_structure
 
@@ -229,3 +237,54 @@ def _feeding_group(model: nn.Module, structure: ModelStructure) -> ChannelGroup 
     probe(model, structure.input_shape, handles)
     before = calls[:calls.index(structure.output_layer)]
     return owner[before[-1]] if before else None
+
+
+# Their Table 1: the decomposition's cost, measured per module set.
+
+
+def decomposition_cost(model: nn.Module, model_meta: dict[str, Any], modules: ModuleSet,
+                       test) -> dict[str, Any]:
+    """Table 1 measures of one module set on the ImageSet ``test``, with what identifies it
+    and the notes a reader needs (BatchNorm, channel-level masks, TI's rate ρ, backtracking
+    skipped)."""
+    logits = run(model, test)
+    scores = module_scores(model, modules, test)
+    classes = list(range(logits.shape[1]))
+    model_top1 = top_k_accuracy(logits, classes, test.labels, 1)
+    model_top5 = top_k_accuracy(logits, classes, test.labels, 5)
+    composed_top1 = composed_accuracy(modules, scores, test.labels)
+    composed_top5 = top_k_accuracy(scores, modules.classes, test.labels, 5)
+    jaccard = model_module_jaccard(modules)
+    krr = kernel_retention(modules)
+    return {
+        "approach": modules.approach, "model": model_meta["model"], "arch": model_meta["arch"],
+        "dataset": model_meta["dataset"], "seed": modules.provenance["seed"],
+        "model_top1": model_top1, "model_top5": model_top5,
+        "composed_top1": composed_top1, "composed_top5": composed_top5,
+        "top1_loss_pp": model_top1 - composed_top1, "top5_loss_pp": model_top5 - composed_top5,
+        "jaccard": sum(jaccard) / len(jaccard), "krr": sum(krr) / len(krr),
+        "modularize_seconds": modules.provenance["wall_seconds"],
+        "device": modules.provenance.get("device", ""),
+        "note": "; ".join(notes(modules.provenance)),
+    }
+
+
+def notes(provenance: dict[str, Any]) -> list[str]:
+    """Where this run departs from the paper's setting, in words, from the provenance."""
+    found = []
+    if provenance.get("batch_norm"):
+        found.append("BatchNorm model (the paper's have none): masks act after the norm")
+    if provenance.get("channel_masked_groups"):
+        found.append(f"{len(provenance['channel_masked_groups'])} conv group(s) without one "
+                     "spatial shape masked per channel, not per position")
+    hyperparameters = provenance.get("hyperparameters", {})
+    if not hyperparameters.get("tangling", True):
+        found.append("no tangling identification (CI alone)")
+    elif hyperparameters.get("tangling_rate", 0):
+        found.append(f"TI switches a position back on only when at least "
+                     f"{hyperparameters['tangling_rate']:g} of the other classes' images "
+                     "activate it (the paper: any one of them)")
+    backtracking = provenance.get("backtracking")
+    if isinstance(backtracking, dict) and not backtracking.get("applied", True):
+        found.append(f"no dense backtracking: {backtracking.get('reason', '')}")
+    return found

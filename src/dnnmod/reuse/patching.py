@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sklearn.metrics import precision_recall_fscore_support
 
 from dnnmod.errors import ArtifactError, ConfigError, UnknownNameError
 from dnnmod.report.patching import WEAK_TYPES
@@ -241,6 +240,9 @@ def patched_predictions(weak_probabilities: torch.Tensor, calibrated: torch.Tens
 def target_metrics(labels: torch.Tensor, predictions: torch.Tensor, tc_column: int
                    ) -> dict[str, float]:
     """TC precision, recall and F1 (binary, "is it the TC") and non-TC accuracy, in %."""
+    # lazily: scikit-learn costs ~2 s, and the workflow imports this module to plan E3
+    from sklearn.metrics import precision_recall_fscore_support
+
     labels, predictions = labels.cpu().numpy(), predictions.cpu().numpy()
     precision, recall, f1, _ = precision_recall_fscore_support(
         labels == tc_column, predictions == tc_column, average="binary", zero_division=0)
