@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 from dnnmod.approaches import APPROACHES, get_approach
+from dnnmod.devices import check_gpu_slots
 from dnnmod.report import sensitivity
 from dnnmod.reuse import newtask, patching
 from dnnmod.study import check_study_config, expand_base_models, expand_modularizations
@@ -23,6 +24,13 @@ TASKS = {**config["tasks"], **patching.weak_tasks(config)}
 # Where jobs run is machine-specific: handed to jobs through the environment, never as a
 # rule parameter, so moving between a laptop and a GPU server does not trigger retraining.
 os.environ.update(DNNMOD_DEVICE=config["device"])
+
+
+onstart:
+    # --resources gpu=N with a torch that cannot use the GPUs fails here, before any job (not in
+    # dry runs, nor in the per-job Snakemake of a cluster job, which runs without hooks).
+    gpu_slots = workflow.global_resources.get("gpu")
+    check_gpu_slots(gpu_slots.value if gpu_slots is not None else 0, config["device"])
 
 
 wildcard_constraints:
