@@ -236,10 +236,10 @@ def cuda_problem() -> str | None:
     return reason or "torch.cuda.is_available() is False"
 
 
-def check_gpu_slots(slots: int, device: str) -> None:
+def check_gpu_slots(slots: int | None, device: str) -> None:
     """Fail before any job runs when a run asks for GPU slots (``--resources gpu=N``) that
     torch cannot use, instead of every job computing on the CPU for days."""
-    if slots <= 0 or device == "cpu" or os.environ.get(SIMULATE_ENV) == "1":
+    if not slots or device == "cpu" or os.environ.get(SIMULATE_ENV) == "1":
         return
     if not visible_gpu_ids():
         problem = ("no GPU is visible (nvidia-smi lists none, or CUDA_VISIBLE_DEVICES is "
