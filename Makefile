@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test lint dry-run clean-demo report
+.PHONY: demo test lint dry-run clean-demo report paper-shaped
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -16,6 +16,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	python -m pytest
+
+# The paper-shaped run: config/config.yaml shrunk by `dnnmod study shrink` (every rule,
+# architecture, approach, recipe, dataset format and class count; small sizes), on small
+# official-format archives served by a local HTTP mirror; results/paper_shaped. CORES=2.
+paper-shaped: $(STAMP)
+	.ci/paper_shaped
 
 # The study's HTML report (results/<study>/report.html) from the results already there, pulled
 # ones included: only the E8 cost table and the report run; nothing upstream is recomputed,

@@ -102,3 +102,302 @@ def check_study_config(config: dict[str, Any]) -> None:
                 raise ConfigError(f"approaches.{approach}: reads the {reference} modules of "
                                   f"{model} on {dataset}, which no modularize entry makes "
                                   f"(add {reference} for {model} on {dataset})")
+
+
+# ---------------------------------------------------------------- the paper-shaped study
+
+# What `shrink_study` keeps small. Counts of the paper config above these become these;
+# widths are multiplied by SHRUNK_WIDTH (but keep MIN_CHANNELS in every conv layer).
+SHRUNK_EPOCHS = 2
+SHRUNK_BATCH_SIZE = 32
+SHRUNK_WIDTH = 0.25
+MIN_CHANNELS = 4
+SHRUNK_PAIRS = 2            # E4 pairs per setting
+SHRUNK_POOL_MEMBERS = 2     # E4 Dirichlet-pool models per dataset
+SHRUNK_TARGET_CLASSES = 1   # E3 weak tasks per setting
+SHRUNK_SWEEP_VALUES = 2     # E7 values per sweep
+SHRUNK_UNION_SUBSETS = 2    # E5 union networks fine-tuned per module set
+SHRUNK_SAMPLES_PER_SIZE = 1  # E5 sub-tasks drawn per size on many classes
+# Approach hyperparameters that count work (generations, rounds, epochs, images), shrunk.
+SHRUNK_APPROACHES: dict[str, dict[str, Any]] = {
+    "cnnsplitter": {"population": 4, "generations": 2, "parents": 2, "elites": 1,
+                    "survivors": [2, 8]},
+    "gradsplitter": {"init_head_epochs": 1, "rounds": 1, "mask_epochs": 1, "head_epochs": 1,
+                     "batch_size": SHRUNK_BATCH_SIZE},
+    "mwt": {"metric_samples": 4},
+}
+
+
+def shrink_study(paper: dict[str, Any], manifest: dict[str, Any], mirror: str, *,
+                 study: str = "paper_shaped", data_root: str | None = None) -> dict[str, Any]:
+    """A study with every path of ``paper`` and small sizes: the paper-shaped run.
+
+    Kept at least once: every rule the paper's DAG runs, every architecture, approach, recipe
+    (so every schedule kind and training kind), dataset and task (so every class count and
+    download format), approach-architecture and approach-dataset pair of its module sets,
+    every reuse setting kind and every sensitivity sweep. Shrunk: images (the archives of
+    ``manifest``, written by dnnmod.data.official_archives and served at ``mirror``), epochs,
+    batch sizes, widths, approach search budgets, generations, pool members, pairs, target
+    classes, sub-task samples, sweep values and seeds.
+    """
+    datasets = manifest["datasets"]
+    missing = sorted(set(paper["datasets"]) - set(datasets))
+    if missing:
+        raise ConfigError(f"the archive manifest has no {', '.join(missing)}; write them with "
+                          "`dnnmod data archives`")
+    train_per_class = manifest["train_per_class"]
+    test_per_class = manifest["test_per_class"]
+    reuse = _shrink_reuse(paper.get("reuse", {}), train_per_class, test_per_class)
+    sweeps = [{**sweep, "models": sweep["models"][:1],
+               "values": sweep["values"][:SHRUNK_SWEEP_VALUES]}
+              for sweep in paper.get("sensitivity", {}).get("sweeps", [])]
+    modularize = _cover_modularizations(paper, _required_modularizations(paper, reuse, sweeps))
+    needed = {(dataset, model) for _, dataset, model in modularize}
+    needed |= _reuse_base_models(reuse)
+    base_models = [{**entry, "models": models} for entry in paper["base_models"]
+                   if (models := [m for m in entry["models"] if (entry["dataset"], m) in needed])]
+    used_models = {model for entry in base_models for model in entry["models"]}
+    used_models |= _reuse_models(reuse)
+    shrunk: dict[str, Any] = {
+        **paper,
+        "study": study,
+        "seeds": paper["seeds"][:1],
+        "device": "cpu",
+        "data": {**paper.get("data", {}), **({"root": data_root} if data_root else {})},
+        "datasets": {name: _mirrored(datasets[name], mirror) for name in paper["datasets"]},
+        "models": {name: _narrow(entry) for name, entry in paper["models"].items()
+                   if name in used_models},
+        "recipes": {name: _short_recipe(recipe) for name, recipe in paper["recipes"].items()},
+        "base_models": base_models,
+        "approaches": {name: {**values, **{key: value for key, value in
+                                            SHRUNK_APPROACHES.get(name, {}).items()
+                                            if key not in values or _larger(values[key], value)}}
+                       for name, values in paper.get("approaches", {}).items()},
+        "modularize": _group_modularizations(modularize),
+        "reuse": reuse,
+        "threads": {kind: 1 for kind in paper.get("threads", {})},
+    }
+    if "sensitivity" in paper:
+        shrunk["sensitivity"] = {**paper["sensitivity"], "sweeps": sweeps}
+    # the approaches: the paper's overrides, and the search budgets shrunk for the others too
+    for name, values in SHRUNK_APPROACHES.items():
+        shrunk["approaches"].setdefault(name, dict(values))
+    return shrunk
+
+
+def _larger(paper_value: Any, shrunk_value: Any) -> bool:
+    if isinstance(paper_value, list):
+        return paper_value > shrunk_value
+    return paper_value is None or paper_value > shrunk_value
+
+
+def _mirrored(files: dict[str, dict[str, str]], mirror: str) -> dict[str, Any]:
+    return {"mirror": mirror, "files": {key: {"md5": entry["md5"]} for key, entry in files.items()}}
+
+
+def _narrow(entry: dict[str, Any]) -> dict[str, Any]:
+    """The model at SHRUNK_WIDTH of its width, widened where its narrowest conv layer would
+    keep fewer than MIN_CHANNELS channels."""
+    from torch import nn
+
+    from dnnmod.models import build_model
+
+    model = build_model(entry["arch"], 10, 1.0, **entry.get("options", {}))
+    narrowest = min(layer.out_channels for layer in model.modules()
+                    if isinstance(layer, nn.Conv2d))
+    width = entry.get("width", 1.0) * min(1.0, max(SHRUNK_WIDTH, MIN_CHANNELS / narrowest))
+    return {**entry, "width": round(width, 4)}
+
+
+def _short_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` in at most SHRUNK_EPOCHS epochs of batches of at most SHRUNK_BATCH_SIZE;
+    step milestones scaled to the new length (at least one stays), patience at most 1."""
+    epochs = min(recipe["epochs"], SHRUNK_EPOCHS)
+    short = {**recipe, "epochs": epochs,
+             "batch_size": min(recipe.get("batch_size", SHRUNK_BATCH_SIZE), SHRUNK_BATCH_SIZE)}
+    if recipe.get("milestones"):
+        scaled = {min(epochs - 1, max(1, round(m * epochs / recipe["epochs"])))
+                  for m in recipe["milestones"]}
+        short["milestones"] = sorted(scaled)
+    if recipe.get("patience") is not None:
+        short["patience"] = min(recipe["patience"], 1)
+    return short
+
+
+def _shrink_reuse(reuse: dict[str, Any], train_per_class: int,
+                  test_per_class: int) -> dict[str, Any]:
+    shrunk: dict[str, Any] = {}
+    if "replacement" in reuse:  # one pair per dataset
+        pairs = {pair["dataset"]: pair for pair in reversed(reuse["replacement"]["pairs"])}
+        shrunk["replacement"] = {**reuse["replacement"], "pairs": [
+            pair for pair in reuse["replacement"]["pairs"] if pairs[pair["dataset"]] is pair]}
+    if "patching" in reuse:
+        shrunk["patching"] = _shrink_patching(reuse["patching"], train_per_class,
+                                              test_per_class)
+    if "subtasks" in reuse:
+        subtasks = reuse["subtasks"]
+        shrunk["subtasks"] = {**subtasks, **{key: min(subtasks.get(key, value), value) for key,
+                                             value in (("samples_per_size",
+                                                        SHRUNK_SAMPLES_PER_SIZE),
+                                                       ("union_subsets", SHRUNK_UNION_SUBSETS),
+                                                       ("fine_tune_epochs", 1))}}
+    if "new_tasks" in reuse:
+        shrunk["new_tasks"] = _shrink_new_tasks(reuse["new_tasks"], train_per_class)
+    return {**reuse, **shrunk}
+
+
+def _shrink_patching(patching: dict[str, Any], train_per_class: int,
+                     test_per_class: int) -> dict[str, Any]:
+    """One target class per setting; of its strong models those that bring an architecture
+    (strong or weak) no earlier kept one has; per-class counts within the archives."""
+    limits = {"train": train_per_class // 2, "test": test_per_class // 2}
+    settings, architectures = {}, set()
+    for name, setting in patching["settings"].items():
+        models = {}
+        for strong, weak in setting["models"].items():
+            brings = {strong, *weak.values()} - architectures
+            if brings or not models:
+                models[strong] = weak
+                architectures |= brings
+        settings[name] = {**setting, "models": models,
+                          "target_classes": setting["target_classes"][:SHRUNK_TARGET_CLASSES]}
+        for key in ("samples_per_class", "target_samples_per_class"):
+            if key in setting:
+                settings[name][key] = {split: min(count, limits[split])
+                                       for split, count in setting[key].items()}
+    shrunk = {**patching, "settings": settings}
+    if "calibration_layer" in patching:
+        layer = patching["calibration_layer"]
+        shrunk["calibration_layer"] = {**layer, "epochs": min(layer.get("epochs", 20), 1),
+                                       "batch_size": min(layer.get("batch_size", 128),
+                                                         SHRUNK_BATCH_SIZE)}
+    return shrunk
+
+
+def _new_task_kind(setting: dict[str, Any]) -> tuple:
+    """What makes an E4 setting a different path: its datasets and its optional parts."""
+    return (tuple(setting["datasets"]),
+            tuple(sorted(set(setting) - {"datasets", "model", "pairs", "max_pairs",
+                                         "pair_seed", "pool"})))
+
+
+def _shrink_new_tasks(new_tasks: dict[str, Any], train_per_class: int) -> dict[str, Any]:
+    """One setting of each kind, SHRUNK_PAIRS pairs each, a Dirichlet pool of
+    SHRUNK_POOL_MEMBERS members whose least class count fits the archives."""
+    settings, kinds = {}, set()
+    for name, setting in new_tasks["settings"].items():
+        kind = _new_task_kind(setting)
+        if kind in kinds:
+            continue
+        kinds.add(kind)
+        shrunk = dict(setting)
+        if shrunk.get("pairs", "all") == "all":
+            shrunk["max_pairs"] = min(shrunk.get("max_pairs", SHRUNK_PAIRS), SHRUNK_PAIRS)
+        else:
+            shrunk["pairs"] = shrunk["pairs"][:SHRUNK_PAIRS]
+        if "continuous_learning" in shrunk:
+            shrunk["continuous_learning"] = {**shrunk["continuous_learning"], "epochs": 1}
+        if "dirichlet_pool" in shrunk:
+            pool = shrunk["dirichlet_pool"]
+            least = pool.get("min_per_class", 1)
+            fit = max(1, train_per_class // 4)
+            shrunk["dirichlet_pool"] = {
+                **pool, "members": min(pool.get("members", 10), SHRUNK_POOL_MEMBERS),
+                "min_per_class": ({key: min(value, fit) for key, value in least.items()}
+                                  if isinstance(least, dict) else min(least, fit))}
+        settings[name] = shrunk
+    return {**new_tasks, "settings": settings}
+
+
+def _reuse_base_models(reuse: dict[str, Any]) -> set[tuple[str, str]]:
+    """(dataset, model) of every base model the reuse settings name."""
+    needed = set()
+    for pair in reuse.get("replacement", {}).get("pairs", []):
+        needed |= {(pair["dataset"], pair["weaker"]), (pair["dataset"], pair["stronger"])}
+    for setting in reuse.get("patching", {}).get("settings", {}).values():
+        needed |= {(setting["dataset"], strong) for strong in setting["models"]}
+    for setting in reuse.get("new_tasks", {}).get("settings", {}).values():
+        needed |= {(dataset, model) for dataset in setting["datasets"]
+                   for model in setting.get("pool", [setting["model"]])}
+    return needed
+
+
+def _reuse_models(reuse: dict[str, Any]) -> set[str]:
+    """Models the reuse settings train besides base models: weak and from-scratch models."""
+    models = {setting["model"] for setting in
+              reuse.get("new_tasks", {}).get("settings", {}).values()}
+    for setting in reuse.get("patching", {}).get("settings", {}).values():
+        models |= {name for weak in setting["models"].values() for name in weak.values()}
+    return models
+
+
+def _required_modularizations(paper: dict[str, Any], reuse: dict[str, Any],
+                              sweeps: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The module sets the kept reuse settings and sweeps read: of the paper's, those of each
+    swept or replaced model, of the pool approaches of E4 settings, and one approach's for
+    each strong model of E3 and each E4 setting."""
+    paper_sets = expand_modularizations(paper)
+    required = [(sweep["approach"], sweep["dataset"], model)
+                for sweep in sweeps for model in sweep["models"]]
+    replacement = reuse.get("replacement", {})
+    for pair in replacement.get("pairs", []):
+        required += [(approach, pair["dataset"], pair[role])
+                     for approach in replacement.get("approaches", ["pan_rajan"])
+                     for role in ("weaker", "stronger")]
+    for setting in reuse.get("patching", {}).get("settings", {}).values():
+        for strong in setting["models"]:
+            required += [next(entry for entry in paper_sets
+                              if entry[1:] == (setting["dataset"], strong))]
+    for setting in reuse.get("new_tasks", {}).get("settings", {}).values():
+        first_dataset, second_dataset = setting["datasets"]
+        for model in setting.get("pool", [setting["model"]]):
+            both = [approach for approach, dataset, name in paper_sets
+                    if name == model and dataset == first_dataset
+                    and (approach, second_dataset, model) in paper_sets]
+            approaches = setting.get("dirichlet_pool", {}).get("approaches", both[:1])
+            required += [(approach, dataset, model) for approach in approaches
+                         for dataset in setting["datasets"]]
+    return list(dict.fromkeys(required))
+
+
+def _cover_modularizations(paper: dict[str, Any],
+                           required: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """``required`` and, in the paper's order, each module set of the paper that brings an
+    approach-architecture or approach-dataset pair not yet kept; with the module sets each
+    kept one reads (the random control's GradSplitter sets)."""
+    from dnnmod.approaches import APPROACHES, resolve_hyperparameters
+
+    paper_sets = expand_modularizations(paper)
+    unknown = sorted(set(required) - set(paper_sets))
+    if unknown:
+        raise ConfigError(f"the paper config makes no module sets {unknown}, which its reuse "
+                          "settings read")
+    arch = {name: entry["arch"] for name, entry in paper["models"].items()}
+    kept: dict[tuple[str, str, str], None] = {}
+    covered: set[tuple[str, str, str]] = set()
+
+    def keep(entry: tuple[str, str, str]) -> None:
+        approach, dataset, model = entry
+        hyperparameters = resolve_hyperparameters(approach,
+                                                  paper.get("approaches", {}).get(approach))
+        for reference in APPROACHES[approach].references(hyperparameters):
+            keep((reference, dataset, model))
+        kept[entry] = None
+        covered.update({("arch", approach, arch[model]), ("dataset", approach, dataset)})
+
+    for entry in required:
+        keep(entry)
+    for entry in paper_sets:
+        approach, dataset, model = entry
+        if {("arch", approach, arch[model]), ("dataset", approach, dataset)} - covered:
+            keep(entry)
+    return [entry for entry in paper_sets if entry in kept]
+
+
+def _group_modularizations(sets: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """modularize entries, one per (approach, dataset), models in order."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for approach, dataset, model in sets:
+        grouped.setdefault((approach, dataset), []).append(model)
+    return [{"approach": approach, "dataset": dataset, "models": models}
+            for (approach, dataset), models in grouped.items()]
