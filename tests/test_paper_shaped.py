@@ -164,15 +164,15 @@ def mirror(archives):
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn", "fashion_mnist"])
 def test_official_format_archives_download_verify_and_parse(name, archives, mirror, tmp_path):
-    files = {key: {"md5": entry["md5"]}
-             for key, entry in read_json(archives / MANIFEST)["datasets"][name].items()}
+    manifest = read_json(archives / MANIFEST)
+    files = {key: {"md5": entry["md5"]} for key, entry in manifest["datasets"][name].items()}
     folder = prepare(name, tmp_path, mirror=mirror, files=files, progress=False)
     meta = read_json(folder / "meta.json")
     assert all("url" in entry and entry["url"].startswith(mirror)
                for entry in meta["source"]["files"].values())  # downloaded, not a local copy
     tensors = load_tensors(folder / "images.safetensors")
     classes = DATASETS[name].num_classes
-    for split, per_class in (("train", SIZES.train_per_class), ("test", SIZES.test_per_class)):
+    for split, per_class in manifest["per_class"][name].items():
         counts = np.bincount(tensors[f"{split}_labels"].numpy(), minlength=classes)
         assert counts.tolist() == [per_class] * classes  # SVHN's label 10 read as digit 0
         assert tensors[f"{split}_images"].shape[1:] == (3, 32, 32)
@@ -200,6 +200,14 @@ def test_images_are_learnable_class_patterns():
     means = np.stack([train[labels == c].mean(0) for c in range(10)])
     predicted = np.argmin(((test[:, None] - means[None]) ** 2).sum(-1), axis=1)
     assert (predicted == labels).mean() > 0.9
+
+
+def test_a_dataset_of_many_classes_gets_as_many_images_in_all_not_per_class(archives):
+    per_class = read_json(archives / MANIFEST)["per_class"]
+    assert per_class["cifar10"] == {"train": SIZES.train_per_class,
+                                    "test": SIZES.test_per_class}
+    assert ArchiveSizes(60, 30).for_classes(100) == ArchiveSizes(6, 3)
+    assert per_class["cifar100"] == {"train": 5, "test": 2}  # at least one validation image
 
 
 def test_archive_sizes_must_be_positive():

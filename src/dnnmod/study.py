@@ -145,9 +145,11 @@ def shrink_study(paper: dict[str, Any], manifest: dict[str, Any], mirror: str, *
     if missing:
         raise ConfigError(f"the archive manifest has no {', '.join(missing)}; write them with "
                           "`dnnmod data archives`")
-    train_per_class = manifest["train_per_class"]
-    test_per_class = manifest["test_per_class"]
-    reuse = _shrink_reuse(paper.get("reuse", {}), train_per_class, test_per_class)
+    per_class = dict(manifest["per_class"])  # images per class and split, of each dataset
+    for name, task in paper.get("tasks", {}).items():
+        per_class[name] = {split: min(per_class[part["dataset"]][split] for part in task["parts"])
+                           for split in ("train", "test")}
+    reuse = _shrink_reuse(paper.get("reuse", {}), per_class)
     sweeps = [{**sweep, "models": sweep["models"][:1],
                "values": sweep["values"][:SHRUNK_SWEEP_VALUES]}
               for sweep in paper.get("sensitivity", {}).get("sweeps", [])]
@@ -224,16 +226,15 @@ def _short_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     return short
 
 
-def _shrink_reuse(reuse: dict[str, Any], train_per_class: int,
-                  test_per_class: int) -> dict[str, Any]:
+def _shrink_reuse(reuse: dict[str, Any],
+                  per_class: dict[str, dict[str, int]]) -> dict[str, Any]:
     shrunk: dict[str, Any] = {}
     if "replacement" in reuse:  # one pair per dataset
         pairs = {pair["dataset"]: pair for pair in reversed(reuse["replacement"]["pairs"])}
         shrunk["replacement"] = {**reuse["replacement"], "pairs": [
             pair for pair in reuse["replacement"]["pairs"] if pairs[pair["dataset"]] is pair]}
     if "patching" in reuse:
-        shrunk["patching"] = _shrink_patching(reuse["patching"], train_per_class,
-                                              test_per_class)
+        shrunk["patching"] = _shrink_patching(reuse["patching"], per_class)
     if "subtasks" in reuse:
         subtasks = reuse["subtasks"]
         shrunk["subtasks"] = {**subtasks, **{key: min(subtasks.get(key, value), value) for key,
@@ -242,17 +243,19 @@ def _shrink_reuse(reuse: dict[str, Any], train_per_class: int,
                                                        ("union_subsets", SHRUNK_UNION_SUBSETS),
                                                        ("fine_tune_epochs", 1))}}
     if "new_tasks" in reuse:
-        shrunk["new_tasks"] = _shrink_new_tasks(reuse["new_tasks"], train_per_class)
+        shrunk["new_tasks"] = _shrink_new_tasks(reuse["new_tasks"], per_class)
     return {**reuse, **shrunk}
 
 
-def _shrink_patching(patching: dict[str, Any], train_per_class: int,
-                     test_per_class: int) -> dict[str, Any]:
+def _shrink_patching(patching: dict[str, Any],
+                     per_class: dict[str, dict[str, int]]) -> dict[str, Any]:
     """One target class per setting; of its strong models those that bring an architecture
     (strong or weak) no earlier kept one has; per-class counts within the archives."""
-    limits = {"train": train_per_class // 2, "test": test_per_class // 2}
     settings, architectures = {}, set()
     for name, setting in patching["settings"].items():
+        limits = {split: min(per_class[setting["dataset"]][split],
+                             per_class[setting["others"]["dataset"]][split])
+                  for split in ("train", "test")}
         models = {}
         for strong, weak in setting["models"].items():
             brings = {strong, *weak.values()} - architectures
@@ -281,7 +284,8 @@ def _new_task_kind(setting: dict[str, Any]) -> tuple:
                                          "pair_seed", "pool"})))
 
 
-def _shrink_new_tasks(new_tasks: dict[str, Any], train_per_class: int) -> dict[str, Any]:
+def _shrink_new_tasks(new_tasks: dict[str, Any],
+                      per_class: dict[str, dict[str, int]]) -> dict[str, Any]:
     """One setting of each kind, SHRUNK_PAIRS pairs each, a Dirichlet pool of
     SHRUNK_POOL_MEMBERS members whose least class count fits the archives."""
     settings, kinds = {}, set()
@@ -300,11 +304,12 @@ def _shrink_new_tasks(new_tasks: dict[str, Any], train_per_class: int) -> dict[s
         if "dirichlet_pool" in shrunk:
             pool = shrunk["dirichlet_pool"]
             least = pool.get("min_per_class", 1)
-            fit = max(1, train_per_class // 4)
+            fit = {dataset: max(1, per_class[dataset]["train"] // 4)
+                   for dataset in setting["datasets"]}
             shrunk["dirichlet_pool"] = {
                 **pool, "members": min(pool.get("members", 10), SHRUNK_POOL_MEMBERS),
-                "min_per_class": ({key: min(value, fit) for key, value in least.items()}
-                                  if isinstance(least, dict) else min(least, fit))}
+                "min_per_class": ({key: min(value, fit[key]) for key, value in least.items()}
+                                  if isinstance(least, dict) else min(least, *fit.values()))}
         settings[name] = shrunk
     return {**new_tasks, "settings": settings}
 

@@ -57,7 +57,10 @@ CIFAR10_TRAIN_BATCHES = 5
 
 @dataclass(frozen=True)
 class ArchiveSizes:
-    """Images per class in each official split of every dataset written."""
+    """Images per class in each official split of a 10-class dataset. A dataset of more
+    classes gets as many images in all (every per-class step of the pipeline, such as scoring
+    each class's module on every image, costs classes x images), but at least
+    MIN_TRAIN_PER_CLASS and MIN_TEST_PER_CLASS a class."""
 
     train_per_class: int
     test_per_class: int
@@ -65,6 +68,17 @@ class ArchiveSizes:
     def __post_init__(self) -> None:
         if self.train_per_class < 1 or self.test_per_class < 1:
             raise ConfigError(f"images per class must be at least 1; got {self}")
+
+    def for_classes(self, num_classes: int) -> ArchiveSizes:
+        return ArchiveSizes(
+            max(MIN_TRAIN_PER_CLASS, self.train_per_class * 10 // num_classes),
+            max(MIN_TEST_PER_CLASS, self.test_per_class * 10 // num_classes))
+
+
+# A class keeps one validation image at the default validation fraction 0.2, and two test
+# images (a per-class precision and recall that is not all-or-nothing).
+MIN_TRAIN_PER_CLASS = 5
+MIN_TEST_PER_CLASS = 2
 
 
 class _Py2Pickler(pickle._Pickler):
@@ -206,9 +220,9 @@ WRITERS = {"cifar10": cifar10_archive, "cifar100": cifar100_archive, "svhn": svh
 def write_archives(out_dir: Path, sizes: ArchiveSizes, datasets: list[str] | None = None,
                    seed: int = 0) -> dict[str, Any]:
     """Write the official files of ``datasets`` (default all four) into ``out_dir`` and the
-    manifest ``out_dir/manifest.json``; return the manifest: the sizes, and under
-    ``datasets`` dataset → file key → {filename, md5}, the md5 being the one the registry
-    checks for that file."""
+    manifest ``out_dir/manifest.json``; return the manifest: under ``per_class`` dataset →
+    images per class {train, test}, under ``datasets`` dataset → file key →
+    {filename, md5}, the md5 being the one the registry checks for that file."""
     names = list(WRITERS) if datasets is None else datasets
     unknown = sorted(set(names) - set(WRITERS))
     if unknown:
@@ -216,16 +230,20 @@ def write_archives(out_dir: Path, sizes: ArchiveSizes, datasets: list[str] | Non
                           f"known: {', '.join(WRITERS)}")
     out_dir = Path(out_dir)
     files: dict[str, dict[str, dict[str, str]]] = {}
+    counts: dict[str, ArchiveSizes] = {}
     for name in names:
         # a seed of its own per dataset: CIFAR-10's classes must not look like SVHN's digits
-        contents = WRITERS[name](sizes, seed * len(WRITERS) + list(WRITERS).index(name))
+        counts[name] = sizes.for_classes(DATASETS[name].num_classes)
+        contents = WRITERS[name](counts[name],
+                                 seed * len(WRITERS) + list(WRITERS).index(name))
         files[name] = {}
         for key, remote in DATASETS[name].files.items():
             data = contents[remote.filename]
             write_bytes(out_dir / remote.filename, data)
             checked = gzip.decompress(data) if remote.md5_of_content else data
             files[name][key] = {"filename": remote.filename, "md5": md5_bytes(checked)}
-    manifest = {"train_per_class": sizes.train_per_class,
-                "test_per_class": sizes.test_per_class, "seed": seed, "datasets": files}
+    manifest = {"seed": seed, "datasets": files,
+                "per_class": {name: {"train": size.train_per_class, "test": size.test_per_class}
+                              for name, size in counts.items()}}
     write_json(out_dir / MANIFEST, manifest)
     return manifest
