@@ -35,22 +35,22 @@ def expand_modularizations(config: dict[str, Any]) -> list[tuple[str, str, str]]
 def check_study_config(config: dict[str, Any]) -> None:
     from dnnmod.approaches import APPROACHES, resolve_hyperparameters
     from dnnmod.data import DATASETS, Task
-    from dnnmod.models import ARCHITECTURES, architecture_options
+    from dnnmod.hyperparameters import resolve
+    from dnnmod.models import ARCHITECTURES, check_options
     from dnnmod.training.objectives import get_objective
     from dnnmod.training.train import Recipe
 
-    for name in config["datasets"]:
+    for name, entry in config["datasets"].items():
         if name not in DATASETS:
             raise ConfigError(f"datasets.{name}: {UnknownNameError('dataset', name, DATASETS)}")
+        # generator options (shapes'); a downloaded dataset takes none
+        resolve(f"datasets.{name}.options", DATASETS[name].default_options,
+                (entry or {}).get("options"))
     for name, entry in config["models"].items():
         if entry["arch"] not in ARCHITECTURES:
             raise ConfigError(
                 f"models.{name}.arch: {UnknownNameError('model', entry['arch'], ARCHITECTURES)}")
-        known_options = architecture_options(entry["arch"])
-        for option in entry.get("options", {}):
-            if option not in known_options:
-                raise ConfigError(f"models.{name}.options: {entry['arch']} has no option "
-                                  f"{option!r}; options: {', '.join(known_options) or 'none'}")
+        check_options(entry["arch"], entry.get("options", {}), f"models.{name}.options")
     for name, values in config["recipes"].items():
         try:
             Recipe.from_dict(values)

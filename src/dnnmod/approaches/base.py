@@ -35,6 +35,8 @@ class Approach(ABC):
         training: training kind of the base models it decomposes (``st`` = standard).
         defaults: reference hyperparameters (from the paper); configs override them.
         constraints: ranges or choices of hyperparameters (:mod:`dnnmod.hyperparameters`).
+        types: the type of each hyperparameter whose default is None ("not set"); every such
+            hyperparameter declares one (checked when the subclass is defined).
         composes_by_union: whether the approach's own composition of modules is one union
             network (the OR of their masks: MwT, MODA) rather than the modules side by side;
             E2 then also reports that network for the whole set.
@@ -45,10 +47,20 @@ class Approach(ABC):
     composes_by_union: ClassVar[bool] = False
     defaults: ClassVar[Mapping[str, Any]]
     constraints: ClassVar[Mapping[str, Range | OneOf]] = {}
+    types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        untyped = [key for key, value in getattr(cls, "defaults", {}).items()
+                   if value is None and key not in cls.types]
+        if untyped:  # a programming error: without a type, any value would pass
+            raise TypeError(f"approach {cls.__name__}: hyperparameters {untyped} default to "
+                            "None and declare no type in `types`")
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The reference hyperparameters overridden by ``overrides``, type-checked."""
-        return resolve(f"approaches.{self.name}", self.defaults, overrides, self.constraints)
+        return resolve(f"approaches.{self.name}", self.defaults, overrides, self.constraints,
+                       self.types)
 
     def references(self, hyperparameters: Mapping[str, Any]) -> list[str]:
         """Approaches whose module sets (cut from the same base model) this run reads."""

@@ -520,6 +520,7 @@ def _merge_scores(first: _Composition, second: _Composition, logits, labels, dif
 class CNNSplitter(Approach):
     name = "cnnsplitter"
     defaults = DEFAULTS
+    types = {"fitness_samples": int, "selection_samples": int}
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         hp = super().resolve(overrides)

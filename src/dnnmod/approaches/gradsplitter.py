@@ -108,6 +108,7 @@ def _module_set(model_meta, structure, masks, head, provenance=None) -> ModuleSe
 class GradSplitter(Approach):
     name = "gradsplitter"
     defaults = DEFAULTS
+    types = {"mask_travel": float, "max_train_samples": int}
     constraints = {
         **{key: Range(0) for key in ("alpha", "init_head_epochs", "rounds", "mask_epochs",
                                      "head_epochs", "max_loss_pp")},

@@ -36,6 +36,7 @@ class RandomKernels(Approach):
         return [hyperparameters["match"]] if hyperparameters["match"] else []
 
     constraints = {"krr": Range(0, 1, low_open=True)}
+    types = {"match": str}
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         hyperparameters = super().resolve(overrides)
