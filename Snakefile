@@ -34,3 +34,9 @@ rule all:
     default_target: True
     input:
         all_outputs(),
+
+
+# On a cluster, jobs without a GPU run on the host that runs Snakemake unless the config sends
+# them to a partition of their own (resources.light.partition; dnnmod.job_resources).
+if not LIGHT_JOB:
+    workflow.localrules(*(rule.name for rule in workflow.rules if "gpu" not in rule.resources))

@@ -29,7 +29,7 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")
 
 # The schema's defaults (720 min, 16 GB) are for real training; the test node is small.
-SLURM_TINY = {**TINY, "resources": {"train": {"runtime": 10, "mem_mb": 1000}}}
+SLURM_TINY = {**TINY, "resources": {"gpu_jobs": {"runtime": 10, "mem_mb": 1000}}}
 
 # Every rule but `all` (a local rule) is a SLURM job; the tiny study runs at least these (the
 # tables and figures it adds as experiments grow are checked the same way), and these declare

@@ -4,6 +4,12 @@ from pathlib import Path
 
 from dnnmod.approaches import APPROACHES, get_approach
 from dnnmod.devices import check_gpu_slots
+from dnnmod.job_resources import (
+    check_resources_config,
+    gpu_rule_resources,
+    gpu_rule_threads,
+    light_rule_resources,
+)
 from dnnmod.report import sensitivity
 from dnnmod.reuse import newtask, patching
 from dnnmod.study import check_study_config, expand_base_models, expand_modularizations
@@ -12,6 +18,7 @@ from dnnmod.training.objectives import StandardTraining, training_kinds
 # Semantic checks the schema cannot express (names exist, references resolve), before any job.
 check_study_config(config)
 patching.check_patching_config(config)
+check_resources_config(config)
 
 STUDY = config["study"]
 RESULTS = f"results/{STUDY}"
@@ -24,6 +31,8 @@ TASKS = {**config["tasks"], **patching.weak_tasks(config)}
 # Where jobs run is machine-specific: handed to jobs through the environment, never as a
 # rule parameter, so moving between a laptop and a GPU server does not trigger retraining.
 os.environ.update(DNNMOD_DEVICE=config["device"])
+# Jobs without a GPU: local rules (see Snakefile), or jobs on resources.light.partition.
+LIGHT_JOB = light_rule_resources(config)
 
 
 onstart:

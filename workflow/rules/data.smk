@@ -10,6 +10,8 @@ rule prepare_dataset:
         f"{RESULTS}/benchmarks/data/{{dataset}}/prepare.tsv"
     wildcard_constraints:
         dataset="|".join(config["datasets"]),
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     params:
@@ -29,6 +31,8 @@ rule split_dataset:
         f"{RESULTS}/logs/data/{{dataset}}/split_seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/data/{{dataset}}/split_seed{{seed}}.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     params:
@@ -55,6 +59,8 @@ rule derive_task:
         f"{RESULTS}/benchmarks/data/{{task}}/derive.tsv"
     wildcard_constraints:
         task="|".join(TASKS) or "(?!)",  # no tasks: matches nothing
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     params:

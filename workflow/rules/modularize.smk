@@ -12,11 +12,9 @@ rule modularize:
         f"{RESULTS}/benchmarks/modularize/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.tsv"
     conda:
         "../../environment.yml"
-    threads: config["threads"]["train"]
+    threads: gpu_rule_threads(config, "modularize")
     resources:
-        gpu=1,
-        runtime=config["resources"]["train"]["runtime"],
-        mem_mb=config["resources"]["train"]["mem_mb"],
+        **gpu_rule_resources(config, "modularize"),
     params:
         data_root=lambda wc, input: data_root(input.split[0]),
         hyperparameters=lambda wc: as_json(config["approaches"].get(wc.approach, {})),
@@ -45,8 +43,9 @@ rule evaluate_modules:
         f"{RESULTS}/benchmarks/evaluate_modules/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.tsv"
     conda:
         "../../environment.yml"
+    threads: gpu_rule_threads(config, "evaluate_modules")
     resources:
-        gpu=1,
+        **gpu_rule_resources(config, "evaluate_modules"),
     params:
         data_root=lambda wc, input: data_root(input.split[0]),
     shell:

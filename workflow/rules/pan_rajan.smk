@@ -16,8 +16,9 @@ rule evaluate_decomposition:
         f"{RESULTS}/benchmarks/evaluate_decomposition/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.tsv"
     conda:
         "../../environment.yml"
+    threads: gpu_rule_threads(config, "evaluate_decomposition")
     resources:
-        gpu=1,
+        **gpu_rule_resources(config, "evaluate_decomposition"),
     params:
         data_root=lambda wc, input: data_root(input.split[0]),
     shell:
@@ -41,6 +42,8 @@ rule table_pan_rajan:
         f"{RESULTS}/logs/report/pan_rajan_decomposition.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/pan_rajan_decomposition.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     shell:

@@ -15,6 +15,8 @@ rule table_base_models:
         f"{RESULTS}/logs/report/e1_base_models.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e1_base_models.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     shell:
@@ -52,6 +54,8 @@ rule table_modularization:
         f"{RESULTS}/logs/report/e2_modularization.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e2_modularization.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     shell:
@@ -91,6 +95,8 @@ rule table_cost:
         f"{RESULTS}/logs/report/e8_cost.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e8_cost.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     params:
@@ -113,6 +119,8 @@ rule study_report:
         f"{RESULTS}/logs/report/report_html.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/report_html.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     params:

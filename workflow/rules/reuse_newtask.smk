@@ -18,11 +18,9 @@ rule train_new_task_scratch:
         task="|".join(NEW_TASK_PAIRS) or "(?!)",
     conda:
         "../../environment.yml"
-    threads: config["threads"]["train"]
+    threads: gpu_rule_threads(config, "train_new_task_scratch")
     resources:
-        gpu=1,
-        runtime=config["resources"]["train"]["runtime"],
-        mem_mb=config["resources"]["train"]["mem_mb"],
+        **gpu_rule_resources(config, "train_new_task_scratch"),
     params:
         data_root=lambda wc, input: data_root(input.images),
         arch=lambda wc: model_entry(wc)["arch"],
@@ -62,8 +60,9 @@ rule compose_new_tasks:
         setting="|".join(NEW_TASKS) or "(?!)",
     conda:
         "../../environment.yml"
+    threads: gpu_rule_threads(config, "compose_new_tasks")
     resources:
-        gpu=1,
+        **gpu_rule_resources(config, "compose_new_tasks"),
     params:
         data_root=lambda wc, input: data_root(input.splits[0]),
         model=lambda wc: NEW_TASKS[wc.setting].model,
@@ -105,6 +104,8 @@ rule table_new_tasks:
         f"{RESULTS}/logs/report/e4_new_tasks.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e4_new_tasks.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     shell:
@@ -127,6 +128,8 @@ rule figure_new_tasks:
         f"{RESULTS}/logs/report/e4_new_tasks_figure.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e4_new_tasks_figure.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     shell:

@@ -20,11 +20,9 @@ rule train_weak_model:
         target_class=r"\d+",
     conda:
         "../../environment.yml"
-    threads: config["threads"]["train"]
+    threads: gpu_rule_threads(config, "train_weak_model")
     resources:
-        gpu=1,
-        runtime=config["resources"]["train"]["runtime"],
-        mem_mb=config["resources"]["train"]["mem_mb"],
+        **gpu_rule_resources(config, "train_weak_model"),
     params:
         data_root=lambda wc, input: data_root(input.images),
         task=weak_task_of,
@@ -59,8 +57,9 @@ rule patch_weak_models:
         setting="|".join(PATCHING["settings"]) if PATCHING else "(?!)",
     conda:
         "../../environment.yml"
+    threads: gpu_rule_threads(config, "patch_weak_models")
     resources:
-        gpu=1,
+        **gpu_rule_resources(config, "patch_weak_models"),
     params:
         data_root=lambda wc, input: data_root(input.splits[0]),
         weak=lambda wc: " ".join(
@@ -90,6 +89,8 @@ rule table_patching:
         f"{RESULTS}/logs/report/e3_patching.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e3_patching.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     shell:
@@ -111,6 +112,8 @@ rule figure_patching:
         f"{RESULTS}/logs/report/e3_patching_figure.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e3_patching_figure.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     shell:

@@ -22,9 +22,9 @@ rule reuse_replace:
         stronger=r"[a-z0-9_.\-]+",
     conda:
         "../../environment.yml"
-    threads: config["threads"]["train"]
+    threads: gpu_rule_threads(config, "reuse_replace")
     resources:
-        gpu=1,
+        **gpu_rule_resources(config, "reuse_replace"),
     params:
         data_root=lambda wc, input: data_root(input.split[0]),
     shell:
@@ -50,6 +50,8 @@ rule table_replacement:
         f"{RESULTS}/logs/report/e6_replacement.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e6_replacement.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     shell:
@@ -71,6 +73,8 @@ rule figure_replacement:
         f"{RESULTS}/logs/report/e6_replacement_figure.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e6_replacement_figure.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     shell:

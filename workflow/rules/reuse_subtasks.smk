@@ -18,9 +18,9 @@ rule reuse_subtasks:
         f"{RESULTS}/benchmarks/subtasks/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.tsv"
     conda:
         "../../environment.yml"
-    threads: config["threads"]["train"]
+    threads: gpu_rule_threads(config, "reuse_subtasks")
     resources:
-        gpu=1,
+        **gpu_rule_resources(config, "reuse_subtasks"),
     params:
         data_root=lambda wc, input: data_root(input.split[0]),
         settings=lambda wc: as_json(subtask_settings(wc.approach)),
@@ -46,6 +46,8 @@ rule table_subtask_reuse:
         f"{RESULTS}/logs/report/e5_subtask_reuse.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e5_subtask_reuse.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     shell:
@@ -67,6 +69,8 @@ rule figure_subtask_reuse:
         f"{RESULTS}/logs/report/e5_subtask_reuse_figure.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e5_subtask_reuse_figure.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     shell:

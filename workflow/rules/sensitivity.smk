@@ -24,6 +24,9 @@ use rule train_base_model as train_sensitivity_model with:
             )
         ),
         checkpoint=f"{RESULTS}/resume/sensitivity/models/{{dataset}}/{{model}}/{{training}}/{{variant}}/seed{{seed}}.pt",
+    threads: gpu_rule_threads(config, "train_sensitivity_model")
+    resources:
+        **gpu_rule_resources(config, "train_sensitivity_model"),
 
 
 rule modularize_sensitivity:
@@ -41,11 +44,9 @@ rule modularize_sensitivity:
         f"{RESULTS}/benchmarks/sensitivity/modularize/{{dataset}}/{{model}}/{{approach}}/{{variant}}/seed{{seed}}.tsv"
     conda:
         "../../environment.yml"
-    threads: config["threads"]["train"]
+    threads: gpu_rule_threads(config, "modularize_sensitivity")
     resources:
-        gpu=1,
-        runtime=config["resources"]["train"]["runtime"],
-        mem_mb=config["resources"]["train"]["mem_mb"],
+        **gpu_rule_resources(config, "modularize_sensitivity"),
     params:
         data_root=lambda wc, input: data_root(input.split[0]),
         hyperparameters=lambda wc: as_json(
@@ -84,6 +85,8 @@ rule table_sensitivity:
         f"{RESULTS}/logs/report/e7_sensitivity.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e7_sensitivity.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     params:
@@ -107,6 +110,8 @@ rule figure_sensitivity:
         f"{RESULTS}/logs/report/e7_sensitivity_figure.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e7_sensitivity_figure.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     shell:
@@ -127,6 +132,8 @@ rule figure_ga_convergence:
         f"{RESULTS}/logs/report/e7_ga_convergence.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e7_ga_convergence.tsv"
+    resources:
+        **LIGHT_JOB,
     conda:
         "../../environment.yml"
     params:

@@ -13,11 +13,9 @@ rule train_base_model:
         training="|".join(training_kinds()),
     conda:
         "../../environment.yml"
-    threads: config["threads"]["train"]
+    threads: gpu_rule_threads(config, "train_base_model")
     resources:
-        gpu=1,
-        runtime=config["resources"]["train"]["runtime"],
-        mem_mb=config["resources"]["train"]["mem_mb"],
+        **gpu_rule_resources(config, "train_base_model"),
     params:
         data_root=lambda wc, input: data_root(input.images),
         arch=lambda wc: model_entry(wc)["arch"],
