@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dnnmod.artifacts import save_tensors, write_json
+from dnnmod.artifacts import save_tensors, sha256_file, write_json
 from dnnmod.errors import ArtifactError
 from dnnmod.models import build_model
 from dnnmod.modules.heads import OwnLogitHead
@@ -83,7 +83,8 @@ def test_every_granularity_survives_a_bit_packed_round_trip(base, tmp_path):
     modules.save(path)
 
     written = json.loads(path.with_suffix(".json").read_text())
-    assert written["format"] == "dnnmod.modules/2"
+    assert written["format"] == "dnnmod.modules/3"
+    assert written["tensors_sha256"] == sha256_file(path)
     assert written["masks"] == {name: list(mask.shape) for name, mask in masks.items()}
     with safe_open(str(path), framework="pt") as stored:
         for name, mask in masks.items():
@@ -93,7 +94,7 @@ def test_every_granularity_survives_a_bit_packed_round_trip(base, tmp_path):
     unpacked_bytes = sum(mask.numel() for mask in masks.values())  # one uint8 per flag
     assert path.stat().st_size < unpacked_bytes / 6
 
-    loaded = ModuleSet.load(path, base=meta)
+    loaded = ModuleSet.load(path, base=meta, model=model)
     assert loaded.masks.keys() == masks.keys()
     assert all(torch.equal(loaded.masks[name], mask) for name, mask in masks.items())
     assert loaded.structure == structure
@@ -170,7 +171,9 @@ def test_a_packed_mask_of_the_wrong_size_is_named(base, tmp_path):
     with safe_open(str(path), framework="pt") as stored:
         tensors = {key: stored.get_tensor(key) for key in stored.keys()}  # noqa: SIM118
     tensors[f"mask/{name}"] = tensors[f"mask/{name}"][:, :-1]
-    save_tensors(path, tensors)
+    written = json.loads(path.with_suffix(".json").read_text())
+    write_json(path.with_suffix(".json"), {**written,
+                                           "tensors_sha256": save_tensors(path, tensors)})
     with pytest.raises(ArtifactError, match=f"packed mask of group {name}"):
         ModuleSet.load(path)
 

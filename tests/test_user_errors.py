@@ -247,8 +247,10 @@ def _new_task(root, model, out, pairs, modules=None):
 def _no_base(out: Path) -> Path:
     modules = out.parent / "broken" / "modules.safetensors"
     write_json(modules.with_suffix(".json"), {
-        "format": "dnnmod.modules/2", "approach": "gradsplitter", "classes": [0],
-        "head": {"kind": "own_logit", "options": {}}, "combination": "argmax"})
+        "format": "dnnmod.modules/2", "approach": "gradsplitter", "classes": [0], "masks": {},
+        "head": {"kind": "own_logit", "options": {}}, "combination": "argmax",
+        "structure": {"groups": [], "output_layer": "fc", "input_shape": [1, 3, 32, 32]},
+        "provenance": {}})
     return modules
 
 

@@ -114,7 +114,11 @@ def directory_lock(directory: str | os.PathLike, *, shared: bool = False) -> Ite
     own consistency checks then refuse a mixed set."""
     import fcntl
 
-    Path(directory).mkdir(parents=True, exist_ok=True)
+    if not shared:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    elif not Path(directory).is_dir():  # nothing to read: the reader says what is missing
+        yield
+        return
     fd = os.open(directory, os.O_RDONLY)
     try:
         with contextlib.suppress(OSError):

@@ -147,7 +147,8 @@ def cmd_modularize(args: argparse.Namespace) -> None:
     if meta.get("training") != training:
         raise ConfigError(f"{args.model}: a model of training kind {meta.get('training')!r}; "
                           f"{args.approach} decomposes {training!r}-trained models")
-    references = {name: ModuleSet.load(path, base=meta) for name, path in reference_paths.items()}
+    references = {name: ModuleSet.load(path, base=meta, model=model)
+                  for name, path in reference_paths.items()}
     data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
     modules = run_approach(args.approach, model, meta, data, hyperparameters, seed=args.seed,
                            device=claim.device, references=references,
@@ -160,8 +161,8 @@ def cmd_modularize(args: argparse.Namespace) -> None:
              modules.provenance["wall_seconds"])
     if args.metrics:  # as evaluate-modules would, on fresh copies of what it would read
         model, meta = load_model(args.model, device=claim.device)
-        _write_module_metrics(model, meta, ModuleSet.load(args.out, base=meta), data,
-                              args.metrics)
+        _write_module_metrics(model, meta, ModuleSet.load(args.out, base=meta, model=model),
+                              data, args.metrics)
     claim.release()
 
 
@@ -179,7 +180,7 @@ def cmd_evaluate_modules(args: argparse.Namespace) -> None:
     from dnnmod.training.model_io import load_model
 
     model, meta = load_model(args.model, device=claim.device)
-    modules = ModuleSet.load(args.modules, base=meta)
+    modules = ModuleSet.load(args.modules, base=meta, model=model)
     data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
     _write_module_metrics(model, meta, modules, data, args.out)
     claim.release()
@@ -383,7 +384,7 @@ def cmd_reuse_subtasks(args: argparse.Namespace) -> None:
 
     _configure_torch(claim.device, args.threads)
     model, meta = load_model(args.model, device=claim.device)
-    modules = ModuleSet.load(args.modules, base=meta)
+    modules = ModuleSet.load(args.modules, base=meta, model=model)
     st_model = model if meta["training"] == "st" else None
     if args.st_model and Path(args.st_model).resolve() != Path(args.model).resolve():
         st_model, st_meta = load_model(args.st_model, device=claim.device)
@@ -421,7 +422,7 @@ def cmd_evaluate_decomposition(args: argparse.Namespace) -> None:
     from dnnmod.training.model_io import load_model
 
     model, meta = load_model(args.model, device=claim.device)
-    modules = ModuleSet.load(args.modules, base=meta)
+    modules = ModuleSet.load(args.modules, base=meta, model=model)
     data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
     record = decomposition_cost(model, meta, modules, data.test)
     write_json(args.out, record)
@@ -452,7 +453,7 @@ def cmd_reuse_replace(args: argparse.Namespace) -> None:
     for model_path, modules_path in ((args.weaker_model, args.weaker_modules),
                                      (args.stronger_model, args.stronger_modules)):
         model, meta = load_model(model_path, device=claim.device)
-        sides.append((model, meta, ModuleSet.load(modules_path, base=meta)))
+        sides.append((model, meta, ModuleSet.load(modules_path, base=meta, model=model)))
     meta = sides[0][1]
     data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
     record = replacement_record(sides[0], sides[1], data.test, _device_name(claim.device))

@@ -8,18 +8,23 @@ and can hand out a standalone copy for a single extracted module. Heads are regi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from dnnmod.errors import ArtifactError
+from dnnmod.hyperparameters import Range, resolve
 
 
 class Head(nn.Module):
     """Base class: subclasses set ``kind`` and implement forward, subset and for_module."""
 
     kind: str = ""
+    #: bounds of the constructor's options (:mod:`dnnmod.hyperparameters`)
+    option_ranges: ClassVar[Mapping[str, Range]] = {}
     #: score above which a module claims its class (binary metrics); None: the composed vote.
     threshold: float | None = None
 
@@ -73,6 +78,7 @@ class LogitMLPHead(Head):
 
     kind = "logit_mlp"
     threshold = 0.5
+    option_ranges = {"hidden": Range(1)}
 
     def __init__(self, classes: Sequence[int], num_outputs: int, hidden: int = 10) -> None:
         super().__init__(classes, num_outputs)
@@ -164,6 +170,11 @@ def build_head(kind: str, classes: Sequence[int], num_outputs: int,
     """A head of ``kind``; with ``tensors`` (a state dict) its trained parameters."""
     if kind not in HEADS:
         raise ArtifactError(f"unknown module head kind {kind!r}; known: {sorted(HEADS)}")
+    # the options' defaults, from the constructor, give their types (ConfigError naming one)
+    defaults = {name: parameter.default for name, parameter in
+                inspect.signature(HEADS[kind]).parameters.items()
+                if name not in ("classes", "num_outputs")}
+    options = resolve(f"{kind} head options", defaults, options, HEADS[kind].option_ranges)
     head = HEADS[kind](classes, num_outputs, **options)
     if tensors is not None:
         expected = {name: tuple(t.shape) for name, t in head.state_dict().items()}

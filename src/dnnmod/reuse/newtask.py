@@ -464,7 +464,7 @@ def load_candidates(paths: Sequence[tuple[Any, Any]], data_root, selection_split
     candidates = []
     for modules_path, model_path in paths:
         model, meta = load_model(model_path, device=device)
-        modules = ModuleSet.load(modules_path, base=meta)
+        modules = ModuleSet.load(modules_path, base=meta, model=model)
         draw = pool_draw(data_root, meta, model_path)
         key = (draw["dataset"] if draw else meta["dataset"], meta["seed"])
         if key not in splits:

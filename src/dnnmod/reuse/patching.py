@@ -386,7 +386,7 @@ def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequenc
         targets[task] = target_of(load_task_meta(data_root, task), strong_meta["dataset"],
                                   str(path))
     strong_model, strong_meta = load_model(strong_path, device=device)
-    modules = ModuleSet.load(modules_path, base=strong_meta)
+    modules = ModuleSet.load(modules_path, base=strong_meta, model=strong_model)
     rows, tasks = [], {}
     for (weak_type, path), weak_meta in zip(weak_paths, weak_metas, strict=True):
         task, seed = weak_meta["dataset"], weak_meta["seed"]
