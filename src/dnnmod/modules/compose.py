@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from dnnmod.errors import ArtifactError, ConfigError
 from dnnmod.modules.combination import combine_scores, get_combination
@@ -297,7 +299,8 @@ class FusedModuleSet(nn.Module):
 def first_layer(model: nn.Module, structure: ModelStructure) -> str | None:
     """The name of ``model``'s first layer where modules can share it, else None: the first
     producer layer of the first group, an ungrouped Conv2d or a Linear called once, on the
-    model's input itself."""
+    model's input itself, which nothing else reads (modules given the shared layer's output
+    as their input could not compute a second layer reading the image)."""
     if not structure.groups:
         return None
     name = structure.groups[0].convs[0]
@@ -307,14 +310,44 @@ def first_layer(model: nn.Module, structure: ModelStructure) -> str | None:
     reference = next(model.parameters())
     x = torch.zeros((1, *structure.input_shape[1:]), device=reference.device,
                     dtype=reference.dtype)
-    reads = []
-    handle = layer.register_forward_pre_hook(lambda _layer, inputs: reads.append(inputs[0] is x))
+    readers = _InputReaders(x, layer)
+    handles = [layer.register_forward_pre_hook(readers.enter),
+               layer.register_forward_hook(readers.leave)]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), readers:
             model(x)
     finally:
-        handle.remove()
-    return name if reads == [True] else None
+        for handle in handles:
+            handle.remove()
+    return name if readers.layer_reads == [True] and not readers.other_reads else None
+
+
+class _InputReaders(TorchFunctionMode):
+    """Within the block, records whether each call of ``layer`` reads ``x``
+    (:attr:`layer_reads`) and counts the operations outside it that compute a tensor from
+    ``x`` (:attr:`other_reads`)."""
+
+    def __init__(self, x: torch.Tensor, layer: nn.Module) -> None:
+        super().__init__()
+        self.x, self.layer = x, layer
+        self.inside = False
+        self.layer_reads: list[bool] = []
+        self.other_reads = 0
+
+    def enter(self, _layer: nn.Module, inputs) -> None:
+        self.inside = True
+        self.layer_reads.append(inputs[0] is self.x)
+
+    def leave(self, _layer: nn.Module, _inputs, _output) -> None:
+        self.inside = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        if not self.inside and any(isinstance(leaf, torch.Tensor)
+                                   for leaf in pytree.tree_leaves(output)) and any(
+                leaf is self.x for leaf in pytree.tree_leaves((args, kwargs))):
+            self.other_reads += 1
+        return output
 
 
 def fold_batch_norms(module: nn.Module, structure: ModelStructure) -> None:

@@ -18,11 +18,13 @@ them records the slice of the norm's channels that is its own (``norm_offsets``)
 Tracing refuses, with a :class:`~dnnmod.errors.ConfigError` naming the layer, the constructs
 whose channels cannot be kept or dropped one at a time with the masked model computing what
 the extracted one does: grouped convolutions other than depthwise ones (a pruned group must
-keep its channel count divisible by the conv's groups), operations that regroup channels
-(a channel shuffle, pixel shuffles, reshapes that split the channel dimension), and
-normalisations other than BatchNorm over channels (GroupNorm, LayerNorm, InstanceNorm,
-LocalResponseNorm: a dropped channel changes the statistics of the kept ones, or its zero
-comes out as the norm's shift).
+keep its channel count divisible by the conv's groups), normalisation layers other than
+BatchNorm over channels (GroupNorm, LayerNorm, InstanceNorm, LocalResponseNorm: a dropped
+channel changes the statistics of the kept ones, or its zero comes out as the norm's shift),
+models that do not return one tensor of logits, and every operation between layers that
+channel groups cannot follow (:mod:`dnnmod.modules.channel_flow`): one that slices, splits,
+regroups, reduces or mixes channels, combines them with a per-channel tensor no prunable
+layer produces, or turns a dropped channel's zero into a value a later layer reads.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from dataclasses import dataclass
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from dnnmod.errors import ArtifactError, ConfigError, UnknownNameError
+from dnnmod.modules.channel_flow import ChannelFlow, dropped_channel_hooks
 
 GROUP_KINDS = ("conv", "linear")
 _NORM = nn.modules.batchnorm._BatchNorm
@@ -44,13 +46,6 @@ _NORM = nn.modules.batchnorm._BatchNorm
 #: are not masked with the channels they normalise; tracing refuses them
 _UNSUPPORTED_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
                       nn.modules.instancenorm._InstanceNorm)
-#: operations that permute channels by construction
-_CHANNEL_SHUFFLES = (torch.channel_shuffle, torch.native_channel_shuffle, torch.pixel_shuffle,
-                     torch.pixel_unshuffle)
-#: operations that change a tensor's shape; they regroup channels when they split or merge the
-#: channel dimension of a feature map other than by flattening it into features
-_RESHAPES = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten,
-             torch.unflatten)
 
 
 @dataclass(frozen=True)
@@ -251,19 +246,8 @@ def trace_structure(
         for module in model.modules()
         if isinstance(module, (nn.Conv2d, nn.Linear, _NORM, *_UNSUPPORTED_NORMS))
     ]
-    # Names of the modules whose forward is running, innermost last, to name the layer of an
-    # operation that regroups channels.
-    running: list[str] = []
-
-    def enter(module: nn.Module, _inputs) -> None:
-        running.append(names[module])
-
-    def leave(_module: nn.Module, _inputs, _output) -> None:
-        running.pop()
-
-    for module in names:
-        hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-    regrouping = _ChannelRegrouping(running)
+    flow = ChannelFlow(model)
+    hooks += flow.hooks(model)
     training_modes = {module: module.training for module in model.modules()}
     reference = next(model.parameters(), None)
     example = torch.randn(
@@ -276,13 +260,18 @@ def trace_structure(
         # Order and shapes come from a plain pass: the dependency graph's own passes include
         # probes with other input layouts.
         try:
-            with torch.no_grad(), regrouping:
+            with torch.no_grad(), flow:
                 logits = model(example)
         finally:
             for hook in hooks:
                 hook.remove()
-        _refuse_unsupported(model_name, names, forward_order, regrouping)
+        if not isinstance(logits, torch.Tensor):
+            raise ConfigError(
+                f"{model_name}: the forward pass returns a {type(logits).__name__}, not one "
+                "tensor of logits; wrap the model so that it returns its logits alone")
+        _refuse_unsupported(model_name, names, forward_order)
         output_layer = _output_layer(model, names, forward_order, logits)
+        _refuse_unfollowed(model_name, flow, output_layer)
         called_convs = [module for module in forward_order
                         if isinstance(module, nn.Conv2d) and names[module] != output_layer]
         if not called_convs:
@@ -292,7 +281,13 @@ def trace_structure(
         # are frozen.
         example.requires_grad_(True)
         with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(model, example, verbose=False)
+            try:
+                graph = tp.DependencyGraph().build_dependency(model, example, verbose=False)
+            except Exception as error:  # Torch-Pruning's own failures: a construct it lacks
+                raise ConfigError(
+                    f"{model_name}: Torch-Pruning cannot trace the model's dependency graph "
+                    f"({type(error).__name__}: {error}), so its channels cannot be grouped"
+                ) from error
     finally:
         for module, training in training_modes.items():
             module.training = training
@@ -351,47 +346,24 @@ def trace_structure(
                                                  norm_channels[norm], size) for norm in norms),
             )))
     groups.sort(key=lambda entry: entry[0])
-    return ModelStructure(tuple(group for _, group in groups), output_layer, tuple(input_shape))
-
-
-class _ChannelRegrouping(TorchFunctionMode):
-    """Within the block, finds the first operation that regroups the channels of a feature
-    map (batch, C, H, W): a channel or pixel shuffle, or a view, reshape or unflatten that
-    splits or merges C with another dimension (other than flattening (C, H, W) into features).
-    Channel groups cannot follow channels through such an operation.
-
-    Attributes:
-        found: None, or (name of the innermost module running it, description).
-    """
-
-    def __init__(self, running: list[str]) -> None:
-        super().__init__()
-        self.running = running
-        self.found: tuple[str, str] | None = None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        output = func(*args, **(kwargs or {}))
-        source = args[0] if args else None
-        if self.found is None and isinstance(source, torch.Tensor) and source.dim() == 4 \
-                and isinstance(output, torch.Tensor):
-            if func in _CHANNEL_SHUFFLES:
-                self.found = (self.running[-1], f"{func.__name__} (a channel permutation)")
-            elif func in _RESHAPES and _regroups_channels(source.shape, output.shape):
-                self.found = (self.running[-1],
-                              f"a channel shuffle or split: {func.__name__} of the feature map "
-                              f"{tuple(source.shape)} into {tuple(output.shape)}")
-        return output
-
-
-def _regroups_channels(source: torch.Size, output: torch.Size) -> bool:
-    channels, height, width = source[1:]
-    if len(output) < 2 or output[1] == channels:
-        return False
-    return not (len(output) == 2 and output[1] == channels * height * width)
+    structure = ModelStructure(tuple(group for _, group in groups), output_layer,
+                               tuple(input_shape))
+    handles, readers = dropped_channel_hooks(
+        model, [name for group in structure.groups for name in (*group.convs, *group.norms)],
+        flow.readers, {names[member] for member in grouped if member in names})
+    probe(model, input_shape, handles)
+    if readers:
+        raise ConfigError(
+            f"{model_name}: layer {readers[0]!r} reads nonzero values in dropped channels: an "
+            "operation between the layers that produce them and this one (e.g. a sigmoid, "
+            "or adding a constant) turns a dropped channel's zero into a value, which the "
+            "extracted module, lacking the channel, does not read; such models are not "
+            "supported")
+    return structure
 
 
 def _refuse_unsupported(model_name: str, names: dict[nn.Module, str],
-                        forward_order: list[nn.Module], regrouping: _ChannelRegrouping) -> None:
+                        forward_order: list[nn.Module]) -> None:
     """Raise ConfigError on the first construct that channel groups cannot describe."""
     for module in forward_order:
         if isinstance(module, nn.Conv2d) and module.groups > 1 and not (
@@ -407,12 +379,17 @@ def _refuse_unsupported(model_name: str, names: dict[nn.Module, str],
                 "BatchNorm layers are supported over prunable channels: this normalisation "
                 "mixes channels or turns a dropped channel's zero into its shift, so the "
                 "masked model would differ from the extracted one")
-    if regrouping.found is not None:
-        layer, construct = regrouping.found
-        raise ConfigError(
-            f"{model_name}: layer {layer or '(the model itself)'!r} runs {construct}; "
-            "channel groups cannot follow channels through it, so such models are not "
-            "supported")
+
+
+def _refuse_unfollowed(model_name: str, flow: ChannelFlow, output_layer: str) -> None:
+    """Raise ConfigError on the first operation ``flow`` found that channel groups cannot
+    follow, except on the logits alone (a softmax over them is the model's own business)."""
+    for refusal in flow.refusals:
+        if refusal.sources - {output_layer}:
+            raise ConfigError(
+                f"{model_name}: layer {refusal.layer or '(the model itself)'!r} runs "
+                f"{refusal.construct}; channel groups cannot follow channels through it, so "
+                "such models are not supported")
 
 
 def _slice_offset(model_name: str, norm: str, group: str, readings: list[list[int]],
@@ -434,8 +411,10 @@ def _common_size(model: nn.Module, names: dict[nn.Module, str],
     if len(sizes) != 1:
         raise ConfigError(
             f"{type(model).__name__}: coupled layers {[names[m] for m in producers]} "
-            f"have different output sizes {sorted(sizes)}"
-        )
+            f"have different output sizes {sorted(sizes)}: each is coupled with part of "
+            "another's channels (a residual addition, depthwise conv or gating over a "
+            "concatenation, a dense block's concatenation flattened into features), which "
+            "channel groups cannot describe")
     return sizes.pop()
 
 
