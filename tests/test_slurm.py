@@ -1,4 +1,5 @@
-"""The SLURM profile for real: a tiny study through a single-node Slurm cluster.
+"""The SLURM profile for real: a tiny study through a single-node Slurm cluster, two GPU jobs
+sharing the node, and a job killed at its time limit that resumes when submitted again.
 
 The test starts its own cluster from Debian's slurm-wlm and munge, under tmp_path (only
 munged's socket gets a short folder of its own in /tmp): a munge key and munged on its own
@@ -18,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,18 +27,18 @@ from pathlib import Path
 import pytest
 from workflow_helpers import BIN, TINY, make_project, write_config
 
+from dnnmod.job_resources import GPU_RULES
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")
 
 # The schema's defaults (720 min, 16 GB) are for real training; the test node is small.
 SLURM_TINY = {**TINY, "resources": {"gpu_jobs": {"runtime": 10, "mem_mb": 1000}}}
 
-# Every rule but `all` (a local rule) is a SLURM job; the tiny study runs at least these (the
-# tables and figures it adds as experiments grow are checked the same way), and these declare
-# `gpu: 1`.
+# The GPU rules are SLURM jobs, the light rules local ones; the tiny study runs at least these
+# (the tables and figures it adds as experiments grow are checked the same way).
 CORE_RULES = {"prepare_dataset", "split_dataset", "train_base_model", "table_base_models",
               "modularize", "evaluate_modules", "table_modularization", "study_report"}
-GPU_RULES = {"train_base_model", "modularize", "evaluate_modules"}
 
 SLURM_CONF = """\
 ClusterName=dnnmodtest
@@ -67,6 +69,8 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MinJobAge=3600
+# A job past its time limit gets SIGTERM, then SIGKILL this many seconds later (default 30).
+KillWait=5
 ReturnToService=2
 # Trust the node line below rather than the hardware (any CI machine registers the same node).
 SlurmdParameters=config_overrides
@@ -281,7 +285,8 @@ def test_tiny_study_runs_through_slurm(slurm_cluster, project, tmp_path):
     # The study's outputs, as in a local run.
     model = json.loads((project / "results/tiny/models/digits/simcnn/st/seed0/model.json")
                        .read_text())
-    assert model["arch"] == "simcnn" and len(model["history"]) == 1
+    assert model["arch"] == "simcnn"
+    assert len(model["history"]) == SLURM_TINY["recipes"]["tiny"]["epochs"]
     modules = project / "results/tiny/modules/digits/simcnn/gradsplitter/seed0"
     metrics = json.loads((modules / "metrics.json").read_text())
     assert 0 < metrics["krr"] <= 1 and len(metrics["modules"]) == 10
@@ -289,13 +294,14 @@ def test_tiny_study_runs_through_slurm(slurm_cluster, project, tmp_path):
     e2 = (project / "results/tiny/tables/e2_modularization.csv").read_text().splitlines()
     assert len(e1) == 2 and len(e2) == 3
 
-    # Every job went through sbatch: one SLURM job id per rule, completed, with its log.
+    # Every GPU job went through sbatch, every light job ran on this host.
     submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)", run.stdout)
     jobs = {re.search(r"/rule_(\w+)/", log).group(1): (job_id, Path(log))
             for job_id, log in submitted}
     ran = set(re.findall(r"^rule (\w+):$", run.stdout, flags=re.MULTILINE))
     local = set(re.findall(r"^localrule (\w+):$", run.stdout, flags=re.MULTILINE))
-    assert local == {"all"} and ran >= CORE_RULES, run.stdout[-4000:]
+    assert ran == CORE_RULES & set(GPU_RULES), run.stdout[-4000:]
+    assert local >= (CORE_RULES - ran) | {"all"}, run.stdout[-4000:]
     assert set(jobs) == ran, run.stdout[-4000:]
     assert len({job_id for job_id, _ in jobs.values()}) == len(ran)
     for rule, (job_id, log) in jobs.items():
@@ -303,5 +309,111 @@ def test_tiny_study_runs_through_slurm(slurm_cluster, project, tmp_path):
         assert "JobState=COMPLETED" in info, info
         assert "Partition=gpu" in info, info
         assert log.is_file() and f"rule {rule}:" in log.read_text(), log
-        # `gpu: 1` became a GPU request that the node's gres satisfied.
-        assert ("gpu:1" in info) == (rule in GPU_RULES), info
+        # `gpu: 1` became a GPU request that the node's gres satisfied; the job used the GPU
+        # that SLURM assigned, without the host's slot pool.
+        assert "gpu:1" in info, info
+        # resources.gpu_jobs of the config became the job's time limit (10 min).
+        assert "TimeLimit=00:10:00" in info, info
+    assert not (tmp_path / "gpu-pool").exists()
+
+
+def wait_for_state(cluster: Cluster, job_id: str, states: tuple[str, ...],
+                   timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = cluster.job(job_id)
+        state = re.search(r"JobState=(\w+)", info).group(1)
+        if state in states:
+            return info
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} not in {states} after {timeout} s:\n{info}\n"
+                         f"{cluster.logs()}")
+
+
+# Both jobs claim a device, then wait until the other one holds its own.
+BOTH_HOLD_A_GPU = """\
+import os, sys, time
+from pathlib import Path
+from dnnmod.devices import select_device
+claim = select_device("auto")
+shared = Path(sys.argv[1])
+gpus = os.environ["SLURM_JOB_GPUS"]
+(shared / (os.environ["SLURM_JOB_ID"] + ".held")).write_text(f"{claim.physical_id} {gpus}")
+deadline = time.monotonic() + 60
+while len(list(shared.glob("*.held"))) < 2:
+    if time.monotonic() > deadline:
+        sys.exit("the other job never held its GPU at the same time")
+    time.sleep(0.2)
+"""
+
+
+def test_two_gpu_jobs_on_one_node_both_see_gpu0_and_run_at_once(slurm_cluster, tmp_path):
+    shared = tmp_path / "held"
+    shared.mkdir()
+    program = tmp_path / "hold_a_gpu.py"
+    program.write_text(BOTH_HOLD_A_GPU)
+    # A node that confines each job to its GPU (cgroups) shows every 1-GPU job its GPU as
+    # device 0; this test node has no cgroups, so the job says it itself.
+    command = f"CUDA_VISIBLE_DEVICES=0 exec {sys.executable} {program} {shared}"
+    pool = tmp_path / "gpu-pool"  # a pool both jobs would share, were it used
+    env = {**slurm_cluster.env, "DNNMOD_SIMULATE_GPUS": "1", "DNNMOD_GPU_POOL": str(pool)}
+    started = time.monotonic()
+    job_ids = [subprocess.run(
+        ["sbatch", "--parsable", "--gpus=1", "--time=2", f"--output={tmp_path}/job{n}.out",
+         "--wrap", command], env=env, check=True, text=True, stdout=subprocess.PIPE,
+    ).stdout.strip().split(";")[0] for n in range(2)]
+    for job_id in job_ids:
+        info = wait_for_state(slurm_cluster, job_id, ("COMPLETED", "FAILED", "TIMEOUT"), 120)
+        assert "JobState=COMPLETED" in info, info + (tmp_path / "job0.out").read_text()
+    held = sorted((shared / f"{job_id}.held").read_text() for job_id in job_ids)
+    # Each saw device 0; SLURM had given them different GPUs of the node; no pool was touched.
+    assert held == ["0 0", "0 1"], held
+    assert not pool.exists()
+    print(f"two GPU jobs side by side: {time.monotonic() - started:.1f} s")
+
+
+def test_a_job_killed_at_its_time_limit_resumes_from_its_checkpoint(slurm_cluster, tmp_path,
+                                                                     data_root):
+    # A training far longer than its 1-minute limit: SLURM ends it (SIGTERM, SIGKILL after
+    # KillWait), and the same command submitted again continues after the last saved epoch.
+    checkpoint = tmp_path / "resume" / "model.pt"
+    script = tmp_path / "train.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"exec {BIN / 'dnnmod'} train --dataset digits --arch simcnn --width 0.0625 "
+        "--options '{}' --recipe '{\"epochs\": 100000, \"batch_size\": 64, \"lr\": 0.05}' "
+        f"--seed 0 --data-root {data_root} --threads 1 --device cpu "
+        f"--checkpoint {checkpoint} --out {tmp_path}/model.safetensors\n")
+
+    def submit(limit_minutes: int, log: Path) -> str:
+        return subprocess.run(
+            ["sbatch", "--parsable", f"--time={limit_minutes}", f"--output={log}",
+             str(script)], env=slurm_cluster.env, check=True, text=True,
+            stdout=subprocess.PIPE).stdout.strip().split(";")[0]
+
+    started = time.monotonic()
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = submit(1, first_log)
+    info = wait_for_state(slurm_cluster, first, ("TIMEOUT", "COMPLETED", "FAILED"), 180)
+    assert "JobState=TIMEOUT" in info, info + first_log.read_text()[-2000:]
+    done = [int(n) for n in re.findall(r"epoch (\d+)/100000", first_log.read_text())]
+    assert done and checkpoint.is_file(), first_log.read_text()[-2000:]
+    killed_after = time.monotonic() - started
+
+    second = submit(5, second_log)
+    deadline = time.monotonic() + 120
+    resumed = None
+    while time.monotonic() < deadline:
+        text = second_log.read_text() if second_log.exists() else ""
+        resumed = re.search(rf"train: resuming from {checkpoint} after epoch (\d+)", text)
+        if resumed and f"epoch {int(resumed.group(1)) + 1}/100000" in text:
+            break
+        time.sleep(1)
+    slurm_cluster.run("scancel", second)
+    assert resumed, second_log.read_text()[-2000:]
+    # It continued from the last epoch the killed job saved (the one it logged, or one later
+    # if SIGTERM came between saving and logging), not from scratch.
+    assert int(resumed.group(1)) in (done[-1], done[-1] + 1), (done, resumed.group(0))
+    assert "epoch 1/100000" not in second_log.read_text()
+    print(f"killed at the time limit after {killed_after:.0f} s ({done[-1]} epochs), resumed "
+          f"and trained on; {time.monotonic() - started:.0f} s in all")
