@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from workflow_helpers import TINY, make_project, snakemake, write_config
 
 from dnnmod.errors import ConfigError
 from dnnmod.job_resources import (
@@ -89,3 +90,31 @@ def test_the_workflow_gives_every_gpu_rule_its_resources():
     named = {name for path in rules.glob("*.smk")
              for name in re.findall(r'gpu_rule_resources\(config, "(\w+)"\)', path.read_text())}
     assert named == set(GPU_RULES)
+
+
+def test_a_dry_run_shows_each_job_its_resources(tmp_path):
+    project = make_project(tmp_path / "project")
+    configfile = write_config(project, {**TINY, "resources": {
+        "gpu_jobs": {"runtime": 30, "mem_mb": 2000},
+        "approaches": {"gradsplitter": {"modularize": {"runtime": 90, "cpus": 2}}},
+        "light": {"partition": "cpu"}}})
+    run = snakemake(project, "-n", "--cores", "4", "--configfile", configfile)
+    assert run.returncode == 0, run.stdout[-3000:]
+    # One block per job, each opened by its time stamp line; a job by its rule and wildcards.
+    blocks = {(rule.group(1), re.search(r"wildcards: (.*)", block).group(1)): block
+              for block in re.split(r"\n(?=\[\w{3} )", run.stdout)
+              if (rule := re.search(r"^(?:local)?rule (\w+):$", block, flags=re.MULTILINE))
+              and "wildcards:" in block}
+
+    def resources(rule, wildcard=""):
+        block = next(text for (name, wildcards), text in blocks.items()
+                     if name == rule and wildcard in wildcards)
+        return dict(re.findall(r"(\w+)=([^,\s]+)", re.search(r"resources: (.*)", block)[1]))
+
+    assert resources("train_base_model")["runtime"] == "30"
+    assert resources("train_base_model")["gpu"] == "1"
+    assert "slurm_partition" not in resources("train_base_model")
+    assert resources("modularize", "approach=random")["runtime"] == "30"
+    assert resources("modularize", "approach=gradsplitter")["runtime"] == "90"
+    assert resources("prepare_dataset")["slurm_partition"] == "cpu"
+    assert resources("prepare_dataset")["runtime"] == "30"
