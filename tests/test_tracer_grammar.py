@@ -230,8 +230,8 @@ CHANNELWISE_BLOCKS = ("pool", "scalar_scale")
 def supported(stem: str, blocks: list[tuple[str, int]], head: str) -> bool:
     """Whether channel groups model the network: supported constructs only, and none that
     couples a concatenation's channels with one layer's (channel groups cannot hold part of
-    a layer's channels; tracing refuses it with the coupled layers' sizes). Torch-Pruning's
-    graph couples them too where a dense block's concatenation is flattened into features."""
+    a layer's channels; tracing refuses it with the coupled layers' sizes), nor a
+    concatenation flattened into features (Torch-Pruning's graph maps them wrong)."""
     if stem not in SUPPORTED_STEMS or head not in SUPPORTED_HEADS:
         return False
     concatenated = stem == "shared_input"
@@ -241,7 +241,7 @@ def supported(stem: str, blocks: list[tuple[str, int]], head: str) -> bool:
             return False
         dense = kind.startswith("dense") or (dense and kind in CHANNELWISE_BLOCKS)
         concatenated = dense or (concatenated and kind in CHANNELWISE_BLOCKS)
-    return not (dense and head == "flatten")
+    return not (concatenated and head == "flatten")
 
 
 def drawn_module_set(structure, generator: torch.Generator, positions: bool) -> ModuleSet:

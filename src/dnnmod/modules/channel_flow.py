@@ -10,7 +10,8 @@ example input it traces with:
 - :class:`ChannelFlow`, during the traced pass, follows every tensor that carries the
   channels (or units) of a Conv2d, Linear or BatchNorm layer through the operations between
   layers, and records a :class:`Refusal` for each operation that (a) changes the channel
-  dimension other than by concatenating channels or flattening (C, H, W) into features: a
+  dimension other than by concatenating channels or flattening (C, H, W) into features (of
+  channels other than a concatenation's, which Torch-Pruning's graph maps wrong): a
   channel slice or split, a reduction or softmax over channels, a reshape that splits or
   merges channels; (b) mixes channels while keeping their number, found by perturbing chosen
   channels of its inputs and watching which output channels change: a norm over channels,
@@ -84,6 +85,8 @@ class ChannelFlow(TorchFunctionMode):
         self.owned: dict[int, torch.Tensor] = {
             id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
         self.readers: dict[str, frozenset[str]] = {}
+        # ids of followed tensors whose channels are a concatenation's
+        self.concatenated: set[int] = set()
         self.refusals: list[Refusal] = []
         self._noise = torch.Generator().manual_seed(0)
 
@@ -108,6 +111,8 @@ class ChannelFlow(TorchFunctionMode):
         if isinstance(module, _NORM):
             if read is not None:
                 self.channels[id(output)] = (output, read | {name})
+                if id(source) in self.concatenated:
+                    self.concatenated.add(id(output))
             return
         if read is not None:
             self.readers[name] = read
@@ -168,6 +173,7 @@ class ChannelFlow(TorchFunctionMode):
                                       f"produces ({kind})")
                 return False
         if func in _CONCATENATIONS and _dim(args, kwargs, 1) % outputs[0].dim() == 1:
+            self.concatenated.add(id(outputs[0]))
             return True  # channel groups follow concatenated channels
         if func in _CHANNEL_NORMS:
             self._refuse(sources, f"{name} (only BatchNorm normalises channels one at a time "
@@ -183,10 +189,17 @@ class ChannelFlow(TorchFunctionMode):
                                   "channels)")
             return False
         count = channels.pop()
+        concatenated = any(id(tensor) in self.concatenated for tensor in maps)
         for leaf in outputs:
             if leaf.dim() == 2 and any(
                     tensor.dim() > 2 and leaf.shape[1] == math.prod(tensor.shape[1:])
                     for tensor in maps):
+                if concatenated and leaf.shape[1] != count:
+                    # Torch-Pruning maps such features to the wrong channels.
+                    self._refuse(sources, f"{name} of concatenated channels "
+                                          f"{tuple(maps[0].shape)} into features "
+                                          f"{tuple(leaf.shape)}")
+                    return False
                 continue  # (C, H, W) flattened into features
             if leaf.dim() < 2 or leaf.shape[1] != count:
                 shapes = f"{tuple(maps[0].shape)} into {tuple(leaf.shape)}"
@@ -200,6 +213,8 @@ class ChannelFlow(TorchFunctionMode):
                                   "channels, a permutation): an output channel depends on "
                                   "other input channels")
             return False
+        if concatenated:
+            self.concatenated.update(id(leaf) for leaf in outputs)
         return True
 
     def _per_channel(self, operand: torch.Tensor, maps: Iterable[torch.Tensor]) -> bool:
