@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from workflow_helpers import TINY, make_project, snakemake, write_config
 
 from dnnmod.data import DatasetSplits, load_dataset, make_splits, prepare
 from dnnmod.models import build_model
@@ -30,6 +31,17 @@ def small_digits(digits):
     """A few hundred digits: enough to train for a test, small enough to take a second."""
     return DatasetSplits(train=digits.train.take(range(320)), val=digits.val.take(range(160)),
                          test=digits.test.take(range(160)), meta=digits.meta)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """A project with the TINY study run to the end, once per session. Tests only read it,
+    or copy it (``workflow_helpers.copy_project``) to run more on top."""
+    project = make_project(tmp_path_factory.mktemp("tiny_study") / "project")
+    configfile = write_config(project, TINY)
+    run = snakemake(project, "--cores", "2", "--configfile", configfile)
+    assert run.returncode == 0, run.stdout[-3000:]
+    return project
 
 
 class Interrupted(Exception):

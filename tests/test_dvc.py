@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from workflow_helpers import BIN, REPO, TINY, make_project, snakemake, write_config
+from workflow_helpers import BIN, REPO, TINY, copy_project, snakemake, write_config
 
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
                 "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
@@ -25,8 +25,10 @@ def sh(cwd: Path, *command: str) -> str:
 
 
 @pytest.mark.slow
-def test_push_pull_and_regenerate_without_retraining(tmp_path):
-    origin = make_project(tmp_path / "origin")
+def test_push_pull_and_regenerate_without_retraining(tiny_study, tmp_path):
+    # The session's finished TINY run: `dvc repro` hands it to Snakemake, which finds it up to
+    # date, and DVC records its outputs.
+    origin = copy_project(tiny_study, tmp_path / "origin")
     for file in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / file, origin)
     shutil.copytree(REPO / "src", origin / "src",  # the DVC stage depends on the library

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import f1_score
-from workflow_helpers import TINY, make_project, snakemake, write_config
+from workflow_helpers import TINY, copy_project, snakemake, write_config
 
 from dnnmod.artifacts import load_tensors, write_json
 from dnnmod.cli import main
@@ -748,8 +748,8 @@ TINY_E4 = {
 
 
 @pytest.mark.slow
-def test_workflow_composes_new_tasks_and_reports_them(tmp_path):
-    project = make_project(tmp_path / "project")
+def test_workflow_composes_new_tasks_and_reports_them(tiny_study, tmp_path):
+    project = copy_project(tiny_study, tmp_path / "project")  # digits and its model: done
     configfile = write_config(project, TINY_E4)
     targets = ["results/tiny/tables/e4_new_tasks.csv", "results/tiny/figures/e4_new_tasks.png"]
     run = snakemake(project, *targets, "--cores", "2", "--configfile", configfile)
@@ -817,8 +817,8 @@ TINY_POOL = {
 
 
 @pytest.mark.slow
-def test_workflow_trains_decomposes_and_chooses_among_a_dirichlet_pool(tmp_path):
-    project = make_project(tmp_path / "project")
+def test_workflow_trains_decomposes_and_chooses_among_a_dirichlet_pool(tiny_study, tmp_path):
+    project = copy_project(tiny_study, tmp_path / "project")  # digits and its model: done
     configfile = write_config(project, TINY_POOL)
     members = ["digits_dir0p5_min1_draw1_split0", "digits_dir0p5_min1_draw2_split0"]
     # The composition only: the table's scratch baseline adds nothing the pool changes.

@@ -10,7 +10,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from workflow_helpers import TINY, make_project, snakemake, write_config
+from workflow_helpers import TINY, copy_project, snakemake, write_config
 
 from dnnmod.errors import ArtifactError, ConfigError
 from dnnmod.models import build_model
@@ -352,8 +352,9 @@ TARGETS = ["results/tiny/tables/e3_patching.csv", "results/tiny/figures/e3_patch
 
 
 @pytest.fixture(scope="module")
-def patched_study(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("patching") / "project")
+def patched_study(tiny_study, tmp_path_factory):
+    # On the session's TINY run: digits and its simcnn are done.
+    project = copy_project(tiny_study, tmp_path_factory.mktemp("patching") / "project")
     configfile = write_config(project, MODA_STUDY)
     run = snakemake(project, *TARGETS, "--cores", "2", "--configfile", configfile)
     assert run.returncode == 0, run.stdout[-3000:]

@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from workflow_helpers import TINY, make_project, snakemake, write_config
+from workflow_helpers import TINY, copy_project, snakemake, write_config
 
 from dnnmod.approaches import run_approach
 from dnnmod.artifacts import write_json
@@ -261,8 +261,8 @@ def test_curve_labels_name_only_what_differs_among_runs_of_a_model():
 
 
 @pytest.mark.slow
-def test_tiny_study_sweeps_a_threshold_and_a_loss_weight(tmp_path):
-    project = make_project(tmp_path / "project")
+def test_tiny_study_sweeps_a_threshold_and_a_loss_weight(tiny_study, tmp_path):
+    project = copy_project(tiny_study, tmp_path / "project")  # digits and its model: done
     configfile = write_config(project, STUDY)
     results = project / "results/tiny"
     table_target, figure_target = "results/tiny/tables/e7_sensitivity.csv", \

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 import torch
-from workflow_helpers import TINY, make_project, snakemake, write_config
+from workflow_helpers import TINY, copy_project, make_project, snakemake, write_config
 
 from dnnmod.approaches import run_approach
 from dnnmod.cli import main
@@ -299,8 +299,8 @@ def test_command_line_unit_table_and_figure(small_digits, data_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_workflow_makes_the_e5_table_and_figure(tmp_path):
-    project = make_project(tmp_path / "project")
+def test_tiny_workflow_makes_the_e5_table_and_figure(tiny_study, tmp_path):
+    project = copy_project(tiny_study, tmp_path / "project")  # digits and its model: done
     config = {**TINY, "reuse": {"subtasks": {
         "max_subsets": 30, "samples_per_size": 2, "union_approaches": ["gradsplitter"],
         "union_subsets": 1, "fine_tune_epochs": 1}}}

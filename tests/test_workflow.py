@@ -14,14 +14,11 @@ def project(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_study_runs_end_to_end(project):
-    configfile = write_config(project, TINY)
-    run = snakemake(project, "--cores", "2", "--configfile", configfile)
-    assert run.returncode == 0, run.stdout[-3000:]
-
+def test_tiny_study_runs_end_to_end(tiny_study):
+    project = tiny_study
     model_dir = project / "results/tiny/models/digits/simcnn/st/seed0"
     meta = json.loads((model_dir / "model.json").read_text())
-    assert meta["arch"] == "simcnn" and meta["seed"] == 0 and len(meta["history"]) == 1
+    assert meta["arch"] == "simcnn" and meta["seed"] == 0 and len(meta["history"]) == 2
     assert (model_dir / "model.safetensors").stat().st_size > 0
     assert (project / "data/digits/splits/seed0.safetensors").is_file()
     table = (project / "results/tiny/tables/e1_base_models.csv").read_text().splitlines()
@@ -49,7 +46,7 @@ def test_tiny_study_runs_end_to_end(project):
     orderings = (project / "results/tiny/tables/e2_orderings.csv").read_text().splitlines()
     assert orderings[0].startswith("model,dataset,claim") and len(orderings) == 1
 
-    again = snakemake(project, "--cores", "2", "--configfile", configfile)
+    again = snakemake(project, "--cores", "2", "--configfile", "config/tiny.yaml")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout
 
