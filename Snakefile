@@ -39,4 +39,6 @@ rule all:
 # On a cluster, jobs without a GPU run on the host that runs Snakemake unless the config sends
 # them to a partition of their own (resources.light.partition; dnnmod.job_resources).
 if not LIGHT_JOB:
-    workflow.localrules(*(rule.name for rule in workflow.rules if "gpu" not in rule.resources))
+    workflow.localrules(
+        *(rule.name for rule in workflow.rules if "gpu" not in rule.resources)
+    )

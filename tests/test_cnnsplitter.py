@@ -288,5 +288,6 @@ def test_whole_validation_split_scores_and_selects_alike(model, small_digits):
     ({"final_accuracy_threshold": 80}, "final_accuracy_threshold"),
 ])
 def test_bad_hyperparameters_name_their_key(override, key):
-    with pytest.raises(ConfigError, match=rf"approaches\.cnnsplitter\.{key}: must be"):
+    # A value of the wrong type fails the type check ("expected int"), others their range.
+    with pytest.raises(ConfigError, match=rf"approaches\.cnnsplitter\.{key}: (must be|expected)"):
         CNNSplitter().resolve({"population": 6, "parents": 4, "elites": 2, **override})

@@ -39,7 +39,9 @@ onstart:
     # --resources gpu=N with a torch that cannot use the GPUs fails here, before any job (not in
     # dry runs, nor in the per-job Snakemake of a cluster job, which runs without hooks).
     gpu_slots = workflow.global_resources.get("gpu")
-    check_gpu_slots(gpu_slots.value if gpu_slots is not None else 0, config["device"])
+    check_gpu_slots(
+        gpu_slots.value if gpu_slots is not None else 0, config["device"]
+    )
 
 
 wildcard_constraints:

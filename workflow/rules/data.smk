@@ -10,10 +10,10 @@ rule prepare_dataset:
         f"{RESULTS}/benchmarks/data/{{dataset}}/prepare.tsv"
     wildcard_constraints:
         dataset="|".join(config["datasets"]),
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     params:
         root=lambda wc, output: data_root(output.meta),
         spec=lambda wc: as_json(config["datasets"][wc.dataset]),
@@ -31,10 +31,10 @@ rule split_dataset:
         f"{RESULTS}/logs/data/{{dataset}}/split_seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/data/{{dataset}}/split_seed{{seed}}.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     params:
         root=lambda wc, input: data_root(input[0]),
         validation_fraction=config["data"]["validation_fraction"],
@@ -59,10 +59,10 @@ rule derive_task:
         f"{RESULTS}/benchmarks/data/{{task}}/derive.tsv"
     wildcard_constraints:
         task="|".join(TASKS) or "(?!)",  # no tasks: matches nothing
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     params:
         root=lambda wc, output: data_root(output.meta),
         spec=lambda wc: as_json(TASKS[wc.task]),

@@ -42,10 +42,10 @@ rule table_pan_rajan:
         f"{RESULTS}/logs/report/pan_rajan_decomposition.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/pan_rajan_decomposition.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     shell:
         "dnnmod table pan-rajan --costs {input} --out {output.csv} "
         "--summary {output.metrics} 2> {log}"

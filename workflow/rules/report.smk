@@ -15,10 +15,10 @@ rule table_base_models:
         f"{RESULTS}/logs/report/e1_base_models.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e1_base_models.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     shell:
         "dnnmod table base-models --models {input} --out {output.csv} "
         "--metrics {output.metrics} 2> {log}"
@@ -54,10 +54,10 @@ rule table_modularization:
         f"{RESULTS}/logs/report/e2_modularization.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e2_modularization.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     shell:
         "dnnmod table modularization --metrics {input} --out {output.csv} "
         "--figure {output.figure} --summary {output.summary} "
@@ -95,10 +95,10 @@ rule table_cost:
         f"{RESULTS}/logs/report/e8_cost.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e8_cost.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     params:
         results=lambda wc, output: Path(output.metrics).parents[1],
         energy=as_json(config["energy"]),
@@ -119,10 +119,10 @@ rule study_report:
         f"{RESULTS}/logs/report/report_html.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/report_html.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     params:
         results=lambda wc, output: Path(output[0]).parent,
         config=as_json(config),

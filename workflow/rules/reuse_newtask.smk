@@ -104,10 +104,10 @@ rule table_new_tasks:
         f"{RESULTS}/logs/report/e4_new_tasks.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e4_new_tasks.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     shell:
         "dnnmod reuse new-task-table --composed {input.composed} --scratch {input.scratch} "
         "--out {output.csv} --metrics {output.metrics} 2> {log}"
@@ -128,10 +128,10 @@ rule figure_new_tasks:
         f"{RESULTS}/logs/report/e4_new_tasks_figure.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e4_new_tasks_figure.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     shell:
         "dnnmod reuse new-task-figure --composed {input.composed} --scratch {input.scratch} "
         "--out {output.png} 2> {log}"

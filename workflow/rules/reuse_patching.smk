@@ -89,10 +89,10 @@ rule table_patching:
         f"{RESULTS}/logs/report/e3_patching.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e3_patching.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     shell:
         "dnnmod reuse patch-table --metrics {input} --out {output.csv} "
         "--summary {output.metrics} 2> {log}"
@@ -112,9 +112,9 @@ rule figure_patching:
         f"{RESULTS}/logs/report/e3_patching_figure.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e3_patching_figure.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     shell:
         "dnnmod reuse patch-figure --metrics {input} --out {output.png} 2> {log}"

@@ -50,10 +50,10 @@ rule table_replacement:
         f"{RESULTS}/logs/report/e6_replacement.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e6_replacement.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     shell:
         "dnnmod reuse replace-table --records {input} --out {output.csv} "
         "--summary {output.metrics} 2> {log}"
@@ -73,9 +73,9 @@ rule figure_replacement:
         f"{RESULTS}/logs/report/e6_replacement_figure.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e6_replacement_figure.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     shell:
         "dnnmod reuse replace-figure --records {input} --out {output.png} 2> {log}"

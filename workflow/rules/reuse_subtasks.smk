@@ -46,10 +46,10 @@ rule table_subtask_reuse:
         f"{RESULTS}/logs/report/e5_subtask_reuse.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e5_subtask_reuse.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     shell:
         "dnnmod reuse subtasks-table --subtasks {input} --out {output.csv} "
         "--metrics {output.metrics} 2> {log}"
@@ -69,9 +69,9 @@ rule figure_subtask_reuse:
         f"{RESULTS}/logs/report/e5_subtask_reuse_figure.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e5_subtask_reuse_figure.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     shell:
         "dnnmod reuse subtasks-figure --subtasks {input} --out {output.png} 2> {log}"

@@ -16,6 +16,9 @@ use rule train_base_model as train_sensitivity_model with:
         f"{RESULTS}/logs/sensitivity/train/{{dataset}}/{{model}}/{{training}}/{{variant}}/seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/sensitivity/train/{{dataset}}/{{model}}/{{training}}/{{variant}}/seed{{seed}}.tsv"
+    threads: gpu_rule_threads(config, "train_sensitivity_model")
+    resources:
+        **gpu_rule_resources(config, "train_sensitivity_model"),
     params:
         objective=lambda wc: as_json(
             sensitivity.objective_overrides(
@@ -24,9 +27,6 @@ use rule train_base_model as train_sensitivity_model with:
             )
         ),
         checkpoint=f"{RESULTS}/resume/sensitivity/models/{{dataset}}/{{model}}/{{training}}/{{variant}}/seed{{seed}}.pt",
-    threads: gpu_rule_threads(config, "train_sensitivity_model")
-    resources:
-        **gpu_rule_resources(config, "train_sensitivity_model"),
 
 
 rule modularize_sensitivity:
@@ -85,10 +85,10 @@ rule table_sensitivity:
         f"{RESULTS}/logs/report/e7_sensitivity.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e7_sensitivity.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     params:
         points=as_json([point.record(seed) for point, seed in sensitivity_units()]),
     shell:
@@ -110,10 +110,10 @@ rule figure_sensitivity:
         f"{RESULTS}/logs/report/e7_sensitivity_figure.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e7_sensitivity_figure.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     shell:
         "dnnmod sensitivity figure --table {input} --out {output.figure} 2> {log}"
 
@@ -132,10 +132,10 @@ rule figure_ga_convergence:
         f"{RESULTS}/logs/report/e7_ga_convergence.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/e7_ga_convergence.tsv"
-    resources:
-        **LIGHT_JOB,
     conda:
         "../../environment.yml"
+    resources:
+        **LIGHT_JOB,
     params:
         verb="ga-convergence",
     shell:
