@@ -291,3 +291,15 @@ def test_bad_hyperparameters_name_their_key(override, key):
     # A value of the wrong type fails the type check ("expected int"), others their range.
     with pytest.raises(ConfigError, match=rf"approaches\.cnnsplitter\.{key}: (must be|expected)"):
         CNNSplitter().resolve({"population": 6, "parents": 4, "elites": 2, **override})
+
+
+def test_the_generation_is_selected_among_the_searched_ones(model, small_digits):
+    # The authors' code never selects generation 0 (the initial population) once a generation
+    # was searched; with none searched, generation 0 is the result.
+    searched = run_approach("cnnsplitter", model, META, small_digits,
+                            {**TINY, "generations": 2}, seed=0)
+    assert len(searched.provenance["logbook"]) == 3
+    assert searched.provenance["selected_generation"] in (1, 2)
+    unsearched = run_approach("cnnsplitter", model, META, small_digits,
+                              {**TINY, "generations": 0}, seed=0)
+    assert unsearched.provenance["selected_generation"] == 0

@@ -693,7 +693,10 @@ class CNNSplitter(Approach):
             }, postfix={"val": f"{entry['val_accuracy']:.1f}%", "krr": f"{entry['krr']:.2f}"})
 
         records = list(logbook)
-        selected = max(range(len(records)), key=lambda g: records[g]["selection"])
+        # As the authors' code (main, `gen_idx > 0`): the generation is selected among the
+        # searched ones; generation 0, the initial population, competes only when it is all.
+        candidates = range(1, len(records)) if len(records) > 1 else range(1)
+        selected = max(candidates, key=lambda g: records[g]["selection"])
         genes = best_compositions[selected]
         masks = {group: torch.cat([layout.decode(genes[c:c + 1], c)[group] for c in classes])
                  for group in layout.groups}
