@@ -11,7 +11,6 @@ import http.server
 import io
 import os
 import pickle
-import struct
 import tarfile
 import threading
 import zipfile
@@ -31,6 +30,8 @@ from dnnmod.data import (
     prepare,
 )
 from dnnmod.data.formats import load_array_pickle
+from dnnmod.data.official_archives import idx_bytes as idx
+from dnnmod.data.official_archives import py2_pickle
 from dnnmod.errors import (
     ArtifactError,
     ChecksumError,
@@ -105,26 +106,6 @@ def serve(httpd, name: str, data: bytes) -> str:
 # ---------------------------------------------------------------- tiny official-format files
 
 
-class Py2Pickler(pickle._Pickler):
-    """Pickles like Python 2, which wrote the official CIFAR files: str and bytes as BINSTRING,
-    numpy's array constructor under its old module name."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_py2_str(self, obj: str | bytes) -> None:
-        data = obj if isinstance(obj, bytes) else obj.encode("latin1")
-        self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-        self.memoize(obj)
-
-    dispatch[bytes] = dispatch[str] = save_py2_str
-
-
-def py2_pickle(obj) -> bytes:
-    buffer = io.BytesIO()
-    Py2Pickler(buffer, protocol=2).dump(obj)
-    return buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
-
-
 def cifar_images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
 
@@ -180,12 +161,6 @@ def svhn_mat(n: int, seed: int) -> tuple[bytes, np.ndarray]:
     buffer = io.BytesIO()
     savemat(buffer, {"X": images, "y": np.where(digits == 0, 10, digits).reshape(n, 1)})
     return buffer.getvalue(), digits
-
-
-def idx(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        d.to_bytes(4, "big") for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
 
 
 FASHION_FILES = {"train_images": "train-images-idx3-ubyte.gz",
