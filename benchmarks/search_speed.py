@@ -5,12 +5,15 @@ schedule pieces, interleaved step by step so that both see the same machine load
 
 naive (written out below, the reference implementation's way)
     mask+head step: for each module m in turn, the base model's forward pass with m's binary
-    masks (straight-through estimator), then all heads, the loss, one backward pass;
+    masks at the ReLU outputs (straight-through estimator), then all heads, the loss, one
+    backward pass;
     head-only epoch: the same per-module masked forward (without gradients) in every epoch.
 dnnmod (``dnnmod.approaches.gradsplitter``)
-    mask+head step: ``mask_loss`` with the search's own kept-channel pass (each module as its
-    kept-channel sub-network, BatchNorms folded, channels-last convs);
-    head-only phase: the masked logits once per phase (``run``), then epochs over them.
+    mask+head step: ``mask_loss``, all modules in one batched masked pass (a dropped kernel's
+    score needs its activation, which the kept-channel pass does not compute);
+    head-only phase: the masked logits once per phase (``run``, each module as its
+    kept-channel sub-network on a CPU: BatchNorms folded, channels-last convs), then epochs
+    over them.
 
 Kernel scores start at +1 for a random fraction r of each group's kernels (the keep rate;
 at least one per group) and -1 for the rest: the search starts at r = 1 and drops kernels as
@@ -21,9 +24,8 @@ steps of both ways are compared from the same state: losses and score gradients 
 within float tolerance. Achieved GFLOP/s: the FLOPs of one step (``FlopCounterMode``, forward
 and backward) over its median time, against this machine's float32 matmul peak.
 
-On CUDA (``--device cuda``) dnnmod's search runs all modules in one batched masked pass (the
-kept-channel pass is CPU-only) and the naive way its per-module loop; every timing ends with a
-synchronisation.
+On CUDA (``--device cuda``) the head-only phase's logits also come from the batched masked
+pass (the kept-channel pass is CPU-only); every timing ends with a synchronisation.
 
     python benchmarks/search_speed.py                 # simcnn, vgg16, resnet20 at width 1.0
     python benchmarks/search_speed.py --models simcnn --images 128 --keep-rates 0.5
@@ -45,6 +47,7 @@ from dnnmod.approaches.gradsplitter import _BinaryMask, mask_loss
 from dnnmod.data import ImageSet
 from dnnmod.devices import synchronize
 from dnnmod.models import build_model
+from dnnmod.modules.activations import activation_sites
 from dnnmod.modules.heads import LogitMLPHead
 from dnnmod.modules.inference import kept_channel_pass, run
 from dnnmod.modules.masking import masked_logits
@@ -75,15 +78,17 @@ def matmul_peak_gflops(device: torch.device, size: int = 2048, repeats: int = 5)
     return 2 * size**3 / best / 1e9
 
 
-def naive_mask_loss(model, structure, scores, head, x, y, alpha):
+def naive_mask_loss(model, structure, sites, scores, head, x, y, alpha):
     """The reference's mask+head loss: one masked forward pass per module, in turn."""
     masks = {name: _BinaryMask.apply(s) for name, s in scores.items()}
     modules = next(iter(masks.values())).shape[0]
     logits = torch.stack([
-        masked_logits(model, structure, {n: m[k:k + 1] for n, m in masks.items()}, x)[0]
+        masked_logits(model, structure, {n: m[k:k + 1] for n, m in masks.items()}, x,
+                      sites)[0]
         for k in range(modules)])
     loss = torch.nn.functional.cross_entropy(head(logits), y)
-    return loss + alpha * torch.cat([m.flatten() for m in masks.values()]).mean()
+    penalty = torch.cat([_BinaryMask.apply(s).flatten() for s in scores.values()])
+    return loss + alpha * penalty.mean()
 
 
 def naive_head_logits(model, structure, scores, x):
@@ -171,6 +176,7 @@ def benchmark(arch, width, modules, images, keep_rate, batch_size, seed, peak, d
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     structure = trace_structure(model)
+    sites = activation_sites(model, structure)
     pixels = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, modules, (images,), generator=generator)
     train = ImageSet(pixels, labels, [str(i) for i in range(modules)],
@@ -187,10 +193,10 @@ def benchmark(arch, width, modules, images, keep_rate, batch_size, seed, peak, d
     alpha = hp["alpha"]
 
     def naive_loss(side, x, y):
-        return naive_mask_loss(model, structure, side.scores, side.head, x, y, alpha)
+        return naive_mask_loss(model, structure, sites, side.scores, side.head, x, y, alpha)
 
     def fast_loss(side, x, y):
-        return mask_loss(model, structure, kept_pass, side.scores, side.head, x, y, alpha)
+        return mask_loss(model, structure, sites, side.scores, side.head, x, y, alpha)
 
     naive, fast = (Search(scores, head, hp["mask_lr"], hp["lr"]) for _ in range(2))
     agreement = check_agreement(naive, fast, naive_loss, fast_loss, steps[:2])
@@ -238,7 +244,7 @@ def benchmark(arch, width, modules, images, keep_rate, batch_size, seed, peak, d
     median_step = {name: statistics.median(times) for name, times in mask_seconds.items()}
 
     print(f"\n{arch} width {width}, {modules} modules, keep rate {keep_rate}, {images} images, "
-          f"batch {batch_size}; dnnmod path: "
+          f"batch {batch_size}; dnnmod's head-phase logits: "
           f"{'kept-channel pass' if kept_pass is not None else 'batched masked pass'} "
           f"(built in {setup_seconds:.1f} s)")
     for line in agreement:

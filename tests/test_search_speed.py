@@ -1,5 +1,7 @@
-"""The kept-channel pass of GradSplitter's search: the same losses, score gradients and logits
-as the straightforward masked pass, and a fallback wherever it could differ."""
+"""The kept-channel pass (GradSplitter's head phases and validation, CNNSplitter's search,
+module scoring): the same logits and mask gradients as the straightforward masked pass, and a
+fallback wherever it could differ. GradSplitter's mask steps take the masked pass with masks
+at the ReLUs (tests/test_gradsplitter_mask_placement.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,8 @@ import torch
 from conftest import randomise_norms
 from torch import nn
 
-import dnnmod.approaches.gradsplitter as gradsplitter
 from dnnmod.data import ImageSet
 from dnnmod.models import build_model
-from dnnmod.modules.heads import LogitMLPHead
 from dnnmod.modules.inference import kept_channel_pass, run
 from dnnmod.modules.masking import KeptChannelPass, masked_logits
 from dnnmod.modules.structure import trace_structure
@@ -38,34 +38,6 @@ def _scores(structure, seed: int = 0) -> dict[str, torch.Tensor]:
         values[1:, 0] = 0.5  # every module keeps something of every group
         scores[group.name] = values
     return scores
-
-
-def _loss_and_gradients(model, structure, kept_pass, scores, head, x, y):
-    trainable = {name: s.clone().requires_grad_(True) for name, s in scores.items()}
-    head.zero_grad(set_to_none=True)
-    loss = gradsplitter.mask_loss(model, structure, kept_pass, trainable, head, x, y, alpha=0.1)
-    loss.backward()
-    gradients = torch.cat([trainable[name].grad.flatten() for name in scores])
-    return loss.item(), gradients, head.w1.grad.clone()
-
-
-@pytest.mark.parametrize(("arch", "width"), SHAPES)
-def test_fast_path_equals_the_masked_pass(arch, width):
-    model = _frozen(arch, width)
-    structure = trace_structure(model)
-    kept_pass = kept_channel_pass(model, structure)
-    assert kept_pass is not None
-    scores = _scores(structure)
-    head = LogitMLPHead(list(range(MODULES)), MODULES)
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, MODULES, (16,))
-    naive = _loss_and_gradients(model, structure, None, scores, head, x, y)
-    fast = _loss_and_gradients(model, structure, kept_pass, scores, head, x, y)
-    assert fast[0] == pytest.approx(naive[0], rel=1e-5)
-    # Score gradients: dropped kernels get the penalty's alone, kept ones the same sums.
-    assert (fast[1] - naive[1]).norm() <= 1e-4 * naive[1].norm()
-    assert (fast[2] - naive[2]).norm() <= 1e-4 * naive[2].norm()
-    # Scores at exactly zero are dropped: the binary mask is 1[score > 0].
-    assert not torch.equal(fast[1], torch.zeros_like(fast[1]))
 
 
 @pytest.mark.parametrize(("arch", "width"), SHAPES)

@@ -2,18 +2,25 @@
 
 Each module has one real-valued score per kernel, initialised to 1; the forward pass uses the
 binary mask 1[score > 0] and the backward pass lets the gradient through, clipped to [-1, 1].
-The base model is frozen (eval mode). Module m reads the masked model's N logits through its
-own head (ReLU → Linear(N→10) → ReLU → Linear(10→1) → sigmoid) whose output is its score; the
-loss is the cross-entropy over the N module scores used as logits plus α times the mean of all
-binary masks. Schedule: head-only epochs (Adam 0.01), then rounds of [mask+head epochs with α,
-head-only epochs], each phase with a fresh Adam.
+As in the authors' splitters, each mask multiplies the output of the ReLU after its conv +
+BatchNorm, once per ReLU (before pooling; in a residual group each branch's ReLU, before the
+addition), not the conv's and the norm's outputs where extraction's masked model zeroes a
+channel: with binary masks both compute the same module (checked at the start), but only at
+the ReLU's output does a dropped kernel's score get the gradient Σ g·relu(z), so a kernel
+dropped in one step can come back in a later one. The base model is frozen (eval mode).
+Module m reads the masked model's N logits through its own head (ReLU → Linear(N→10) → ReLU
+→ Linear(10→1) → sigmoid) whose output is its score; the loss is the cross-entropy over the N
+module scores used as logits plus α times the mean of all binary masks. Schedule: head-only
+epochs (Adam 0.01), then rounds of [mask+head epochs with α, head-only epochs], each phase
+with a fresh Adam.
 
-Execution (results the same within float tolerance either way): on a CPU each module runs as
-its kept-channel sub-network with BatchNorms folded (:class:`KeptChannelPass`, about r² of the
-multiplications for a module keeping a fraction r of its kernels; it checks itself against
-the masked model first), one module at a time; elsewhere, or where the model does not allow
-it, all N modules run in one batched masked pass. Head-only phases compute the masked logits
-once per phase (the masks are fixed there), not once per epoch.
+Execution: a mask+head step runs all N modules in one batched masked pass, every kernel
+computed, since a dropped kernel's score needs its activation. Where no gradient is needed
+(head-only phases, validation) on a CPU each module runs as its kept-channel sub-network with
+BatchNorms folded (:class:`KeptChannelPass`, about r² of the multiplications for a module
+keeping a fraction r of its kernels; it checks itself against the masked model first), one
+module at a time. Head-only phases compute the masked logits once per phase (the masks are
+fixed there), not once per epoch.
 
 Selection (the authors chose by hand from logs; here automatic): the epoch whose composed
 validation accuracy is less than ``max_loss_pp`` below the base model's with the fewest kept
@@ -42,10 +49,11 @@ from torch import nn
 from dnnmod.approaches.base import Approach
 from dnnmod.artifacts import config_hash
 from dnnmod.hyperparameters import Range
+from dnnmod.modules.activations import activation_sites
 from dnnmod.modules.heads import LogitMLPHead
 from dnnmod.modules.inference import accuracy, kept_channel_pass, run
-from dnnmod.modules.masking import KeptChannelPass, ensure_nonempty, masked_logits
-from dnnmod.modules.metrics import composed_accuracy
+from dnnmod.modules.masking import check_sites_cover, ensure_nonempty, masked_logits
+from dnnmod.modules.metrics import PER_LAYER_KRR, composed_accuracy, layer_kernel_retention
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import trace_structure
 from dnnmod.resumable import ResumableLoop, epoch_generator
@@ -108,6 +116,10 @@ def _module_set(model_meta, structure, masks, head, provenance=None) -> ModuleSe
 class GradSplitter(Approach):
     name = "gradsplitter"
     defaults = DEFAULTS
+    # The paper's KRR counts every conv layer's own mask (grad_splitter.py sums the masks of all
+    # conv layers): the shared definition for models without coupled convs (SimCNN), coupled
+    # convs (ResCNN's residual additions) counted once per layer.
+    krr_definition = PER_LAYER_KRR
     types = {"mask_travel": float, "max_train_samples": int}
     constraints = {
         **{key: Range(0) for key in ("alpha", "init_head_epochs", "rounds", "mask_epochs",
@@ -117,6 +129,9 @@ class GradSplitter(Approach):
         **{key: Range(1) for key in ("head_hidden", "batch_size", "max_train_samples")},
     }
 
+    def paper_kernel_retention(self, model: nn.Module, modules: ModuleSet) -> list[float]:
+        return layer_kernel_retention(modules)
+
     def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
                    hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",
                    checkpoint: Path | None = None, progress: bool | None = None,
@@ -125,6 +140,9 @@ class GradSplitter(Approach):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         structure = trace_structure(model, (1, *data.train.images.shape[1:]))
+        sites = activation_sites(model, structure)
+        check_sites_cover(model, structure, sites,
+                          [group.name for group in structure.conv_groups])
         classes = list(range(data.num_classes))
         torch.manual_seed(seed)
         scores = {group.name: torch.ones(len(classes), group.size, device=device,
@@ -178,7 +196,7 @@ class GradSplitter(Approach):
                 index = order[begin:begin + hyperparameters["batch_size"]]
                 if phase.kind == "mask":
                     x, y = train_set.float_batch(index)
-                    loss = mask_loss(model, structure, kept_pass, scores, head, x, y,
+                    loss = mask_loss(model, structure, sites, scores, head, x, y,
                                      phase.alpha)
                 else:
                     loss = nn.functional.cross_entropy(head(train_logits[:, index]),
@@ -226,17 +244,23 @@ class GradSplitter(Approach):
         return _module_set(base_meta, structure, masks, head.cpu(), provenance)
 
 
-def mask_loss(model: nn.Module, structure, kept_pass: KeptChannelPass | None,
+def mask_loss(model: nn.Module, structure, sites: dict[str, str],
               scores: dict[str, torch.Tensor], head: nn.Module, x: torch.Tensor,
               y: torch.Tensor, alpha: float) -> torch.Tensor:
     """The loss of one mask+head step: cross-entropy of the N module scores plus α times
-    the mean of all binary masks, differentiable in the kernel scores and the heads."""
+    the mean of all binary masks, differentiable in the kernel scores and the heads. The
+    masks multiply the outputs of the ReLUs ``sites`` (from ``activation_sites``) names.
+
+    The penalty takes its own binary masks, as the authors' code does, so the
+    straight-through clip applies to the cross-entropy's gradient and the penalty's apart.
+    Each coupled (residual) group counts once in the mean; the authors' ResCNN splitter
+    counts the shared masks twice (a declared deviation, docs/results/parity.md)."""
     masks = {name: _BinaryMask.apply(s) for name, s in scores.items()}
-    logits = (kept_pass.logits(masks, x) if kept_pass is not None
-              else masked_logits(model, structure, masks, x))
+    logits = masked_logits(model, structure, masks, x, sites)
     loss = nn.functional.cross_entropy(head(logits), y)
     if alpha:
-        loss = loss + alpha * torch.cat([m.flatten() for m in masks.values()]).mean()
+        penalty = torch.cat([_BinaryMask.apply(s).flatten() for s in scores.values()])
+        loss = loss + alpha * penalty.mean()
     return loss
 
 

@@ -24,6 +24,13 @@ removing it computes (see :mod:`dnnmod.modules.extract`).
 M modules share the frozen weights, so they run in one batched pass: the input batch is
 repeated M times along the batch dimension and each repetition gets its module's masks.
 
+GradSplitter's authors mask elsewhere: once per layer, on the output of the ReLU that follows
+each conv + BatchNorm (before pooling and before a residual addition). ``sites`` places the
+masks there. For binary masks the forward pass zeroes the same channels wherever the group's
+values are read only through its ReLUs (:func:`check_sites_cover`), but the mask gradients
+differ: at a ReLU's output a dropped channel's mask still gets Σ g·relu(z), so a learned mask
+can bring it back; at the producers and norms it gets none where a ReLU follows.
+
 That pass computes every dropped channel, only to zero it. :class:`KeptChannelPass` runs each
 module as its kept-channel sub-network instead (about r² of the multiplications for a module
 keeping a fraction r of its channels), with the same logits and, where it applies (it checks
@@ -40,8 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dnnmod.errors import ArtifactError
-from dnnmod.modules.structure import ChannelGroup, ModelStructure, probe
+from dnnmod.errors import ArtifactError, ConfigError
+from dnnmod.modules.structure import ChannelGroup, ModelStructure, eval_mode, probe
 
 
 def mask_shapes(group: ChannelGroup) -> list[tuple[int, ...]]:
@@ -82,10 +89,15 @@ def channel_view(mask: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def masked(model: nn.Module, structure: ModelStructure,
-           masks: Mapping[str, torch.Tensor]) -> Iterator[int]:
+def masked(model: nn.Module, structure: ModelStructure, masks: Mapping[str, torch.Tensor],
+           sites: Mapping[str, str] | None = None) -> Iterator[int]:
     """Within the block, ``model`` computes M masked copies of itself on an M-times-repeated
-    batch. Masks may be float and carry gradients. Yields M."""
+    batch. Masks may be float and carry gradients. Yields M.
+
+    ``sites`` (None, or ReLU module name → the group it carries, as
+    :func:`~dnnmod.modules.activations.activation_sites` finds them): None masks every
+    producer and norm of a group; a mapping masks the output of each of the group's ReLUs
+    instead, once per ReLU (GradSplitter's placement)."""
     modules_count = check_masks(structure, masks)
     layers = dict(model.named_modules())
     handles = []
@@ -114,15 +126,26 @@ def masked(model: nn.Module, structure: ModelStructure,
         return apply
 
     try:
-        for group in structure.groups:
-            if group.name not in masks:
-                continue
-            mask = masks[group.name]
-            for name in group.convs:
-                handles.append(layers[name].register_forward_hook(hook_for(group.name, mask, 0)))
-            for name, offset in zip(group.norms, group.norm_offsets, strict=True):
-                handles.append(layers[name].register_forward_hook(
-                    hook_for(group.name, mask, offset)))
+        if sites is not None:
+            uncovered = sorted(set(masks) - set(sites.values()))
+            if uncovered:
+                raise ArtifactError(f"no ReLU carries group(s) {uncovered[:5]}: masks at "
+                                    f"activation sites need one per masked group")
+            for name, group_name in sites.items():
+                if group_name in masks:
+                    handles.append(layers[name].register_forward_hook(
+                        hook_for(group_name, masks[group_name], 0)))
+        else:
+            for group in structure.groups:
+                if group.name not in masks:
+                    continue
+                mask = masks[group.name]
+                for name in group.convs:
+                    handles.append(layers[name].register_forward_hook(
+                        hook_for(group.name, mask, 0)))
+                for name, offset in zip(group.norms, group.norm_offsets, strict=True):
+                    handles.append(layers[name].register_forward_hook(
+                        hook_for(group.name, mask, offset)))
         yield modules_count
     finally:
         for handle in handles:
@@ -130,11 +153,39 @@ def masked(model: nn.Module, structure: ModelStructure,
 
 
 def masked_logits(model: nn.Module, structure: ModelStructure,
-                  masks: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Base-model outputs of every module on ``x``: shape (M, batch, num_classes)."""
-    with masked(model, structure, masks) as modules_count:
+                  masks: Mapping[str, torch.Tensor], x: torch.Tensor,
+                  sites: Mapping[str, str] | None = None) -> torch.Tensor:
+    """Base-model outputs of every module on ``x``: shape (M, batch, num_classes); ``sites``
+    as in :func:`masked`."""
+    with masked(model, structure, masks, sites) as modules_count:
         out = model(x.repeat(modules_count, *([1] * (x.dim() - 1))))
     return out.view(modules_count, x.shape[0], *out.shape[1:])
+
+
+def check_sites_cover(model: nn.Module, structure: ModelStructure, sites: Mapping[str, str],
+                      groups: list[str]) -> None:
+    """Raise a ConfigError unless binary channel masks of ``groups`` placed at ``sites`` (see
+    :func:`masked`) give the logits of the same masks at the producers and norms: that is,
+    unless every layer reads those groups' channels only through their ReLUs. Probed on two
+    random inputs with a random half of each group's channels dropped."""
+    uncovered = [name for name in groups if name not in set(sites.values())]
+    if uncovered:
+        raise ConfigError(f"{type(model).__name__}: no nn.ReLU follows the group(s) "
+                          f"{uncovered[:5]}, so their masks have no activation site")
+    generator = torch.Generator().manual_seed(0)
+    reference = next(model.parameters())
+    sizes = {group.name: group.size for group in structure.groups}
+    masks = {name: (torch.rand(1, sizes[name], generator=generator) < 0.5).to(reference)
+             for name in groups}
+    x = torch.randn((2, *structure.input_shape[1:]), generator=generator).to(reference)
+    with torch.no_grad(), eval_mode(model):
+        at_outputs = masked_logits(model, structure, masks, x)
+        at_sites = masked_logits(model, structure, masks, x, sites)
+    if not torch.allclose(at_sites, at_outputs, rtol=1e-5,
+                          atol=1e-5 * float(at_outputs.abs().max())):
+        raise ConfigError(f"{type(model).__name__} reads the channels of some of the groups "
+                          f"{groups[:5]} other than through their ReLUs, so masks at the ReLUs "
+                          f"do not compute the module that extraction keeps")
 
 
 def kept_kernels(masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
