@@ -25,6 +25,7 @@ import yaml
 from dnnmod.artifacts import atomic_write
 from dnnmod.errors import ArtifactError
 from dnnmod.report.cost import job_device, read_benchmark
+from dnnmod.report.tables import without_empty_columns
 
 # The experiments of the study (study.md), by file-name prefix.
 EXPERIMENTS = {
@@ -111,7 +112,8 @@ def _table_article(path: Path, captions: Path | None) -> str:
         body = markdown_tables_html(markdown)
     else:  # a table written without write_table: the CSV as it is
         markdown = ""
-        body = f'<div class="scroll">{pd.read_csv(path).to_html(index=False, na_rep="")}</div>'
+        table = without_empty_columns(pd.read_csv(path))
+        body = f'<div class="scroll">{table.to_html(index=False, na_rep="")}</div>'
     links = " · ".join(f'<a href="tables/{html.escape(p.name)}">{p.suffix[1:]}</a>'
                        for p in sorted(path.parent.glob(f"{path.stem}.*"))
                        + sorted(path.parent.glob(f"{path.stem}_summary.csv")))

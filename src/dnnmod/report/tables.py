@@ -108,9 +108,11 @@ def _mean_std_view(summary: pd.DataFrame, keys: list[str], values: list[str],
     to it beside (empty cells where the paper has none)."""
     view = summary[keys].copy()
     for value in values:
-        # empty where a value does not apply to the row (E2's union columns, for example)
-        view[value] = [None if pd.isna(m) else f"{m:.2f} ± {s:.2f}" for m, s in
-                       zip(summary[f"{value}_mean"], summary[f"{value}_std"], strict=True)]
+        # empty where a value does not apply to the row (E2's union columns, for example);
+        # a group of one has no spread to show, so it gets no "± 0.00"
+        view[value] = [None if pd.isna(m) else f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}"
+                       for m, s, n in zip(summary[f"{value}_mean"], summary[f"{value}_std"],
+                                          summary[over], strict=True)]
         if f"published_{value}" in summary.columns:
             view[f"{value} (published)"] = summary[f"published_{value}"]
             view[f"{value} Δ"] = summary[f"{value}_minus_published"]
@@ -121,6 +123,14 @@ def _mean_std_view(summary: pd.DataFrame, keys: list[str], values: list[str],
 def _blank_missing(frame: pd.DataFrame) -> pd.DataFrame:
     """Missing cells (no published figure) as empty cells rather than ``nan``."""
     return frame.astype(object).where(frame.notna(), None)
+
+
+def without_empty_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` less the columns empty in every row (a published figure no row has, a value
+    no row's approach measures): the renderings a reader scrolls through. The CSVs keep them,
+    so their columns stay the same whatever the study ran."""
+    empty = frame.isna() | frame.astype(str).eq("")
+    return frame.loc[:, ~empty.all(axis=0)] if len(frame) else frame
 
 
 def _math_glyphs(latex: str) -> str:
@@ -156,7 +166,9 @@ def write_table(table: pd.DataFrame, csv_path: Path, title: str, keys: list[str]
     if summary:
         summarized = summarize_seeds(table, keys, values, over)
         frames.append((summarized, csv_path.with_name(f"{csv_path.stem}_summary.csv")))
-        sections += [(f"Mean ± std over {over}", _mean_std_view(summarized, keys, values, over)),
+        heading = (f"Mean ± std over {over}" if (summarized[over] > 1).any()
+                   else f"Summary: one of the {over} per row")
+        sections += [(heading, _mean_std_view(summarized, keys, values, over)),
                      ("Per seed" if over == "seeds" else "Every row", table)]
     else:
         sections.append(("", table))
@@ -166,7 +178,7 @@ def write_table(table: pd.DataFrame, csv_path: Path, title: str, keys: list[str]
     markdown = [f"# {title}\n"] + ([f"{notes}\n"] if notes else [])
     latex = [f"% {title}: rendered from {csv_path.name}; needs \\usepackage{{booktabs}}"]
     for index, (heading, frame) in enumerate(sections):
-        rendered = _blank_missing(frame)
+        rendered = _blank_missing(without_empty_columns(frame))
         markdown += ([f"## {heading}\n"] if heading else []) + [
             f"{rendered.to_markdown(index=False, floatfmt='.2f')}\n"]
         latex.append(latex_table(rendered, f"{title}: {heading}" if heading else title,
