@@ -253,7 +253,7 @@ def test_underfit_run_replays_the_overfit_runs_first_epochs(small_digits):
         simple="lenet"), r"models\.simcnn\.simple: 'lenet' is not defined under models"),
     (lambda c: c.update(modularize=[]), "no modularize entry decomposes simcnn on digits"),
     (lambda c: c["reuse"]["patching"]["settings"]["tiny"]["others"].update(classes=[12]),
-     r"settings\.tiny: tasks\.e3_tiny_tc8\.parts\[0\]\.classes: class 12 is out of range"),
+     r"settings\.tiny\.others\.classes: class 12 is out of range"),
     (lambda c: c["reuse"]["patching"]["settings"]["tiny"].update(dataset="svhn"),
      r"settings\.tiny\.dataset: 'svhn' is not a configured dataset"),
     (lambda c: c["reuse"]["patching"]["settings"]["tiny"].update(protocol="modas"),

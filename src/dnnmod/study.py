@@ -8,9 +8,12 @@ configured datasets. Errors name the config key at fault.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dnnmod.errors import ConfigError, UnknownNameError
+
+if TYPE_CHECKING:
+    from dnnmod.data.registry import ClassInventory
 
 
 def expand_base_models(config: dict[str, Any]) -> dict[tuple[str, str], str]:
@@ -32,9 +35,23 @@ def expand_modularizations(config: dict[str, Any]) -> list[tuple[str, str, str]]
             for entry in config.get("modularize", []) for model in entry["models"]]
 
 
+def study_inventories(config: dict[str, Any]) -> dict[str, ClassInventory]:
+    """The classes and images per class of every dataset and task the study configures, known
+    before any is prepared; each task is checked against its datasets on the way (ConfigError
+    naming the key, the dataset and the value)."""
+    from dnnmod.data import DATASETS, Task
+
+    datasets = {name: DATASETS[name].inventory(entry)
+                for name, entry in config["datasets"].items() if name in DATASETS}
+    fraction = config.get("data", {}).get("validation_fraction", 0.2)
+    # a task may not take a dataset's name: from_config
+    return datasets | {name: Task.from_config(name, entry).inventory(datasets, fraction)
+                       for name, entry in config.get("tasks", {}).items()}
+
+
 def check_study_config(config: dict[str, Any]) -> None:
     from dnnmod.approaches import APPROACHES, resolve_hyperparameters
-    from dnnmod.data import DATASETS, Task
+    from dnnmod.data import DATASETS
     from dnnmod.hyperparameters import resolve
     from dnnmod.models import ARCHITECTURES, check_options
     from dnnmod.training.objectives import get_objective
@@ -57,9 +74,7 @@ def check_study_config(config: dict[str, Any]) -> None:
         except ConfigError as err:
             raise ConfigError(f"recipes.{name}: {err}") from None
     tasks = config.get("tasks", {})
-    for name, entry in tasks.items():  # a task may not take a dataset's name: from_config
-        Task.from_config(name, entry).check(
-            {dataset: DATASETS[dataset].num_classes for dataset in config["datasets"]})
+    study_inventories(config)  # tasks: their classes and images per class fit their datasets
     for position, entry in enumerate(config["base_models"]):
         where = f"base_models[{position}]"
         if entry["dataset"] not in config["datasets"] and entry["dataset"] not in tasks:

@@ -140,7 +140,7 @@ def _svhn_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def parse_svhn(files: dict[str, Path]) -> ParsedDataset:
     return ParsedDataset(*_svhn_split(files["train"]), *_svhn_split(files["test"]),
-                         [str(d) for d in range(10)])
+                         list(DIGIT_CLASSES))
 
 
 def read_idx(data: bytes, source: str) -> np.ndarray:
@@ -168,6 +168,55 @@ def gunzip(path: Path) -> bytes:
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot"]
+DIGIT_CLASSES = [str(digit) for digit in range(10)]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck"]
+# CIFAR-100's fine labels, in the order of its meta file (alphabetical).
+CIFAR100_CLASSES = [
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
+    "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch",
+    "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox",
+    "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard",
+    "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse",
+    "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck",
+    "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray",
+    "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail",
+    "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle",
+    "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm"]
+# Tiny-ImageNet's classes as parse_tinyimagenet names them: the wnids of wnids.txt in sorted
+# order (n01443537 ... n12267677), each by the first synonym of its words.txt line.
+TINYIMAGENET_CLASSES = [
+    "goldfish", "European fire salamander", "bullfrog", "tailed frog", "American alligator",
+    "boa constrictor", "trilobite", "scorpion", "black widow", "tarantula", "centipede", "goose",
+    "koala", "jellyfish", "brain coral", "snail", "slug", "sea slug", "American lobster",
+    "spiny lobster", "black stork", "king penguin", "albatross", "dugong", "Chihuahua",
+    "Yorkshire terrier", "golden retriever", "Labrador retriever", "German shepherd",
+    "standard poodle", "tabby", "Persian cat", "Egyptian cat", "cougar", "lion", "brown bear",
+    "ladybug", "fly", "bee", "grasshopper", "walking stick", "cockroach", "mantis", "dragonfly",
+    "monarch", "sulphur butterfly", "sea cucumber", "guinea pig", "hog", "ox", "bison", "bighorn",
+    "gazelle", "Arabian camel", "orangutan", "chimpanzee", "baboon", "African elephant",
+    "lesser panda", "abacus", "academic gown", "altar", "apron", "backpack", "bannister",
+    "barbershop", "barn", "barrel", "basketball", "bathtub", "beach wagon", "beacon", "beaker",
+    "beer bottle", "bikini", "binoculars", "birdhouse", "bow tie", "brass", "broom", "bucket",
+    "bullet train", "butcher shop", "candle", "cannon", "cardigan", "cash machine", "CD player",
+    "chain", "chest", "Christmas stocking", "cliff dwelling", "computer keyboard", "confectionery",
+    "convertible", "crane", "dam", "desk", "dining table", "drumstick", "dumbbell", "flagpole",
+    "fountain", "freight car", "frying pan", "fur coat", "gasmask", "go-kart", "gondola",
+    "hourglass", "iPod", "jinrikisha", "kimono", "lampshade", "lawn mower", "lifeboat",
+    "limousine", "magnetic compass", "maypole", "military uniform", "miniskirt", "moving van",
+    "nail", "neck brace", "obelisk", "oboe", "organ", "parking meter", "pay-phone", "picket fence",
+    "pill bottle", "plunger", "pole", "police van", "poncho", "pop bottle", "potter's wheel",
+    "projectile", "punching bag", "reel", "refrigerator", "remote control", "rocking chair",
+    "rugby ball", "sandal", "school bus", "scoreboard", "sewing machine", "snorkel", "sock",
+    "sombrero", "space heater", "spider web", "sports car", "steel arch bridge", "stopwatch",
+    "sunglasses", "suspension bridge", "swimming trunks", "syringe", "teapot", "teddy", "thatch",
+    "torch", "tractor", "triumphal arch", "trolleybus", "turnstile", "umbrella", "vestment",
+    "viaduct", "volleyball", "water jug", "water tower", "wok", "wooden spoon", "comic book",
+    "plate", "guacamole", "ice cream", "ice lolly", "pretzel", "mashed potato", "cauliflower",
+    "bell pepper", "mushroom", "orange", "lemon", "banana", "pomegranate", "meat loaf", "pizza",
+    "potpie", "espresso", "alp", "cliff", "coral reef", "lakeside", "seashore", "acorn"]
 
 
 def grey28_to_rgb32(images: np.ndarray) -> np.ndarray:

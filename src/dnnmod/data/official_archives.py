@@ -31,27 +31,11 @@ import numpy as np
 from ..artifacts import write_bytes, write_json
 from ..errors import ConfigError
 from .download import md5_bytes
-from .formats import FASHION_MNIST_CLASSES
+from .formats import CIFAR10_CLASSES, CIFAR100_CLASSES, FASHION_MNIST_CLASSES
 from .registry import DATASETS
 
 MANIFEST = "manifest.json"
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck"]
-# CIFAR-100's fine labels, in the order of its meta file (alphabetical).
-CIFAR100_CLASSES = [
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
-    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
-    "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch",
-    "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox",
-    "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard",
-    "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse",
-    "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck",
-    "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray",
-    "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail",
-    "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
-    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle",
-    "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm"]
 CIFAR10_TRAIN_BATCHES = 5
 
 

@@ -25,6 +25,11 @@ from ..artifacts import load_tensors, save_tensors, write_json
 from ..errors import ArtifactError, ChecksumError, ConfigError, UnknownNameError
 from .download import fetch, md5_bytes, md5_file, mirror_url
 from .formats import (
+    CIFAR10_CLASSES,
+    CIFAR100_CLASSES,
+    DIGIT_CLASSES,
+    FASHION_MNIST_CLASSES,
+    TINYIMAGENET_CLASSES,
     ParsedDataset,
     gunzip,
     parse_cifar10,
@@ -33,7 +38,7 @@ from .formats import (
     parse_svhn,
     parse_tinyimagenet,
 )
-from .synthetic import SHAPES_DEFAULTS, make_digits, make_shapes
+from .synthetic import SHAPE_CLASSES, SHAPES_DEFAULTS, make_digits, make_shapes, shapes_per_class
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +64,21 @@ class RemoteFile:
 
 
 @dataclass(frozen=True)
+class ClassInventory:
+    """A dataset's classes and its images per class in each official split (train, test), as a
+    study config is checked before anything is downloaded. A count is None where it is known
+    only once the dataset is prepared."""
+
+    class_names: tuple[str, ...]
+    per_class: Mapping[str, tuple[int | None, ...]]
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
+    """A registered dataset. ``class_names`` are those ``prepare`` writes (it refuses files
+    naming others); ``per_class`` is the official release's images per class by split (train,
+    test), or ``count_per_class`` gives them from a generator's options."""
+
     name: str
     num_classes: int
     image_size: int
@@ -70,10 +89,39 @@ class DatasetSpec:
     default_options: Mapping[str, Any] = field(default_factory=dict)
     local_dir: Path | None = None  # offline copy used when present
     transform: str = "none"
+    class_names: tuple[str, ...] = ()
+    per_class: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    count_per_class: Callable[..., Mapping[str, tuple[int, ...]]] | None = None
+
+    def inventory(self, entry: Mapping[str, Any] | None = None) -> ClassInventory:
+        """What the study's ``datasets.<name>`` entry makes of this dataset: generator options
+        set the counts; files whose checksums the entry overrides are not the official release,
+        so their counts are left unknown (their classes are taken to be the official ones: the
+        job that derives a task checks them against the files)."""
+        entry = entry or {}
+        if self.count_per_class is not None:
+            per_class = self.count_per_class(**{**self.default_options,
+                                                **(entry.get("options") or {})})
+        elif not official_content(entry.get("files")):
+            per_class = {split: (None,) * self.num_classes for split in self.per_class}
+        else:
+            per_class = self.per_class
+        return ClassInventory(self.class_names, dict(per_class))
+
+
+def official_content(overrides: Mapping[str, Mapping[str, str]] | None) -> bool:
+    """Whether files with these ``url``/``md5`` overrides hold the official release: a file
+    must match its published checksum unless the override names another."""
+    return not any("md5" in override for override in (overrides or {}).values())
 
 
 def _remote(url: str, md5: str, **kwargs) -> RemoteFile:
     return RemoteFile(url.rsplit("/", 1)[-1], url, md5, **kwargs)
+
+
+def _uniform(num_classes: int, train: int, test: int) -> dict[str, tuple[int, ...]]:
+    """Images per class of a release with ``train`` and ``test`` images of every class."""
+    return {"train": (train,) * num_classes, "test": (test,) * num_classes}
 
 
 _FASHION_BASE = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -81,20 +129,26 @@ _FASHION_BASE = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
     DatasetSpec("cifar10", 10, 32, "download", {"archive": _remote(
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        "c58f30108f718f92721af3b95e74349a")}, parse_cifar10),
+        "c58f30108f718f92721af3b95e74349a")}, parse_cifar10,
+        class_names=tuple(CIFAR10_CLASSES), per_class=_uniform(10, 5000, 1000)),
     DatasetSpec("cifar100", 100, 32, "download", {"archive": _remote(
         "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        "eb9058c3a382ffc7106e4002c42a8d85")}, parse_cifar100, transform="fine labels"),
+        "eb9058c3a382ffc7106e4002c42a8d85")}, parse_cifar100, transform="fine labels",
+        class_names=tuple(CIFAR100_CLASSES), per_class=_uniform(100, 500, 100)),
     DatasetSpec("svhn", 10, 32, "download", {
         "train": _remote("http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
                          "e26dedcc434d2e4c54c9b2d4a06d8373"),
         "test": _remote("http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
                         "eb5a983be6a315427106f1b82d2da7d1"),
-    }, parse_svhn, transform="label 10 -> 0"),
+    }, parse_svhn, transform="label 10 -> 0", class_names=tuple(DIGIT_CLASSES), per_class={
+        # digits 0..9 (0 stored as label 10) of train_32x32.mat and test_32x32.mat
+        "train": (4948, 13861, 10585, 8497, 7458, 6882, 5727, 5595, 5045, 4659),
+        "test": (1744, 5099, 4149, 2882, 2523, 2384, 1977, 2019, 1660, 1595)}),
     DatasetSpec("tinyimagenet", 200, 64, "download", {"archive": _remote(
         "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
         "90528d7ca1a48142e341f4ef8d21d0de")}, parse_tinyimagenet,
-        transform="JPEG decoded to RGB; labelled val/ set is the test set"),
+        transform="JPEG decoded to RGB; labelled val/ set is the test set",
+        class_names=tuple(TINYIMAGENET_CLASSES), per_class=_uniform(200, 500, 50)),
     DatasetSpec("fashion_mnist", 10, 32, "download", {
         key: _remote(_FASHION_BASE + filename, md5, md5_of_content=True)
         for key, filename, md5 in [
@@ -103,12 +157,18 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
             ("test_images", "t10k-images-idx3-ubyte.gz", "8181f5470baa50b63fa0f6fddb340f0a"),
             ("test_labels", "t10k-labels-idx1-ubyte.gz", "15d484375f8d13e6eb1aabb0c3f46965"),
         ]}, parse_fashion_mnist, local_dir=Path("/usr/share/datasets/fashion-mnist"),
-        transform="28x28 grey zero-padded 2 px each side to 32x32, replicated to 3 channels"),
+        transform="28x28 grey zero-padded 2 px each side to 32x32, replicated to 3 channels",
+        class_names=tuple(FASHION_MNIST_CLASSES), per_class=_uniform(10, 6000, 1000)),
     DatasetSpec("digits", 10, 32, "sklearn", generate=make_digits,
                 transform="8x8 values 0..16 -> 4x4 blocks, x255/16, 3 channels; "
-                          "stratified 80/20 train/test split, seed 0"),
+                          "stratified 80/20 train/test split, seed 0",
+                class_names=tuple(DIGIT_CLASSES), per_class={
+                    # scikit-learn's 1,797 digits through make_digits' fixed split
+                    "train": (142, 146, 142, 146, 145, 145, 145, 143, 139, 144),
+                    "test": (36, 36, 35, 37, 36, 37, 36, 36, 35, 36)}),
     DatasetSpec("shapes", 10, 32, "generated", generate=make_shapes,
-                default_options=SHAPES_DEFAULTS),
+                default_options=SHAPES_DEFAULTS, class_names=tuple(SHAPE_CLASSES),
+                count_per_class=shapes_per_class),
 ]}
 
 
@@ -161,7 +221,7 @@ def prepare(name: str, root: Path, *, mirror: str | None = None,
         used = {**spec.default_options, **(options or {})}
         parsed = spec.generate(**used)
         source = {"kind": spec.source, "options": used}
-    _check(spec, parsed)
+    _check(spec, parsed, official=official_content(files))
     tensors = {key: torch.from_numpy(np.ascontiguousarray(getattr(parsed, key)))
                for key in ("train_images", "train_labels", "test_images", "test_labels")}
     save_tensors(out_dir / "images.safetensors", tensors, metadata={"dataset": name})
@@ -277,7 +337,9 @@ def _find_local(directory: Path | None, filename: str) -> Path | None:
     return None
 
 
-def _check(spec: DatasetSpec, parsed: ParsedDataset) -> None:
+def _check(spec: DatasetSpec, parsed: ParsedDataset, official: bool = True) -> None:
+    """Shapes and labels of ``parsed``; and, for the official release (``official``), the
+    class names the registry gives, by which study configs were checked."""
     size = spec.image_size
     for split in ("train", "test"):
         images, labels = getattr(parsed, f"{split}_images"), getattr(parsed, f"{split}_labels")
@@ -291,6 +353,12 @@ def _check(spec: DatasetSpec, parsed: ParsedDataset) -> None:
     if len(parsed.class_names) != spec.num_classes:
         raise ArtifactError(f"{spec.name}: {len(parsed.class_names)} class names, "
                             f"expected {spec.num_classes}")
+    if official and tuple(parsed.class_names) != spec.class_names:
+        index, name, expected = next(
+            (i, a, b) for i, (a, b) in enumerate(zip(parsed.class_names, spec.class_names,
+                                                     strict=True)) if a != b)
+        raise ArtifactError(f"{spec.name}: the files name class {index} {name!r}, where the "
+                            f"registry (dnnmod.data.registry) names it {expected!r}")
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .formats import ParsedDataset
+from .formats import DIGIT_CLASSES, ParsedDataset
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
@@ -31,7 +31,7 @@ def make_digits() -> ParsedDataset:
         random_state=DIGITS_SPLIT_SEED)
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     return ParsedDataset(images[train_idx], labels[train_idx], images[test_idx],
-                         labels[test_idx], [str(d) for d in range(10)])
+                         labels[test_idx], list(DIGIT_CLASSES))
 
 
 SHAPE_CLASSES = ["circle", "square", "triangle", "ring", "cross", "star", "horizontal_bar",
@@ -118,6 +118,21 @@ def make_shapes(train_count: int = 5000, test_count: int = 1000, seed: int = 0) 
     splits = []
     for stream, count in enumerate((train_count, test_count)):
         rng = np.random.default_rng([seed, stream])
-        labels = rng.permutation(np.arange(count) % len(SHAPE_CLASSES)).astype(np.int64)
+        labels = rng.permutation(_balanced_labels(count)).astype(np.int64)
         splits += [_render(labels, rng), labels]
     return ParsedDataset(*splits, list(SHAPE_CLASSES))
+
+
+def _balanced_labels(count: int) -> np.ndarray:
+    """``count`` labels, class = index mod the number of classes (before shuffling)."""
+    return np.arange(count) % len(SHAPE_CLASSES)
+
+
+def shapes_per_class(train_count: int = 5000, test_count: int = 1000,
+                     seed: int = 0) -> dict[str, tuple[int, ...]]:
+    """Images per class in each split of :func:`make_shapes` with these options, without
+    rendering any (``seed`` moves images, not counts)."""
+    del seed
+    return {split: tuple(np.bincount(_balanced_labels(count),
+                                     minlength=len(SHAPE_CLASSES)).tolist())
+            for split, count in (("train", train_count), ("test", test_count))}

@@ -19,6 +19,7 @@ of that seed stays unseen by a model trained on the task.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -33,9 +34,10 @@ from ..artifacts import save_tensors, sha256_file, write_json
 from ..errors import ConfigError
 from ..hyperparameters import Range, resolve
 from .dataset import ImageSet, combine, load_dataset, load_prepared
-from .registry import DATASETS, channel_stats, images_path, split_path
+from .registry import DATASETS, ClassInventory, channel_stats, images_path, split_path
 
 SPLITS = ("train", "test")
+_LISTED_CLASSES = 20  # a class-name error lists a dataset's classes up to this many
 _NAME = re.compile(r"^[a-z0-9_]+$")
 
 
@@ -161,29 +163,54 @@ class Task:
         """The source datasets, in order of first use."""
         return list(dict.fromkeys(part.dataset for part in self.parts))
 
-    def check(self, num_classes: Mapping[str, int]) -> None:
-        """Check the parts against the datasets that may be used (name → class count): each
-        names one of them, and its class indices are in range and distinct. Class names are
-        checked when the task is derived: they are known once a dataset is prepared."""
-        self._resolve(num_classes)
+    def inventory(self, sources: Mapping[str, ClassInventory],
+                  validation_fraction: float = 0.2) -> ClassInventory:
+        """Check the task against what the datasets it may use hold (name → inventory), before
+        any is prepared, and return the task's own inventory (a task of its classes can be
+        checked in turn). Each part names one of them, its classes exist and are distinct, no
+        class is asked for more images than its split has, and a Dirichlet draw's minimum fits
+        each class's share of the training split (``validation_fraction`` goes to validation).
+        ConfigError naming the key, the dataset and the value."""
+        indices = self.resolve({name: source.class_names for name, source in sources.items()})
+        several = len(self.datasets) > 1
+        class_names: list[str] = []
+        per_class: dict[str, list[int | None]] = {split: [] for split in SPLITS}
+        for position, (part, classes) in enumerate(zip(self.parts, indices, strict=True)):
+            source = sources[part.dataset]
+            class_names += _qualified(part.dataset, [source.class_names[c] for c in classes],
+                                      several)
+            for split in SPLITS:
+                count, where = part.count(self, position, split)
+                for index in classes:
+                    available = source.per_class[split][index]
+                    name = source.class_names[index]
+                    if split == "train" and self.dirichlet is not None:
+                        # the draw's size is random: only its minimum is known before
+                        _check_dirichlet_minimum(f"tasks.{self.name}.dirichlet", self.dirichlet,
+                                                 part.dataset, name, available,
+                                                 validation_fraction)
+                        per_class[split].append(None)
+                        continue
+                    if count is not None and available is not None and count > available:
+                        raise ConfigError(f"{where}: {count} images per class asked for, but "
+                                          f"class {name!r} of {part.dataset} has only "
+                                          f"{available} in its {split} split")
+                    per_class[split].append(available if count is None else count)
+        return ClassInventory(tuple(class_names),
+                              {split: tuple(counts) for split, counts in per_class.items()})
 
     def resolve(self, class_names: Mapping[str, Sequence[str]]) -> list[list[int]]:
         """The class indices of every part, names looked up in ``class_names[dataset]``."""
-        return self._resolve(class_names)
-
-    def _resolve(self, known: Mapping[str, Sequence[str] | int]) -> list[Any]:
         taken: dict[tuple[str, int], str] = {}
         resolved = []
         for position, part in enumerate(self.parts):
             where = f"tasks.{self.name}.parts[{position}]"
-            if part.dataset not in known:
+            if part.dataset not in class_names:
                 raise ConfigError(f"{where}.dataset: {part.dataset!r} is not a configured "
-                                  f"dataset (configured: {sorted(known)})")
-            indices = [_class_index(f"{where}.classes", value, part.dataset, known[part.dataset])
-                       for value in part.classes]
+                                  f"dataset (configured: {sorted(class_names)})")
+            indices = [_class_index(f"{where}.classes", value, part.dataset,
+                                    class_names[part.dataset]) for value in part.classes]
             for value, index in zip(part.classes, indices, strict=True):
-                if index is None:
-                    continue
                 if (part.dataset, index) in taken:
                     raise ConfigError(f"{where}.classes: class {value!r} of {part.dataset} is "
                                       f"already in the task ({taken[part.dataset, index]})")
@@ -214,22 +241,43 @@ def _check_keys(where: str, entry: Any, required: set[str], optional: set[str]) 
                           f"{sorted(required | optional)}")
 
 
-def _class_index(where: str, value: int | str, dataset: str,
-                 known: Sequence[str] | int) -> int | None:
-    """The class index ``value`` stands for in ``dataset``, whose classes are known by name or
-    only by count (then a name cannot be resolved yet: None)."""
-    count = known if isinstance(known, int) else len(known)
+def _class_index(where: str, value: int | str, dataset: str, known: Sequence[str]) -> int:
+    """The class index ``value`` (an index or a class name) stands for in ``dataset``, whose
+    classes are ``known``."""
+    count = len(known)
     if isinstance(value, int):
         if not 0 <= value < count:
             raise ConfigError(f"{where}: class {value} is out of range: {dataset} has {count} "
                               f"classes (0..{count - 1})")
         return value
-    if isinstance(known, int):
-        return None
     if value not in known:
-        raise ConfigError(f"{where}: {dataset} has no class {value!r}; its classes: "
-                          f"{', '.join(known)}")
+        if len(known) <= _LISTED_CLASSES:
+            listed = f"its classes: {', '.join(known)}"
+        else:  # a hundred names would bury the message
+            close = difflib.get_close_matches(value, known, n=3, cutoff=0.5)
+            listed = (f"closest: {', '.join(close)}; " if close else "") + \
+                f"{len(known)} classes, named in <data root>/{dataset}/meta.json once prepared"
+        raise ConfigError(f"{where}: {dataset} has no class {value!r}; {listed}")
     return list(known).index(value)
+
+
+def _qualified(dataset: str, class_names: Sequence[str], several: bool) -> list[str]:
+    """A task's names of ``dataset``'s classes: prefixed with the dataset where the task takes
+    several (digit 7 of digits and of svhn share the name)."""
+    return [f"{dataset}/{name}" for name in class_names] if several else list(class_names)
+
+
+def _check_dirichlet_minimum(where: str, draw: DirichletDraw, dataset: str, class_name: str,
+                             available: int | None, validation_fraction: float) -> None:
+    """The draw's ``min_per_class`` against the class's images in the training split (the
+    split gives ``round(validation_fraction · n)`` of its n images to validation)."""
+    if available is None:
+        return
+    in_training_split = available - round(validation_fraction * available)
+    if draw.min_per_class > in_training_split:
+        raise ConfigError(f"{where}.min_per_class: {draw.min_per_class} images per class asked "
+                          f"for, but class {class_name!r} of {dataset} has only "
+                          f"{in_training_split} in the training split")
 
 
 def derive_task(task: Task, root: Path) -> Path:
@@ -253,10 +301,8 @@ def derive_task(task: Task, root: Path) -> Path:
         parts = []
         for part, classes in zip(task.parts, indices, strict=True):
             subset = sets[part.dataset][split].subset(classes)
-            # Classes from several datasets may share names (digit 7 in digits and svhn).
-            names = [f"{part.dataset}/{name}" for name in subset.class_names] if several \
-                else subset.class_names
-            parts.append(dataclasses.replace(subset, class_names=names))
+            parts.append(dataclasses.replace(
+                subset, class_names=_qualified(part.dataset, subset.class_names, several)))
         try:
             union = combine(parts)
         except ConfigError as err:

@@ -140,7 +140,7 @@ def check_patching_config(config: Mapping[str, Any]) -> None:
     """Names in ``reuse.patching`` resolve, recipes fit the weak-model rules, weak tasks are
     valid; ConfigError naming the key at fault (the schema checks types and shapes)."""
     from dnnmod.data import DATASETS, Task
-    from dnnmod.study import expand_base_models
+    from dnnmod.study import expand_base_models, study_inventories
 
     section = patching_config(config)
     if not section:
@@ -174,19 +174,17 @@ def check_patching_config(config: Mapping[str, Any]) -> None:
                               f"with {rule}")
     base_models = expand_base_models(config)
     tasks = config.get("tasks") or {}
-    class_counts = {name: DATASETS[name].num_classes for name in config["datasets"]
-                    if name in DATASETS}
-    class_counts |= {name: sum(len(part["classes"]) for part in entry["parts"])
-                     for name, entry in tasks.items()}
+    sources = study_inventories(config)
+    fraction = config.get("data", {}).get("validation_fraction", 0.2)
     for name, setting in section["settings"].items():
         here = f"{where}.settings.{name}"
         dataset = setting["dataset"]
-        if dataset not in class_counts:
+        if dataset not in sources:
             raise ConfigError(f"{here}.dataset: {dataset!r} is not a configured dataset or task")
         for tc in setting["target_classes"]:
-            if not 0 <= tc < class_counts[dataset]:
+            if not 0 <= tc < len(sources[dataset].class_names):
                 raise ConfigError(f"{here}.target_classes: class {tc} is out of range: "
-                                  f"{dataset} has {class_counts[dataset]} classes")
+                                  f"{dataset} has {len(sources[dataset].class_names)} classes")
         for model, weak in setting["models"].items():
             if (dataset, model) not in base_models:
                 raise ConfigError(f"{here}.models.{model}: {model} on {dataset} is not a base "
@@ -205,9 +203,25 @@ def check_patching_config(config: Mapping[str, Any]) -> None:
                 raise ConfigError(f"{here}: its weak task {task_name!r} clashes with a "
                                   "configured task or dataset of that name")
             try:
-                Task.from_config(task_name, weak_task_spec(setting, tc)).check(class_counts)
+                Task.from_config(task_name, weak_task_spec(setting, tc)).inventory(sources,
+                                                                                   fraction)
             except ConfigError as err:
-                raise ConfigError(f"{here}: {err}") from None
+                raise ConfigError(_setting_keys(str(err), task_name, here)) from None
+
+
+def _setting_keys(message: str, task_name: str, setting_key: str) -> str:
+    """``message`` about weak task ``task_name`` (:func:`weak_task_spec`), with the task's
+    config keys turned into the setting's that gave them (its ``others`` are part 0, its
+    target class part 1)."""
+    task_key = f"tasks.{task_name}"
+    for derived, given in ((f"{task_key}.parts[0]", f"{setting_key}.others"),
+                           (f"{task_key}.parts[1].samples_per_class",
+                            f"{setting_key}.target_samples_per_class"),
+                           (f"{task_key}.parts[1].classes", f"{setting_key}.target_classes"),
+                           (f"{task_key}.parts[1].dataset", f"{setting_key}.dataset"),
+                           (task_key, setting_key)):
+        message = message.replace(derived, given)
+    return message
 
 
 # The patch itself.
