@@ -24,17 +24,19 @@ removing it computes (see :mod:`dnnmod.modules.extract`).
 M modules share the frozen weights, so they run in one batched pass: the input batch is
 repeated M times along the batch dimension and each repetition gets its module's masks.
 
-GradSplitter's authors mask elsewhere: once per layer, on the output of the ReLU that follows
-each conv + BatchNorm (before pooling and before a residual addition). ``sites`` places the
-masks there. For binary masks the forward pass zeroes the same channels wherever the group's
-values are read only through its ReLUs (:func:`check_sites_cover`), but the mask gradients
-differ: at a ReLU's output a dropped channel's mask still gets Σ g·relu(z), so a learned mask
-can bring it back; at the producers and norms it gets none where a ReLU follows.
-
 That pass computes every dropped channel, only to zero it. :class:`KeptChannelPass` runs each
 module as its kept-channel sub-network instead (about r² of the multiplications for a module
 keeping a fraction r of its channels), with the same logits and, where it applies (it checks
-itself), the same mask gradients; GradSplitter's search uses it on a CPU.
+itself), the same mask gradients (at the producers and norms); module scoring,
+CNNSplitter's search and GradSplitter's head phases use it on a CPU.
+
+GradSplitter's authors mask elsewhere: once per layer, on the output of the ReLU that follows
+each conv + BatchNorm (before pooling and before a residual addition). :func:`masked`'s
+``sites`` places the masks there. For binary masks the forward pass zeroes the same channels
+wherever the group's values are read only through its ReLUs (:func:`check_sites_cover`), but
+the mask gradients differ: at a ReLU's output a dropped channel's mask still gets Σ g·relu(z),
+so a learned mask can bring it back; at the producers and norms it gets none where a ReLU
+follows.
 """
 
 from __future__ import annotations
