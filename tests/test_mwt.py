@@ -9,7 +9,7 @@ import torch
 from conftest import train_modular
 from torch import nn
 
-from dnnmod.approaches import run_approach
+from dnnmod.approaches import get_approach, run_approach
 from dnnmod.approaches.mwt import (
     GatedConv,
     MaskGenerator,
@@ -18,10 +18,10 @@ from dnnmod.approaches.mwt import (
 )
 from dnnmod.models import build_model
 from dnnmod.modules.masking import masked_logits
-from dnnmod.modules.structure import trace_structure
-from dnnmod.modules.union import fine_tune_head, union_masks, union_network
+from dnnmod.modules.union import union_classifier, union_masks, union_network
 from dnnmod.training.model_io import load_model
 from dnnmod.training.objectives import get_objective, pair_similarities, spatial_mean
+from dnnmod.training.train import Recipe, fine_tune
 
 WIDTH = 0.0625
 
@@ -157,7 +157,9 @@ def test_decomposition_union_network_and_sub_task_reuse(modular, small_digits):
     size = sum(p.numel() for p in network.parameters())
     assert size <= sum(p.numel() for p in model.parameters())
 
-    tuned = fine_tune_head(union_network(model, modules, classes),
-                           trace_structure(model, (1, 3, 32, 32)).output_layer,
-                           small_digits.train.subset(classes), epochs=2)
-    assert tuned(x).shape == (16, 2)
+    # MwT's reuse: generators removed, ReLU + Linear(N -> |T|) head, every parameter tuned.
+    reused = get_approach("mwt").reuse_network
+    tuned = fine_tune(union_classifier(model, modules, classes, reused),
+                      small_digits.train.subset(classes), Recipe(epochs=2, batch_size=32, lr=0.05),
+                      seed=0)
+    assert tuned(x).shape == (16, 2) and not gated_convs(tuned)

@@ -83,7 +83,9 @@ def unit(small_digits):
     """A tiny trained simcnn, its random module set, a second (ST) model, and E5 on them with
     every sub-task and two union networks."""
     model, st_model = trained_simcnn(small_digits, 0), trained_simcnn(small_digits, 1)
-    modules = random_modules(model, seed=2)
+    # Named mwt: union networks are reused by MwT's protocol, so they are also fine-tuned (an
+    # ST model has no mask generators to remove).
+    modules = random_modules(model, seed=2, approach="mwt")
     frame, summary = evaluate_subtasks(model, modules, small_digits,
                                        {"union_subsets": 2, "fine_tune_epochs": 1},
                                        st_model=st_model, seed=0)

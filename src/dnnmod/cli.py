@@ -162,7 +162,7 @@ def cmd_modularize(args: argparse.Namespace) -> None:
     if args.metrics:  # as evaluate-modules would, on fresh copies of what it would read
         model, meta = load_model(args.model, device=claim.device)
         _write_module_metrics(model, meta, ModuleSet.load(args.out, base=meta, model=model),
-                              data, args.metrics)
+                              data, args.metrics, args.st_model)
     claim.release()
 
 
@@ -182,18 +182,29 @@ def cmd_evaluate_modules(args: argparse.Namespace) -> None:
     model, meta = load_model(args.model, device=claim.device)
     modules = ModuleSet.load(args.modules, base=meta, model=model)
     data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
-    _write_module_metrics(model, meta, modules, data, args.out)
+    _write_module_metrics(model, meta, modules, data, args.out, args.st_model)
     claim.release()
 
 
-def _write_module_metrics(model, meta, modules, data, out: str) -> None:
-    """The shared metrics of a module set on the test split, as its metrics.json record."""
+def _write_module_metrics(model, meta, modules, data, out: str, st_model: str | None) -> None:
+    """The shared metrics of a module set on the test split, as its metrics.json record;
+    ``st_model``: the weights of the ST model of the same architecture, dataset and seed,
+    whose test accuracy the approaches of protocol ``modular_model`` are measured against."""
     from dnnmod.approaches import get_approach
     from dnnmod.artifacts import write_json
     from dnnmod.modules.metrics import evaluate, metrics_record
+    from dnnmod.reuse.subtasks import check_st_model
+    from dnnmod.training.records import read_model_record
 
+    st_accuracy = None
+    if st_model:
+        st_meta = read_model_record(st_model)
+        check_st_model(st_meta, meta, st_model)
+        st_accuracy = st_meta["metrics"]["test_accuracy"]
+    approach = get_approach(modules.approach)
     result = evaluate(model, modules, data.test, meta["metrics"]["test_accuracy"],
-                      union=get_approach(modules.approach).composes_by_union)
+                      union=approach.composes_by_union, approach=approach,
+                      st_accuracy=st_accuracy)
     write_json(out, metrics_record(meta, modules, result))
     log.info("%s on %s/%s: composed %.2f%% (base %.2f%%), KRR %.3f", modules.approach,
              meta["dataset"], meta["model"], result["composed_accuracy"],
@@ -230,6 +241,12 @@ def _device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=os.environ.get("DNNMOD_DEVICE", "auto"),
                         choices=["auto", "cpu", "cuda"],
                         help="default: $DNNMOD_DEVICE, else auto (a free GPU slot, else CPU)")
+
+
+def _st_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--st-model", help="the standard-trained model of the same architecture, "
+                                           "dataset and seed (*.safetensors): MwT's and MODA's "
+                                           "accuracy loss is measured against its accuracy")
 
 
 def cmd_table_modularization(args: argparse.Namespace) -> None:
@@ -596,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     modularize.add_argument("--metrics", help="also evaluate the module set on the test split "
                                               "and write its metrics JSON (as "
                                               "evaluate-modules does)")
+    _st_model_argument(modularize)
     modularize.add_argument("--threads", type=int, help="CPU threads for torch")
     _device_argument(modularize)
     modularize.set_defaults(func=cmd_modularize)
@@ -606,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="its base model (*.safetensors)")
     evaluate.add_argument("--data-root", default="data")
     evaluate.add_argument("--out", required=True, help="metrics JSON path")
+    _st_model_argument(evaluate)
     _device_argument(evaluate)
     evaluate.set_defaults(func=cmd_evaluate_modules)
     decomposition = verbs.add_parser(

@@ -34,6 +34,7 @@ rule evaluate_modules:
     input:
         modules=rules.modularize.output.modules,
         weights=rules.modularize.input.weights,
+        st=st_model_weights,
         split=rules.split_dataset.output,
     output:
         f"{RESULTS}/modules/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}/metrics.json",
@@ -50,4 +51,4 @@ rule evaluate_modules:
         data_root=lambda wc, input: data_root(input.split[0]),
     shell:
         "dnnmod evaluate-modules --modules {input.modules} --model {input.weights} "
-        "--data-root {params.data_root} --out {output} 2> {log}"
+        "--st-model {input.st} --data-root {params.data_root} --out {output} 2> {log}"

@@ -32,6 +32,7 @@ use rule train_base_model as train_sensitivity_model with:
 rule modularize_sensitivity:
     input:
         weights=lambda wc: sensitivity_weights(sensitivity_point(wc), wc.seed),
+        st=st_model_weights,
         references=sensitivity_references,
         split=rules.split_dataset.output,
     output:
@@ -62,7 +63,7 @@ rule modularize_sensitivity:
         "dnnmod modularize --approach {wildcards.approach} --model {input.weights} "
         "--hyperparameters {params.hyperparameters:q} {params.references} --seed {wildcards.seed} --data-root {params.data_root} "
         "--threads {threads} --checkpoint {params.checkpoint} --out {output.modules} "
-        "--metrics {output.metrics} 2> {log}"
+        "--metrics {output.metrics} --st-model {input.st} 2> {log}"
 
 
 rule table_sensitivity:

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from dnnmod.hyperparameters import OneOf, Range, resolve
+from dnnmod.modules.metrics import SHARED_KRR, kernel_retention
 from dnnmod.modules.moduleset import ModuleSet
 
 
@@ -40,11 +41,23 @@ class Approach(ABC):
         composes_by_union: whether the approach's own composition of modules is one union
             network (the OR of their masks: MwT, MODA) rather than the modules side by side;
             E2 then also reports that network for the whole set.
+        accuracy_protocol: how its paper states the accuracy loss, E2's headline (a key of
+            :data:`~dnnmod.modules.metrics.ACCURACY_PROTOCOLS`): ``composed`` (the modules
+            composed, against the base model) or ``modular_model`` (the ST model against the
+            modular-trained model itself: MwT, MODA).
+        krr_definition: its paper's KRR, in words; :meth:`paper_kernel_retention` computes it
+            (default: the shared definition, :func:`~dnnmod.modules.metrics.kernel_retention`).
+        fine_tunes_union: whether its authors fine-tune a sub-task's union network (E5:
+            MwT) with a ReLU + Linear head on its logits; :meth:`reuse_network` gives the
+            network they reuse.
     """
 
     name: ClassVar[str]
     training: ClassVar[str] = "st"
     composes_by_union: ClassVar[bool] = False
+    accuracy_protocol: ClassVar[str] = "composed"
+    krr_definition: ClassVar[str] = SHARED_KRR
+    fine_tunes_union: ClassVar[bool] = False
     defaults: ClassVar[Mapping[str, Any]]
     constraints: ClassVar[Mapping[str, Range | OneOf]] = {}
     types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {}
@@ -69,6 +82,15 @@ class Approach(ABC):
     def training_for(self, hyperparameters: Mapping[str, Any]) -> str:
         """Training kind of the base model a run with ``hyperparameters`` decomposes."""
         return self.training
+
+    def paper_kernel_retention(self, model: nn.Module, modules: ModuleSet) -> list[float]:
+        """KRR of each module of ``modules`` (cut from ``model``) by :attr:`krr_definition`."""
+        return kernel_retention(modules)
+
+    def reuse_network(self, network: nn.Module) -> nn.Module:
+        """A union network (extracted from the approach's base model) as its authors reuse
+        it for a sub-task; by default as extracted."""
+        return network
 
     @abstractmethod
     def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,

@@ -94,6 +94,7 @@ from dnnmod.modules.activations import activation_statistics
 from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.inference import kept_channel_pass, run
 from dnnmod.modules.masking import KeptChannelPass
+from dnnmod.modules.metrics import PER_LAYER_KRR, layer_kernel_retention
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import ModelStructure, trace_structure
 from dnnmod.resumable import ResumableLoop
@@ -520,7 +521,14 @@ def _merge_scores(first: _Composition, second: _Composition, logits, labels, dif
 class CNNSplitter(Approach):
     name = "cnnsplitter"
     defaults = DEFAULTS
+    # The paper's KRR counts every conv layer's kernels (its kernel ids are per layer): the
+    # shared definition for models without coupled convs (SimCNN), coupled convs (ResCNN's
+    # residual additions) counted once per layer.
+    krr_definition = PER_LAYER_KRR
     types = {"fitness_samples": int, "selection_samples": int}
+
+    def paper_kernel_retention(self, model: nn.Module, modules: ModuleSet) -> list[float]:
+        return layer_kernel_retention(modules)
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         hp = super().resolve(overrides)

@@ -43,6 +43,7 @@ from dnnmod.hyperparameters import OneOf, Range
 from dnnmod.modules.activations import REDUCTIONS, activation_statistics, capture_activations
 from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.masking import ensure_nonempty
+from dnnmod.modules.metrics import SHARED_KRR
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import trace_structure
 from dnnmod.training.objectives import (
@@ -98,6 +99,11 @@ class MODA(Approach):
     name = "moda"
     training = "moda"
     composes_by_union = True
+    # Table I sets the MODA-trained model's test accuracy against the ST model's; modules are
+    # composed only into sub-task union networks (model_modularizer.py), never fine-tuned.
+    accuracy_protocol = "modular_model"
+    # MODA reports no KRR (module size and overlap by parameters): the shared definition.
+    krr_definition = f"{SHARED_KRR} (MODA reports none)"
     defaults = {
         "threshold": 0.9,                 # τ: least activation rate of a kept channel or unit
         "residual_skip": "intersection",  # how the sites of coupled convs combine

@@ -17,8 +17,13 @@ The module is the modular model (generators included) restricted to those kernel
 its own class's logit; the first conv, which has no generator, is kept whole in every module.
 Cohesion and coupling of the trained model (mean Jaccard index of the binarised per-sample
 masks, concatenated over layers, of same-class and of different-class sample pairs) are recorded
-in the provenance. Sub-task reuse: :mod:`dnnmod.modules.union` (union network, with or without
-a head fine-tuned on the sub-task's training images).
+in the provenance. As the paper measures them: the accuracy loss is the ST model's test accuracy
+minus the modular model's own (E2's headline; composing the per-class modules by their own
+logits is an extra column), the KRR counts the gated conv layers only
+(:meth:`MwT.paper_kernel_retention`; the shared KRR, which counts the first conv as kept, stands
+beside it), and a sub-task T reuses one union network (the OR of T's masks) with the mask
+generators removed, a ReLU + Linear(N→|T|) head on its logits and every parameter fine-tuned
+(:mod:`dnnmod.reuse.subtasks`).
 
 Deviations from the paper and its code:
 - The mask generators wrap the conv layers: the conv (and the BatchNorm2d registered right
@@ -53,6 +58,7 @@ from dnnmod.hyperparameters import Range
 from dnnmod.modules.activations import activation_statistics, capture_activations
 from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.inference import batches, eval_mode
+from dnnmod.modules.metrics import layer_kernel_retention
 from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import trace_structure
 from dnnmod.training.objectives import (
@@ -109,6 +115,16 @@ def gated_convs(model: nn.Module) -> dict[str, GatedConv]:
     """The gated conv layers of a modular model, by name, in registration order."""
     return {name: module for name, module in model.named_modules()
             if isinstance(module, GatedConv)}
+
+
+def without_mask_generators(network: nn.Module) -> nn.Module:
+    """``network`` with each gated conv replaced, in place, by its conv and BatchNorm alone:
+    every kept kernel passes unscaled (mask 1), as in MwT's reuse (``keep_generator=False``)."""
+    for name, gated in gated_convs(network).items():
+        parent_name, _, attribute = name.rpartition(".")
+        parent = network.get_submodule(parent_name) if parent_name else network
+        setattr(parent, attribute, nn.Sequential(gated.conv, gated.bn))
+    return network
 
 
 def gate_sites(model: nn.Module, structure) -> dict[str, str]:
@@ -211,6 +227,16 @@ class MwT(Approach):
     name = "mwt"
     training = "mwt"
     composes_by_union = True
+    # The paper's "accuracy loss" (1.13 pp) is the ST model's test accuracy minus the modular
+    # model's own (modularizer.py checks the modular model; no per-class composition).
+    accuracy_protocol = "modular_model"
+    # modularizer.py: mean of the concatenated masks of the masked layers, so kernel-weighted
+    # over the gated convs only. dnnmod keeps one mask per channel group, so a gated conv of a
+    # coupled group (residual addition) counts its group's kept kernels.
+    krr_definition = ("kept kernels of the gated (masked) conv layers over their kernels, "
+                      "counted per layer; the ungated first conv left out (MwT)")
+    # modularizer.py: the union module without generators, a ReLU + Linear head, fine-tuned.
+    fine_tunes_union = True
     defaults = {
         "threshold": 0.9,       # τ: least fraction of a class's images a kept kernel is active on
         "fallback_step": 0.05,  # τ is lowered by this for a layer that would keep nothing
@@ -219,6 +245,12 @@ class MwT(Approach):
 
     constraints = {"threshold": Range(0, 1, low_open=True),
                    "fallback_step": Range(0, 1, low_open=True), "metric_samples": Range(2)}
+
+    def paper_kernel_retention(self, model: nn.Module, modules: ModuleSet) -> list[float]:
+        return layer_kernel_retention(modules, [f"{name}.conv" for name in gated_convs(model)])
+
+    def reuse_network(self, network: nn.Module) -> nn.Module:
+        return without_mask_generators(network)
 
     def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
                    hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",

@@ -63,6 +63,7 @@ from dnnmod.modules.heads import ConcernVotesHead
 from dnnmod.modules.inference import run
 from dnnmod.modules.masking import ensure_nonempty, mask_shapes
 from dnnmod.modules.metrics import (
+    SHARED_KRR,
     composed_accuracy,
     kernel_retention,
     model_module_jaccard,
@@ -75,6 +76,9 @@ from dnnmod.modules.structure import ChannelGroup, ModelStructure, probe, trace_
 
 class PanRajan(Approach):
     name = "pan_rajan"
+    # The paper measures modules by the model-module Jaccard index of active positions, not by
+    # a KRR: the shared definition stands.
+    krr_definition = f"{SHARED_KRR} (Pan & Rajan report none)"
     defaults = {
         "tangling": True,        # TI: switch back on what images of other classes activate
         "tangling_rate": 0.0,    # ρ: least share of those images (0: any one of them)

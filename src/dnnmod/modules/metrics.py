@@ -3,11 +3,18 @@
 Masks come in several granularities (conv channels, hidden Linear units, conv output
 positions; see :mod:`dnnmod.modules.masking`); every metric below states how it reads each.
 
-- composed accuracy: the module set's combined prediction on the test images, and the accuracy
-  loss against the base model on the same images, in percentage points;
+- composed accuracy: the module set's combined prediction on the test images, and its loss
+  against the base model on the same images, in percentage points (``composed_loss_pp``);
+- accuracy loss (``accuracy_loss_pp``, E2's headline): as the approach's paper states it
+  (:data:`ACCURACY_PROTOCOLS`): the composed loss for the splitters; for MwT and MODA the
+  standard-trained model's test accuracy minus the modular-trained model's own, since their
+  papers never compose per-class modules by their own logits for this figure;
 - KRR (kernel retention rate): kept conv kernels / conv kernels, mean over modules. A kernel
   (conv channel) counts as kept if any of its positions is active; a conv group without a
-  mask counts as fully kept. Hidden Linear units are not kernels and do not enter KRR;
+  mask counts as fully kept. Hidden Linear units are not kernels and do not enter KRR. This
+  shared definition (``krr_shared``) counts each channel group once; ``krr`` is the
+  definition of the approach's paper (:func:`layer_kernel_retention` for MwT and the
+  splitters), named in the approach's file;
 - unit retention: kept hidden Linear units / hidden Linear units, mean over modules; a linear
   group without a mask counts as fully kept (1.0 when no linear group is masked). None when
   the model has no hidden Linear layer (nothing to retain; JSON null);
@@ -114,9 +121,27 @@ def _kept_channels(modules: ModuleSet, groups: Sequence[ChannelGroup]) -> torch.
 
 
 def kernel_retention(modules: ModuleSet) -> list[float]:
-    """KRR of each module: kept conv kernels / conv kernels."""
+    """KRR of each module: kept conv kernels / conv kernels, each channel group counted once."""
     kept = _kept_channels(modules, modules.structure.conv_groups).sum(dim=1)
     return (kept.float() / modules.structure.total_kernels).tolist()
+
+
+def layer_kernel_retention(modules: ModuleSet, layers: Sequence[str] | None = None
+                           ) -> list[float]:
+    """KRR of each module counted per conv layer, as the papers that mask layers count it: each
+    of ``layers`` (default: every conv layer of the model) adds its group's kept kernels and
+    its group's size, so a group shared by coupled convs (a residual addition) counts once per
+    layer, and a conv left out of ``layers`` (MwT's ungated first conv) not at all."""
+    structure = modules.structure
+    owners = {layer: group for group in structure.conv_groups for layer in group.convs}
+    layers = list(owners) if layers is None else list(layers)
+    unknown = [layer for layer in layers if layer not in owners]
+    if unknown or not layers:
+        raise ConfigError(f"KRR per conv layer: {unknown or 'no layers'} "
+                          f"{'are no conv layers of the model' if unknown else 'given'}")
+    groups = [owners[layer] for layer in layers]
+    kept = _kept_channels(modules, groups).sum(dim=1)
+    return (kept.float() / sum(group.size for group in groups)).tolist()
 
 
 def unit_retention(modules: ModuleSet) -> list[float] | None:
@@ -189,29 +214,70 @@ def union_composition(model: nn.Module, modules: ModuleSet, test,
             "union_size": count_parameters(network) / count_parameters(model)}
 
 
+#: How a paper states its approach's accuracy loss (``Approach.accuracy_protocol``).
+ACCURACY_PROTOCOLS = {
+    "composed": "the base model's test accuracy minus that of the modules composed as the "
+                "approach composes them",
+    "modular_model": "the standard-trained (ST) model's test accuracy minus the "
+                     "modular-trained model's own; no modules are composed for this figure",
+}
+PER_LAYER_KRR = ("kept kernels over the model's, counted per conv layer (a group shared by "
+                 "coupled convs once per layer)")
+SHARED_KRR = ("kept conv kernels over the model's, each channel group counted once, a conv "
+              "group without a mask (e.g. an ungated first conv) counted as kept")
+
+
+def headline_accuracy_loss(protocol: str, base_accuracy: float, composed: float,
+                           st_accuracy: float | None) -> float | None:
+    """E2's headline accuracy loss (pp) under ``protocol`` (:data:`ACCURACY_PROTOCOLS`); None
+    under ``modular_model`` when the ST accuracy is unknown."""
+    if protocol not in ACCURACY_PROTOCOLS:
+        raise ConfigError(f"accuracy protocol {protocol!r}: expected one of "
+                          f"{sorted(ACCURACY_PROTOCOLS)}")
+    if protocol == "composed":
+        return base_accuracy - composed
+    return None if st_accuracy is None else st_accuracy - base_accuracy
+
+
 def evaluate(model: nn.Module, modules: ModuleSet, test, base_accuracy: float | None = None,
-             with_costs: bool = True, union: bool = False) -> dict[str, Any]:
+             with_costs: bool = True, union: bool = False, *, approach=None,
+             st_accuracy: float | None = None) -> dict[str, Any]:
     """Every shared metric of a module set on the ImageSet ``test`` (base-model labels); with
     ``union``, also :func:`union_composition` (for approaches that compose by union network:
     the shared composition sets the modules side by side, and their own-class scores, each
-    from a different sub-network, grow less comparable as the modules shrink)."""
+    from a different sub-network, grow less comparable as the modules shrink).
+
+    ``approach`` (an :class:`~dnnmod.approaches.base.Approach`; None: the shared definitions)
+    names its paper's accuracy protocol and KRR definition, which give the headline
+    ``accuracy_loss_pp`` and ``krr``; ``st_accuracy`` is the test accuracy of the ST model of
+    the same architecture, dataset and seed (the ``modular_model`` protocol needs it)."""
     scores = module_scores(model, modules, test)
     if base_accuracy is None:
         base_accuracy = model_accuracy(model, test)
     accuracy = composed_accuracy(modules, scores, test.labels)
     binary = binary_metrics(modules, scores, test.labels)
-    krr = kernel_retention(modules)
+    shared_krr = kernel_retention(modules)
+    if approach is None:
+        protocol, krr, krr_definition = "composed", shared_krr, SHARED_KRR
+    else:
+        protocol, krr_definition = approach.accuracy_protocol, approach.krr_definition
+        krr = approach.paper_kernel_retention(model, modules)
     units = unit_retention(modules)
     result = {
+        "accuracy_protocol": protocol, "st_accuracy": st_accuracy,
         "base_accuracy": base_accuracy, "composed_accuracy": accuracy,
-        "accuracy_loss_pp": base_accuracy - accuracy,
-        "krr": sum(krr) / len(krr), "overlap": kernel_overlap(modules),
+        "composed_loss_pp": base_accuracy - accuracy,
+        "accuracy_loss_pp": headline_accuracy_loss(protocol, base_accuracy, accuracy,
+                                                   st_accuracy),
+        "krr": sum(krr) / len(krr), "krr_shared": sum(shared_krr) / len(shared_krr),
+        "krr_definition": krr_definition, "overlap": kernel_overlap(modules),
         "unit_retention": None if units is None else sum(units) / len(units),
         "mean_precision": sum(r["precision"] for r in binary) / len(binary),
         "mean_recall": sum(r["recall"] for r in binary) / len(binary),
         "mean_f1": sum(r["f1"] for r in binary) / len(binary),
-        "modules": [{**row, "krr": k, "unit_retention": u} for row, k, u in
-                    zip(binary, krr, units or [None] * len(krr), strict=True)],
+        "modules": [{**row, "krr": k, "krr_shared": shared, "unit_retention": u}
+                    for row, k, shared, u in zip(binary, krr, shared_krr,
+                                                 units or [None] * len(krr), strict=True)],
     }
     if union:
         result.update(union_composition(model, modules, test, base_accuracy))

@@ -228,9 +228,11 @@ E7_NOTES = (
     "decomposition: the study's trained model decomposed again; stage training: a model of the "
     "approach's training kind trained with the value, then decomposed with the study's "
     "approach settings. configured: the study's own value (its module set, reused). "
-    "accuracy_loss_pp: the base model's test accuracy minus the composed one (for a "
-    "training-time point, the base model is the one trained with the value). krr, "
-    "module_size: fractions, as in E2.")
+    "accuracy_loss_pp: each paper's headline, as in E2: the base model's test accuracy minus "
+    "the composed one, or for MwT and MODA the ST model's minus the modular-trained model's "
+    "own (for a training-time point, the base model is the one trained with the value; a "
+    "decomposition-time point of MwT or MODA leaves it unchanged). krr (each paper's "
+    "definition), module_size: fractions, as in E2.")
 
 
 def write_sensitivity_report(points: list[dict[str, Any]], metrics_paths: list[Path],

@@ -137,7 +137,7 @@ def subtask_figure(csv_paths: list[Path], path: Path) -> None:
                 accuracy.plot(sampled["size"], sampled.union_accuracy, linestyle="--",
                               label=f"{approach} union network", **style)
                 accuracy.plot(sampled["size"], sampled.finetuned_accuracy, linestyle=":",
-                              label=f"{approach} union, head fine-tuned", **style)
+                              label=f"{approach} union, fine-tuned", **style)
             for axis, column in ((size, "params_fraction"), (flops, "flops_fraction")):
                 axis.plot(lines["size"], 100 * lines[column], label=f"{approach} union network",
                           **style)

@@ -197,8 +197,9 @@ E2_PUBLISHED = [
     ("module_size", "module_size_fraction_params", 1.0),
     ("overlap", "module_overlap_fraction_params", 1.0),
 ]
-E2_COLUMNS = ["approach", "training", "model", "arch", "dataset", "seed", "base_accuracy",
-              "composed_accuracy", "accuracy_loss_pp", "krr", "unit_retention", "module_size",
+E2_COLUMNS = ["approach", "training", "model", "arch", "dataset", "seed", "accuracy_protocol",
+              "st_accuracy", "base_accuracy", "accuracy_loss_pp", "krr", "krr_shared",
+              "composed_accuracy", "composed_loss_pp", "unit_retention", "module_size",
               "flops_fraction", "overlap", "mean_precision", "mean_recall", "mean_f1",
               "union_accuracy", "union_loss_pp", "union_size",
               "train_seconds", "modularize_seconds", "seconds", "device"]
@@ -275,7 +276,15 @@ def write_base_model_report(weights_paths: list[Path], csv_path: Path,
 
 
 E2_NOTES = (
-    "krr: kernels kept per module over the model's, averaged over modules; module_size and "
+    "accuracy_loss_pp is each paper's headline accuracy loss (accuracy_protocol): composed: "
+    "base_accuracy minus composed_accuracy; modular_model (MwT, MODA): the standard-trained "
+    "model's test accuracy (st_accuracy) minus the modular-trained model's own "
+    "(base_accuracy), as their papers measure it. composed_accuracy and composed_loss_pp "
+    "compose the modules side by side for every approach (each module scores its own class; "
+    "argmax), an extra column for MwT and MODA, whose papers never compose so. krr: kernels "
+    "kept per module by the paper's definition (listed below), averaged over modules; "
+    "krr_shared: the one definition for all approaches (each channel group counted once, an "
+    "unmasked conv counted as kept). module_size and "
     "flops_fraction: parameters and FLOPs of the physically extracted module over the "
     "model's. MwT and MODA decompose their own modular-trained model (base_accuracy is "
     "that model's). pan_rajan switches off output positions, not kernels: a channel counts "
@@ -283,11 +292,21 @@ E2_NOTES = (
     "design; module_size counts what it removes (hidden units, and channels inactive at every "
     "position), and its own measure, the model-module Jaccard index of active positions, is "
     "in pan_rajan_decomposition. random keeps as many kernels per layer as the approach it "
-    "matches, chosen at random: the floor every approach should beat. composed_accuracy sets "
-    "the modules side by side (each scores its own class; argmax); MwT and MODA compose "
-    "modules into one union network instead (the OR of their masks), and union_accuracy, "
+    "matches, chosen at random: the floor every approach should beat. MwT and MODA compose "
+    "modules into one union network (the OR of their masks), and union_accuracy, "
     "union_loss_pp and union_size (parameters over the model's) give that network for the "
     "whole set: the smaller their modules, the less comparable their separate scores.")
+
+
+def krr_definitions(metrics_paths: list[Path]) -> str:
+    """The KRR definition each approach of the records names, one sentence."""
+    definitions = {}
+    for path in metrics_paths:
+        metrics = read_json(path)
+        if metrics.get("krr_definition"):
+            definitions[metrics["approach"]] = metrics["krr_definition"]
+    return " ".join(f"krr of {approach}: {definition}." for approach, definition in
+                    sorted(definitions.items()))
 
 
 def write_modularization_report(metrics_paths: list[Path], csv_path: Path,
@@ -297,10 +316,10 @@ def write_modularization_report(metrics_paths: list[Path], csv_path: Path,
     table = modularization_table(metrics_paths)
     write_table(table, csv_path, title="E2 modularization",
                 keys=["dataset", "model", "approach"],
-                values=["composed_accuracy", "accuracy_loss_pp", "krr", "module_size",
-                        "flops_fraction", "overlap", "mean_f1", "union_loss_pp", "union_size",
-                        "seconds"],
-                notes=E2_NOTES)
+                values=["accuracy_loss_pp", "krr", "krr_shared", "composed_accuracy",
+                        "composed_loss_pp", "module_size", "flops_fraction", "overlap",
+                        "mean_f1", "union_loss_pp", "union_size", "seconds"],
+                notes=" ".join(filter(None, [E2_NOTES, krr_definitions(metrics_paths)])))
     if figure_path:
         accuracy_vs_krr_figure(table, figure_path)
     if summary_path:

@@ -20,13 +20,20 @@ What is computed once per module set and reused for every sub-task:
   (each module a network of its own) deploys.
 
 MwT and MODA compose a sub-task as the union network itself; its outputs depend on T, so it
-is built and run per sub-task: without and with its logit layer fine-tuned on T's training
-images (:func:`~dnnmod.modules.union.fine_tune_head`, MwT's "with fine-tuning"), on a seeded
-sample of the sub-tasks spread over the sizes (``union_subsets``; 0 for approaches that do
-not compose so). Deviations from MwT, those of :mod:`dnnmod.modules.union`: the union network
-keeps the mask generators of an MwT model (MwT removes them for reuse) and restricts the logit
-layer to T's rows (MwT adds ReLU → Linear(N→|T|) on the N logits); its logit layer is
-fine-tuned with Adam on fixed features and the last epoch kept (MwT: SGD, best test epoch).
+is built and run per sub-task, on a seeded sample of the sub-tasks spread over the sizes
+(``union_subsets``; 0 for approaches that do not compose so), as the authors reuse it (the
+approach's :meth:`~dnnmod.approaches.base.Approach.reuse_network`: MwT removes its mask
+generators). ``union_accuracy``: the union network with T's logit rows, argmax (MODA's
+composition, which is never fine-tuned; MwT's union module before fine-tuning).
+``finetuned_accuracy``, for an approach whose authors fine-tune (``fine_tunes_union``: MwT):
+the union network with all N logits, a ReLU and a fresh Linear(N→|T|) head
+(:func:`~dnnmod.modules.union.union_classifier`), every parameter trained on T's training
+images with MwT's recipe (``fine_tune_*``, defaults from modularizer.py's
+``fine_tune_module``: 10 epochs, SGD lr 0.05, momentum 0.9, Nesterov, no weight decay, batch
+128, cosine annealing over 20 epochs, random crop + flip). Deviations from MwT's code: the last
+epoch is kept (MwT keeps the epoch of best *test* accuracy; the MODA authors' fork of MwT keeps
+the last), the crop pads with the dataset's mean colour (:func:`~dnnmod.training.train.augment`)
+and CUDA runs in mixed precision, as every dnnmod training does.
 
 Sub-tasks: every subset of size 2..N when there are at most ``max_subsets`` of them (1,013 for
 N = 10), else a seeded sample of ``samples_per_size`` subsets of each size (all of a size that
@@ -49,6 +56,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from dnnmod.approaches import get_approach
+from dnnmod.approaches.base import Approach
 from dnnmod.artifacts import atomic_write, write_json
 from dnnmod.errors import ConfigError
 from dnnmod.hyperparameters import Range, resolve
@@ -59,8 +68,9 @@ from dnnmod.modules.masking import channel_view
 from dnnmod.modules.metrics import module_costs, module_scores
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.modules.structure import ModelStructure
-from dnnmod.modules.union import fine_tune_head, union_network
+from dnnmod.modules.union import union_classifier, union_network
 from dnnmod.report.subtasks import COLUMNS
+from dnnmod.training.train import AUGMENTATIONS, Recipe, fine_tune
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +80,40 @@ DEFAULTS: dict[str, Any] = {
     "samples_per_size": 10,     # else this many seeded subsets per size
     "seed": 0,                  # of the subset draws (the same sub-tasks for every unit)
     "union_subsets": 0,         # sub-tasks whose union network is built, run and fine-tuned
-    "fine_tune_epochs": 10,     # MwT fine-tunes 10 epochs
-    "fine_tune_lr": 0.01,
-    "fine_tune_batch_size": 64,
+    # MwT's fine-tuning of a sub-task's union network (modularizer.py, fine_tune_module)
+    "fine_tune_epochs": 10,
+    "fine_tune_lr": 0.05,
+    "fine_tune_batch_size": 128,
+    "fine_tune_momentum": 0.9,
+    "fine_tune_nesterov": True,
+    "fine_tune_weight_decay": 0.0,
+    "fine_tune_cosine_epochs": 20,  # T_max: twice the epochs, so the lr ends near half
+    "fine_tune_augmentation": ["crop", "flip"],
 }
 CONSTRAINTS = {"max_subsets": Range(0), "samples_per_size": Range(1), "seed": Range(0),
                "union_subsets": Range(0), "fine_tune_epochs": Range(0),
-               "fine_tune_lr": Range(0, low_open=True), "fine_tune_batch_size": Range(1)}
+               "fine_tune_lr": Range(0, low_open=True), "fine_tune_batch_size": Range(1),
+               "fine_tune_momentum": Range(0), "fine_tune_weight_decay": Range(0),
+               "fine_tune_cosine_epochs": Range(1)}
 
 
 def resolve_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """:data:`DEFAULTS` overridden by ``overrides``; ConfigError naming a bad key or value."""
-    return resolve("reuse.subtasks", DEFAULTS, overrides, CONSTRAINTS)
+    settings = resolve("reuse.subtasks", DEFAULTS, overrides, CONSTRAINTS)
+    augmentation = settings["fine_tune_augmentation"]
+    if not all(isinstance(entry, str) and entry in AUGMENTATIONS for entry in augmentation):
+        raise ConfigError(f"reuse.subtasks.fine_tune_augmentation: expected entries among "
+                          f"{list(AUGMENTATIONS)}, got {augmentation!r}")
+    return settings
+
+
+def fine_tune_recipe(settings: Mapping[str, Any]) -> Recipe:
+    """The recipe of a union network's fine-tuning, from resolved ``settings``."""
+    return Recipe(epochs=settings["fine_tune_epochs"], batch_size=settings["fine_tune_batch_size"],
+                  lr=settings["fine_tune_lr"], momentum=settings["fine_tune_momentum"],
+                  nesterov=settings["fine_tune_nesterov"],
+                  weight_decay=settings["fine_tune_weight_decay"], schedule="cosine",
+                  augmentation=tuple(settings["fine_tune_augmentation"]))
 
 
 def subset_count(num_classes: int) -> int:
@@ -254,6 +286,7 @@ def evaluate_subtasks(model: nn.Module, modules: ModuleSet, data, settings: Mapp
     subsets, exhaustive = choose_subsets(len(modules), settings["max_subsets"],
                                          settings["samples_per_size"], settings["seed"])
     union_sample = set(spread_sample(subsets, settings["union_subsets"], settings["seed"]))
+    approach = get_approach(modules.approach) if union_sample else None
     if union_sample:
         _check_union_networks(model, modules)
 
@@ -281,7 +314,7 @@ def evaluate_subtasks(model: nn.Module, modules: ModuleSet, data, settings: Mapp
         if index in union_sample:
             union_started = time.perf_counter()
             record["union_accuracy"], record["finetuned_accuracy"] = _union_accuracies(
-                model, modules, data, chosen.tolist(), settings, seed)
+                model, modules, approach, data, chosen.tolist(), settings, seed)
             record["union_seconds"] = time.perf_counter() - union_started
             union_total += record["union_seconds"]
             log.info("union network %s: %.2f%% without, %.2f%% with fine-tuning (%.1f s)",
@@ -311,19 +344,23 @@ def _check_union_networks(model: nn.Module, modules: ModuleSet) -> None:
                           "union_subsets to 0 for this approach)")
 
 
-def _union_accuracies(model: nn.Module, modules: ModuleSet, data, classes: list[int],
-                      settings: Mapping[str, Any], seed: int) -> tuple[float, float]:
-    """Test accuracy (%) of the union network of ``classes`` without and with its logit layer
-    fine-tuned on their training images."""
-    network = union_network(model, modules, classes)
+def _union_accuracies(model: nn.Module, modules: ModuleSet, approach: Approach, data,
+                      classes: list[int], settings: Mapping[str, Any], seed: int
+                      ) -> tuple[float, float]:
+    """Test accuracy (%) of the union network of ``classes`` as ``approach``'s authors reuse
+    it: with T's logit rows, and fine-tuned with a ReLU + Linear head (NaN where the authors
+    do not fine-tune, or ``fine_tune_epochs`` is 0)."""
     test = data.test.subset(classes)  # labels 0..|T|-1 in ``classes`` order, as its outputs
+    network = approach.reuse_network(union_network(model, modules, classes))
     without = _accuracy(run(network, test).argmax(dim=1), test.labels)
-    if settings["fine_tune_epochs"] == 0:
+    if not approach.fine_tunes_union or settings["fine_tune_epochs"] == 0:
         return without, math.nan
-    fine_tune_head(network, modules.structure.output_layer, data.train.subset(classes),
-                   epochs=settings["fine_tune_epochs"], lr=settings["fine_tune_lr"],
-                   batch_size=settings["fine_tune_batch_size"], seed=seed)
-    return without, _accuracy(run(network, test).argmax(dim=1), test.labels)
+    torch.manual_seed(seed)  # the head's initialisation
+    classifier = union_classifier(model, modules, classes, approach.reuse_network)
+    device = str(next(model.parameters()).device)
+    fine_tune(classifier, data.train.subset(classes), fine_tune_recipe(settings), seed=seed,
+              device=device, cosine_epochs=settings["fine_tune_cosine_epochs"])
+    return without, _accuracy(run(classifier, test).argmax(dim=1), test.labels)
 
 
 def check_st_model(st_meta: Mapping[str, Any], model_meta: Mapping[str, Any],

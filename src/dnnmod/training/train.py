@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -299,3 +299,27 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
     model.to(memory_format=torch.contiguous_format)
     return TrainResult(model=model, selected_epoch=selected, config_hash=fingerprint,
                        history=history, wall_seconds=loop.wall_seconds)
+
+
+def fine_tune(model: nn.Module, images, recipe: Recipe, *, seed: int, device: str = "cpu",
+              cosine_epochs: int | None = None, mixed_precision: bool = True) -> nn.Module:
+    """Train every parameter of ``model`` on the ImageSet ``images`` (labels index its outputs)
+    for ``recipe.epochs`` epochs with cross-entropy and the recipe's optimizer, schedule and
+    augmentation; no validation, no checkpoint, the last epoch kept (E5's union networks).
+    ``cosine_epochs``: the cosine schedule's period when it is not the run's length (MwT's
+    sub-task fine-tuning anneals over twice its epochs). Eval mode on return."""
+    torch.manual_seed(seed)
+    trainer = Trainer.create(model, recipe, StandardTraining(), device, mixed_precision)
+    schedule = _make_schedule(trainer.optimizer, replace(recipe, epochs=cosine_epochs)
+                              if cosine_epochs else recipe)
+    for epoch in range(recipe.epochs):
+        generator = epoch_generator(seed, epoch)
+        order = torch.randperm(len(images), generator=generator).to(images.labels.device)
+        trainer.model.train()
+        for start in range(0, len(order), recipe.batch_size):
+            x, y = images.float_batch(order[start:start + recipe.batch_size])
+            if len(y) < 2:  # BatchNorm cannot normalise one image in training mode
+                continue
+            trainer.step(augment(x, recipe.augmentation, generator), y, {})
+        schedule.step()
+    return trainer.model.to(memory_format=torch.contiguous_format).eval()
