@@ -91,6 +91,12 @@ def cmd_study_shrink(args: argparse.Namespace) -> None:
     log.info("wrote %s", args.out)
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from dnnmod.plan import cmd_plan as plan
+
+    plan(args)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from dnnmod.training.objectives import StandardTraining, get_objective
     from dnnmod.training.train import Recipe, train
@@ -574,6 +580,19 @@ def build_parser() -> argparse.ArgumentParser:
                                             "config's; keep it apart from real datasets)")
     shrink.add_argument("--out", required=True, help="YAML path of the derived config")
     shrink.set_defaults(func=cmd_study_shrink)
+
+    plan = verbs.add_parser("plan", help="the cost of a study before launch: jobs, FLOPs and "
+                                          "device-hours per stage, wall time on N devices")
+    plan.add_argument("config", help="the study config (YAML)")
+    plan.add_argument("--devices", type=int, default=1,
+                      help="GPUs (cores for --device-kind cpu) the study runs on")
+    plan.add_argument("--device-kind", default="cpu",
+                      help="device class of the rate table: cpu, h100, h200")
+    plan.add_argument("--calibrate", action="store_true",
+                      help="measure this machine's CPU rates first (under a minute)")
+    plan.add_argument("--rates", help="a rate table CSV instead of the package's")
+    plan.add_argument("--snakefile", default="Snakefile", help="the workflow's Snakefile")
+    plan.set_defaults(func=cmd_plan)
 
     train = verbs.add_parser("train", help="train a base model (standard or modular training)")
     train.add_argument("--dataset", required=True)
