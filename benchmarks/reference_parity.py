@@ -1,0 +1,476 @@
+"""Reference parity: an approach's authors' implementation and dnnmod's, step by step.
+
+Both implementations start from the same weights (mapped tensor by tensor), the same initial
+trainable state and the same batches, in float64 on the CPU, and each takes its own optimizer
+steps; every step prints the two losses, how far the gradients of the trainable state differ
+(max |Δ| and max |Δ| over the largest authors' gradient), and how many binary masks differ
+after the step. The authors' code is imported at run time from ``--authors`` (a checkout of
+their repository; nothing of it is vendored here). Where their code needs CUDA or casts to
+float32, the benchmark patches around it at run time and says so; their files are not edited.
+The run exits 1 when a step's loss or gradients differ by more than ``--tolerance`` (relative)
+or a mask differs, so it can gate a change.
+
+gradsplitter (qibinhang/GradSplitter, ``src/splitters/<model>_splitter.py``, the loss of
+``src/grad_splitter.py``): the splitter's kernel scores and module heads against
+:func:`dnnmod.approaches.gradsplitter.mask_loss` with dnnmod's model, heads and optimizer, one
+mask+head phase step (Adam, lr 0.001 for heads and scores, α as given) per batch. Weights: the
+authors' model as it initialises itself, its BatchNorms given random statistics and affine
+parameters (so that a norm's shift shows). Scores: uniform in ±``--init-spread`` (so that
+kernels drop and come back within a few steps of lr 0.001; ``--init-spread 0`` gives the
+authors' all-ones start). Per step also, on the cross-entropy's part of the score gradients
+(the penalty's taken off): the median ratio of dnnmod's to the authors' over kernels both
+keep, the kept kernels whose gradients have opposite signs, the dropped kernels that get a
+cross-entropy gradient on each side, and the kernels each side revives.
+``--placement outputs`` runs dnnmod's masks where its masked model zeroes channels (the conv's
+and the norm's outputs, GradSplitter's placement before dnnmod dc5d45c) instead of at the
+ReLUs, to show what that changes.
+
+mwt (qibinhang/MwT, ``src/models/vgg_masked.py``, ``loss_func_cos`` of
+``src/modular_trainer.py``) and moda (icse2025-dnn-modularization/MODA,
+``models/vgg/vgg_model.py``, ``calculate_module_losses`` of ``models/modular_utils.py``): one
+modular training step of VGG16-BN (512-512 classifier, dropout off on both sides) in train
+mode, their loss against dnnmod's training kind (``get_objective("mwt" | "moda")``: MwT's
+generators added by its ``prepare``, every tensor of theirs mapped, generators included), SGD
+0.05 with Nesterov momentum 0.9 as their trainers; per step the loss and its parts, the
+gradients of all parameters, the weights after the step, and for MwT the per-sample masks
+(> 0) of the step's forward pass that differ. dnnmod's terms reduce in float32 whatever the
+input's dtype (``training/objectives.py``, made for mixed precision), so their default
+tolerance is 1e-6.
+
+    python benchmarks/reference_parity.py gradsplitter --authors ../refs/GradSplitter
+    python benchmarks/reference_parity.py gradsplitter --authors ../refs/GradSplitter \\
+        --model rescnn --alpha 0
+    python benchmarks/reference_parity.py gradsplitter --authors ../refs/GradSplitter \\
+        --placement outputs
+    python benchmarks/reference_parity.py mwt --authors ../refs/MwT
+    python benchmarks/reference_parity.py moda --authors ../refs/MODA
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dnnmod.approaches import gradsplitter
+from dnnmod.models import build_model
+from dnnmod.modules.activations import activation_sites
+from dnnmod.modules.heads import LogitMLPHead
+from dnnmod.modules.structure import trace_structure
+from dnnmod.training.objectives import get_objective
+
+CLASSES = 10
+
+
+def authors_source(checkout: Path, marker: str) -> Path:
+    """The directory of ``checkout`` to put on ``sys.path`` (the one holding ``marker``)."""
+    for root in (checkout / "src", checkout):
+        if (root / marker).is_file():
+            return root
+    raise SystemExit(f"{checkout}: not a checkout of the authors' repository (no {marker} in "
+                     f"it or in its src/)")
+
+
+def difference(theirs: torch.Tensor, ours: torch.Tensor) -> tuple[float, float]:
+    """max |ours − theirs| and that over max |theirs|."""
+    largest = theirs.abs().max().item()
+    gap = (ours - theirs).abs().max().item()
+    return gap, gap / largest if largest else (0.0 if gap == 0 else float("inf"))
+
+
+def randomise_norms(model: nn.Module, generator: torch.Generator) -> None:
+    """Random BatchNorm statistics and affine parameters: a fresh norm's shift is zero, and
+    a difference in where masks sit would not show through it."""
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.running_mean.normal_(0.0, 0.5, generator=generator)
+                layer.running_var.uniform_(0.5, 2.0, generator=generator)
+                layer.weight.normal_(1.0, 0.3, generator=generator)
+                layer.bias.normal_(0.0, 0.5, generator=generator)
+
+
+def map_weights(theirs: nn.Module, ours: nn.Module) -> int:
+    """Copy the authors' model's tensors into dnnmod's, in registration (forward) order, each
+    pair checked by shape; returns the number of tensors."""
+    source, target = theirs.state_dict(), ours.state_dict()
+    if len(source) != len(target):
+        raise SystemExit(f"the authors' model has {len(source)} tensors, dnnmod's "
+                         f"{len(target)}: not the same architecture")
+    mapped = {}
+    for (their_name, tensor), (name, own) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != own.shape:
+            raise SystemExit(f"tensor {their_name} {tuple(tensor.shape)} does not map onto "
+                             f"{name} {tuple(own.shape)}")
+        mapped[name] = tensor.clone()
+    ours.load_state_dict(mapped)
+    return len(mapped)
+
+
+def gradsplitter_parity(args) -> bool:
+    source = authors_source(args.authors, f"splitters/{args.model}_splitter.py")
+    sys.path.insert(0, str(source))
+    torch.set_default_dtype(torch.float64)
+    authors_models = importlib.import_module("utils.model_loader")
+    splitter_module = importlib.import_module(f"splitters.{args.model}_splitter")
+    authors_loss = importlib.import_module("grad_splitter").loss_func
+    # Patched at run time: their modules pick CUDA when it is there (these runs stay on the
+    # CPU), and their MySign casts the mask to float32 (this run is float64). Their backward,
+    # hardtanh of the incoming gradient, stays theirs.
+    splitter_module.device = torch.device("cpu")
+
+    class Sign(splitter_module.MySign):
+        @staticmethod
+        def forward(ctx, scores):
+            return (scores > 0).to(scores.dtype)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    theirs = authors_models.load_model(args.model, CLASSES)
+    randomise_norms(theirs, generator)
+    theirs.eval()
+    splitter = splitter_module.GradSplitter(theirs, "ones")
+    splitter.sign = Sign.apply
+    splitter.train()
+    splitter.model.eval()  # as their train_splitter does: BatchNorm on running statistics
+
+    model = build_model(args.model, CLASSES, width=1.0).eval()
+    tensors = map_weights(theirs, model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    probe = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        forward_gap = difference(theirs(probe), model(probe))[1]
+    structure = trace_structure(model)
+    sites = activation_sites(model, structure) if args.placement == "relu" else None
+
+    # dnnmod's conv groups ↔ the splitter's score vectors, by the index of the group's first
+    # conv (a residual group's shared vector is the one of its first layer, as theirs).
+    convs = [name for name, layer in model.named_modules() if isinstance(layer, nn.Conv2d)]
+    layer_of = {group.name: convs.index(group.convs[0]) for group in structure.conv_groups}
+    their_scores = {group.name: [getattr(splitter, f"module_{m}_conv_{layer_of[group.name]}")
+                                 for m in range(CLASSES)] for group in structure.conv_groups}
+    with torch.no_grad():
+        for group in structure.conv_groups:
+            for score in their_scores[group.name]:
+                if score.shape != (group.size,):
+                    raise SystemExit(f"group {group.name}: {group.size} kernels, the authors' "
+                                     f"scores {tuple(score.shape)}")
+                if args.init_spread > 0:
+                    score.uniform_(-args.init_spread, args.init_spread, generator=generator)
+    scores = {name: torch.stack([s.detach() for s in vectors]).clone().requires_grad_(True)
+              for name, vectors in their_scores.items()}
+    heads = [getattr(splitter, f"module_{m}_head") for m in range(CLASSES)]
+    head = LogitMLPHead(list(range(CLASSES)), CLASSES, heads[0][0].out_features)
+    with torch.no_grad():
+        head.w1.copy_(torch.stack([h[0].weight.T for h in heads]))
+        head.b1.copy_(torch.stack([h[0].bias for h in heads]))
+        head.w2.copy_(torch.stack([h[2].weight[0] for h in heads]))
+        head.b2.copy_(torch.stack([h[2].bias[0] for h in heads]))
+
+    lr = 0.001  # their lr_modularity, for heads and scores alike; dnnmod's lr and mask_lr
+    their_optimizer = torch.optim.Adam([p for p in splitter.parameters() if p.requires_grad],
+                                       lr=lr)
+    our_optimizer = gradsplitter._optimizer(
+        gradsplitter.Phase("mask", 1, lr, args.alpha, lr), scores, head)
+
+    kernels = sum(s.numel() for s in scores.values())
+    print(f"gradsplitter {args.model}: {tensors} tensors mapped, forward gap "
+          f"{forward_gap:.1e} (relative); {CLASSES} modules x {kernels // CLASSES} kernels; "
+          f"scores {'uniform in ±' + str(args.init_spread) if args.init_spread else 'ones'}; "
+          f"alpha {args.alpha}; batch {args.batch}; dnnmod masks at the "
+          f"{'ReLU outputs' if sites is not None else 'conv and norm outputs'}")
+    print(f"{'step':>4} {'loss theirs':>12} {'loss gap':>9} {'score grad gap':>15} "
+          f"{'head grad gap':>14} {'kept ratio':>10} {'sign flips':>10} "
+          f"{'dropped, CE grad t/o':>19} {'revived theirs/ours':>19} {'masks differ':>12}")
+    worst = 0.0
+    masks_differ = 0
+    for step in range(1, args.steps + 1):
+        x = torch.randn(args.batch, 3, 32, 32, generator=generator)
+        y = torch.randint(0, CLASSES, (args.batch,), generator=generator)
+        before = ({n: torch.stack([s.detach() > 0 for s in v]) for n, v in their_scores.items()},
+                  {n: s.detach() > 0 for n, s in scores.items()})
+
+        their_optimizer.zero_grad()
+        predicted, penalty = authors_loss(splitter(x), y, splitter)
+        their_loss = predicted + args.alpha * penalty
+        their_vectors = [s for n in scores for s in their_scores[n]]
+        their_penalty_grad = torch.cat([
+            g.flatten() for g in torch.autograd.grad(args.alpha * penalty, their_vectors,
+                                                     retain_graph=True, allow_unused=True)])
+        their_loss.backward()
+        their_grad = torch.cat([torch.stack([s.grad for s in their_scores[n]]).flatten()
+                                for n in scores])
+        their_head_grad = torch.cat([p.grad.flatten() for h in heads
+                                     for p in (h[0].weight, h[0].bias, h[2].weight, h[2].bias)])
+        their_optimizer.step()
+
+        our_optimizer.zero_grad()
+        our_loss = gradsplitter.mask_loss(model, structure, sites, scores, head, x, y,
+                                          args.alpha)
+        our_loss.backward()
+        our_grad = torch.cat([scores[n].grad.flatten() for n in scores])
+        our_head_grad = torch.cat([torch.cat([head.w1.grad[m].T.flatten(), head.b1.grad[m],
+                                              head.w2.grad[m], head.b2.grad[m:m + 1]])
+                                   for m in range(CLASSES)])
+        our_optimizer.step()
+
+        kept_theirs = torch.cat([before[0][n].flatten() for n in scores])
+        kept_ours = torch.cat([before[1][n].flatten() for n in scores])
+        # The cross-entropy's part of the score gradients, apart from the penalty's (ours:
+        # α / mask entries on every score; theirs: taken apart above).
+        their_ce = their_grad - their_penalty_grad
+        our_ce = our_grad - args.alpha / kernels
+        both = (kept_theirs & kept_ours & (their_ce.abs() > 1e-12 * their_ce.abs().max())
+                & (our_ce.abs() > 1e-12 * our_ce.abs().max()))
+        ratio = (our_ce[both] / their_ce[both]).abs().median().item() if both.any() else 0
+        flips = int((torch.sign(our_ce[both]) != torch.sign(their_ce[both])).sum())
+        moving = ((~kept_theirs & (their_ce.abs() > 1e-12 * their_ce.abs().max())).sum(),
+                  (~kept_ours & (our_ce.abs() > 1e-12 * our_ce.abs().max())).sum())
+        after_theirs = torch.cat([torch.stack([s.detach() > 0 for s in their_scores[n]]).flatten()
+                                  for n in scores])
+        after_ours = torch.cat([(scores[n].detach() > 0).flatten() for n in scores])
+        revived = (int((after_theirs & ~kept_theirs).sum()), int((after_ours & ~kept_ours).sum()))
+        masks_differ = int((after_theirs != after_ours).sum())
+        loss_gap = abs(our_loss.item() - their_loss.item()) / abs(their_loss.item())
+        score_gap = difference(their_grad, our_grad)
+        head_gap = difference(their_head_grad, our_head_grad)
+        worst = max(worst, loss_gap, score_gap[1], head_gap[1])
+        print(f"{step:4d} {their_loss.item():12.6f} {loss_gap:9.1e} "
+              f"{score_gap[0]:7.1e}/{score_gap[1]:7.1e} {head_gap[0]:6.1e}/{head_gap[1]:7.1e} "
+              f"{ratio:10.3f} {flips:10d} {int(moving[0]):9d}/{int(moving[1]):<9d} "
+              f"{revived[0]:9d}/{revived[1]:<9d} {masks_differ:12d}")
+    agree = worst <= args.tolerance and masks_differ == 0
+    print(f"{'parity' if agree else 'DIFFERENT'}: largest relative gap {worst:.1e} "
+          f"(tolerance {args.tolerance:.0e}), {masks_differ} binary masks differ after step "
+          f"{args.steps}")
+    return agree
+
+
+def moda_parity(args) -> bool:
+    source = authors_source(args.authors, "models/modular_utils.py")
+    sys.path.insert(0, str(source))
+    # Patched at run time: their models package imports prettytable at import time (for
+    # printing parameter tables, unused here).
+    stand_in("prettytable", PrettyTable=None)
+    torch.set_default_dtype(torch.float64)
+    vgg = importlib.import_module("models.vgg.vgg_model")
+    authors_terms = importlib.import_module("models.modular_utils").calculate_module_losses
+
+    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    # Their VGG16-BN built by their own functions, with their 512-512 classifier ("B"; their
+    # cifar10_vgg16_bn takes "A", 4096-4096, the E1 deviation dnnmod's vgg16 states).
+    theirs = vgg.VGG(vgg.make_conv_layers(vgg.conv_cfgs["D"], batch_norm=True),
+                     vgg.make_classifier_layers(vgg.classifier_cfgs["B"], 512, CLASSES))
+    randomise_norms(theirs, generator)
+    theirs.enable_hook_to_track_layer_activation_values()
+    model = build_model("vgg16", CLASSES, width=1.0, dropout=0.0)
+    tensors = map_weights(theirs, model)
+    theirs.train()
+    model.train()  # both: BatchNorm on batch statistics, as in training
+    weights = {"alpha": args.affinity, "beta": args.dispersion, "gamma": args.compactness}
+    objective = get_objective("moda", weights)
+
+    def optimizer(network: nn.Module) -> torch.optim.Optimizer:
+        # Their model_trainer's optimizer (the learning rate of their README).
+        return torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+
+    their_optimizer, our_optimizer = optimizer(theirs), optimizer(model)
+    print(f"moda vgg16 (512-512 classifier): {tensors} tensors mapped; weights affinity "
+          f"{args.affinity}, dispersion {args.dispersion}, compactness {args.compactness}; "
+          f"batch {args.batch}; SGD 0.05, momentum 0.9, Nesterov")
+    print(f"{'step':>4} {'loss theirs':>12} {'loss gap':>9} {'part gaps (ce/aff/dis/comp)':>36} "
+          f"{'grad gap':>16} {'weight gap':>10}")
+    worst = 0.0
+    for step in range(1, args.steps + 1):
+        x = torch.randn(args.batch, 3, 32, 32, generator=generator)
+        y = torch.randint(0, CLASSES, (args.batch,), generator=generator)
+
+        their_optimizer.zero_grad()
+        logits = theirs(x)
+        their_parts = [nn.functional.cross_entropy(logits, y),
+                       *authors_terms(theirs.get_modular_activations_of_current_batch(), y)]
+        their_loss = their_parts[0] + (args.affinity * their_parts[1]
+                                       + args.dispersion * their_parts[2]
+                                       + args.compactness * their_parts[3])
+        their_loss.backward()
+        their_grad = torch.cat([p.grad.flatten() for p in theirs.parameters()])
+        their_optimizer.step()
+
+        our_optimizer.zero_grad()
+        with objective.capture(model) as captured:
+            logits = model(x)
+        our_loss, parts = objective.loss(logits, y, captured)
+        our_loss.backward()
+        our_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+        our_optimizer.step()
+        # dnnmod logs the affinity (a similarity); their loss term is 1 − affinity.
+        our_parts = [parts["cross_entropy"], 1 - parts["affinity"], parts["dispersion"],
+                     parts["compactness"]]
+
+        part_gaps = [abs(float(o) - float(t.detach())) / max(abs(float(t.detach())), 1e-300)
+                     for o, t in zip(our_parts, their_parts, strict=True)]
+        loss_gap = abs(our_loss.item() - their_loss.item()) / abs(their_loss.item())
+        grad_gap = difference(their_grad, our_grad)
+        weight_gap = difference(torch.cat([p.detach().flatten() for p in theirs.parameters()]),
+                                torch.cat([p.detach().flatten() for p in model.parameters()]))
+        # The parts are printed; the loss, gradients and weights decide (a part such as
+        # 1 − cohesion near 0 magnifies float32 rounding of the similarity).
+        worst = max(worst, loss_gap, grad_gap[1], weight_gap[1])
+        print(f"{step:4d} {their_loss.item():12.6f} {loss_gap:9.1e} "
+              f"{' '.join(f'{gap:8.1e}' for gap in part_gaps):>36} "
+              f"{grad_gap[0]:7.1e}/{grad_gap[1]:7.1e} {weight_gap[1]:10.1e}")
+    agree = worst <= args.tolerance
+    print(f"{'parity' if agree else 'DIFFERENT'}: largest relative gap {worst:.1e} "
+          f"(tolerance {args.tolerance:.0e}); a training step has no masks to compare")
+    return agree
+
+
+def stand_in(name: str, **attributes) -> None:
+    """An empty module ``name`` with ``attributes``, where the authors' code imports one that
+    is not installed and the compared code path does not use it."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        module = types.ModuleType(name)
+        module.__dict__.update(attributes)
+        sys.modules[name] = module
+
+
+def mwt_parity(args) -> bool:
+    source = authors_source(args.authors, "modular_trainer.py")
+    sys.path.insert(0, str(source))
+    # Patched at run time: their trainer imports TensorBoard at import time (for logging,
+    # unused here), and its loss reads a DEVICE global their __main__ sets.
+    stand_in("torch.utils.tensorboard", SummaryWriter=None)
+    torch.set_default_dtype(torch.float64)
+    trainer = importlib.import_module("modular_trainer")
+    trainer.DEVICE = torch.device("cpu")
+    vgg = importlib.import_module("models.vgg_masked")
+
+    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    theirs = vgg.VGG(vgg.make_layers(vgg.cfgs["D"], batch_norm=True), num_classes=CLASSES)
+    randomise_norms(theirs, generator)
+    # Patched at run time: dropout off on both sides (dnnmod's vgg16 built with dropout 0),
+    # so that both draw no random numbers; it is the model's, not MwT's step's.
+    for layer in theirs.modules():
+        if isinstance(layer, nn.Dropout):
+            layer.p = 0.0
+    objective = get_objective("mwt", {"alpha": args.alpha, "beta": args.beta})
+    model = objective.prepare(build_model("vgg16", CLASSES, width=1.0, dropout=0.0))
+    tensors = map_weights(theirs, model)
+    theirs.train()
+    model.train()
+
+    def optimizer(network: nn.Module) -> torch.optim.Optimizer:
+        # Their modular_trainer's optimizer and learning rate (README), no weight decay.
+        return torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+
+    their_optimizer, our_optimizer = optimizer(theirs), optimizer(model)
+    print(f"mwt vgg16 (every conv but the first gated): {tensors} tensors mapped (generators "
+          f"included); alpha {args.alpha}, beta {args.beta}; batch {args.batch}; SGD 0.05, "
+          f"momentum 0.9, Nesterov")
+    print(f"{'step':>4} {'loss theirs':>12} {'loss gap':>9} {'part gaps (ce/coh/coup)':>27} "
+          f"{'grad gap':>16} {'weight gap':>10} {'masks >0 differ':>15}")
+    worst, masks_differ = 0.0, 0
+    for step in range(1, args.steps + 1):
+        x = torch.randn(args.batch, 3, 32, 32, generator=generator)
+        y = torch.randint(0, CLASSES, (args.batch,), generator=generator)
+
+        their_optimizer.zero_grad()
+        logits = theirs(x)
+        their_masks = theirs.get_masks()
+        cohesion, coupling, _, _ = trainer.loss_func_cos(their_masks, y)
+        their_parts = [nn.functional.cross_entropy(logits, y), cohesion, coupling]
+        their_loss = their_parts[0] + args.alpha * cohesion + args.beta * coupling
+        their_loss.backward()
+        their_grad = torch.cat([p.grad.flatten() for p in theirs.parameters()])
+        their_optimizer.step()
+
+        our_optimizer.zero_grad()
+        with objective.capture(model) as captured:
+            logits = model(x)
+        our_masks = list(captured.values())
+        our_loss, parts = objective.loss(logits, y, captured)
+        our_loss.backward()
+        our_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+        our_optimizer.step()
+        # dnnmod logs the cohesion (a similarity); their loss term is 1 − cohesion.
+        our_parts = [parts["cross_entropy"], 1 - parts["cohesion"], parts["coupling"]]
+
+        masks_differ = sum(int(((t > 0) != (o > 0)).sum())
+                           for t, o in zip(their_masks, our_masks, strict=True))
+        part_gaps = [abs(float(o) - float(t.detach())) / max(abs(float(t.detach())), 1e-300)
+                     for o, t in zip(our_parts, their_parts, strict=True)]
+        loss_gap = abs(our_loss.item() - their_loss.item()) / abs(their_loss.item())
+        grad_gap = difference(their_grad, our_grad)
+        weight_gap = difference(torch.cat([p.detach().flatten() for p in theirs.parameters()]),
+                                torch.cat([p.detach().flatten() for p in model.parameters()]))
+        # The parts are printed; the loss, gradients and weights decide (a part such as
+        # 1 − cohesion near 0 magnifies float32 rounding of the similarity).
+        worst = max(worst, loss_gap, grad_gap[1], weight_gap[1])
+        print(f"{step:4d} {their_loss.item():12.6f} {loss_gap:9.1e} "
+              f"{' '.join(f'{gap:8.1e}' for gap in part_gaps):>27} "
+              f"{grad_gap[0]:7.1e}/{grad_gap[1]:7.1e} {weight_gap[1]:10.1e} {masks_differ:15d}")
+    agree = worst <= args.tolerance and masks_differ == 0
+    print(f"{'parity' if agree else 'DIFFERENT'}: largest relative gap {worst:.1e} "
+          f"(tolerance {args.tolerance:.0e}), {masks_differ} per-sample masks (> 0) differ at "
+          f"step {args.steps}")
+    return agree
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    approaches = parser.add_subparsers(dest="approach", required=True)
+    grad = approaches.add_parser("gradsplitter", help="GradSplitter's mask+head steps")
+    grad.add_argument("--authors", type=Path, required=True,
+                      help="checkout of qibinhang/GradSplitter")
+    grad.add_argument("--model", choices=("simcnn", "rescnn"), default="simcnn")
+    grad.add_argument("--steps", type=int, default=6)
+    grad.add_argument("--batch", type=int, default=8)
+    grad.add_argument("--alpha", type=float, default=0.1)
+    grad.add_argument("--init-spread", type=float, default=0.004,
+                      help="initial scores uniform in ± this (0: the authors' ones)")
+    grad.add_argument("--placement", choices=("relu", "outputs"), default="relu",
+                      help="where dnnmod's masks go: its ReLUs (as GradSplitter does now) or "
+                           "its convs' and norms' outputs (as it did before dc5d45c)")
+    moda = approaches.add_parser("moda", help="MODA's modular training step (its loss)")
+    moda.add_argument("--authors", type=Path, required=True,
+                      help="checkout of icse2025-dnn-modularization/MODA")
+    moda.add_argument("--steps", type=int, default=4)
+    moda.add_argument("--batch", type=int, default=16)
+    moda.add_argument("--affinity", type=float, default=1.0)
+    moda.add_argument("--dispersion", type=float, default=1.0)
+    moda.add_argument("--compactness", type=float, default=0.3)
+    mwt = approaches.add_parser("mwt", help="MwT's modular training step")
+    mwt.add_argument("--authors", type=Path, required=True,
+                     help="checkout of qibinhang/MwT (or its fork)")
+    mwt.add_argument("--steps", type=int, default=4)
+    mwt.add_argument("--batch", type=int, default=16)
+    mwt.add_argument("--alpha", type=float, default=0.5)
+    mwt.add_argument("--beta", type=float, default=1.5)
+    # dnnmod's MODA terms sum spatial means and norms in float32 whatever the activations'
+    # dtype (training/objectives.py, for mixed precision): float32 rounding, not 1e-9.
+    for sub, tolerance in ((grad, 1e-9), (mwt, 1e-6), (moda, 1e-6)):
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--threads", type=int, default=2)
+        sub.add_argument("--tolerance", type=float, default=tolerance,
+                         help="largest accepted relative gap of losses, parts and gradients")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.authors.is_dir():
+        raise SystemExit(f"--authors {args.authors}: no such directory")
+    agree = {"gradsplitter": gradsplitter_parity, "mwt": mwt_parity,
+             "moda": moda_parity}[args.approach](args)
+    sys.exit(0 if agree else 1)
+
+
+if __name__ == "__main__":
+    main()
