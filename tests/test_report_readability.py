@@ -10,16 +10,26 @@ from dnnmod.report.tables import write_table
 
 
 def e2_rows(seeds: list[int]) -> pd.DataFrame:
-    rows = [{"approach": approach, "model": "simcnn", "dataset": "digits", "seed": seed,
-             "krr": krr + 0.02 * seed, "union_loss_pp": union, "published_krr": None}
-            for seed in seeds
-            for approach, krr, union in (("gradsplitter", 0.7, None), ("moda", 0.4, None))]
+    rows = [
+        {
+            "approach": approach,
+            "model": "simcnn",
+            "dataset": "digits",
+            "seed": seed,
+            "krr": krr + 0.02 * seed,
+            "union_loss_pp": union,
+            "published_krr": None,
+        }
+        for seed in seeds
+        for approach, krr, union in (("gradsplitter", 0.7, None), ("moda", 0.4, None))
+    ]
     return pd.DataFrame(rows)
 
 
 def test_renderings_drop_columns_empty_in_every_row_and_the_csv_keeps_them(tmp_path):
-    write_table(e2_rows([0]), tmp_path / "e2.csv", "E2", ["model", "approach"],
-                ["krr", "union_loss_pp"])
+    write_table(
+        e2_rows([0]), tmp_path / "e2.csv", "E2", ["model", "approach"], ["krr", "union_loss_pp"]
+    )
     markdown = (tmp_path / "e2.md").read_text()
     latex = (tmp_path / "e2.tex").read_text()
     assert "union_loss_pp" not in markdown and "published" not in markdown
@@ -44,7 +54,8 @@ def test_a_csv_without_rendering_shows_in_the_report_without_its_empty_columns(t
     results = tmp_path / "results/tiny"
     (results / "tables").mkdir(parents=True)
     pd.DataFrame({"model": ["simcnn"], "krr": [0.5], "never_measured": [None]}).to_csv(
-        results / "tables/e9_extra.csv", index=False)
+        results / "tables/e9_extra.csv", index=False
+    )
     build_report(results, tmp_path / "report.html", {"study": "tiny"})
     page = (tmp_path / "report.html").read_text()
     assert "<th>krr</th>" in page and "never_measured" not in page

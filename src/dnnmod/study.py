@@ -52,6 +52,7 @@ def study_inventories(config: dict[str, Any]) -> dict[str, ClassInventory]:
 def check_study_config(config: dict[str, Any]) -> None:
     from dnnmod.approaches import APPROACHES, resolve_hyperparameters
     from dnnmod.data import DATASETS
+    from dnnmod.deviations import stated_reasons
     from dnnmod.hyperparameters import resolve
     from dnnmod.models import ARCHITECTURES, check_options
     from dnnmod.training.objectives import get_objective
@@ -93,6 +94,7 @@ def check_study_config(config: dict[str, Any]) -> None:
             get_objective(kind, values)  # its own errors name objectives.<kind>
         except UnknownNameError as err:
             raise ConfigError(f"objectives.{kind}: {err}") from None
+    stated_reasons(config)  # deviations: each names a setting of the papers' reference
     base_models = expand_base_models(config)
     for name, values in config.get("approaches", {}).items():
         if name not in APPROACHES:

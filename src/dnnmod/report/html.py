@@ -23,8 +23,10 @@ import pandas as pd
 import yaml
 
 from dnnmod.artifacts import atomic_write
+from dnnmod.deviations import deviation_table
 from dnnmod.errors import ArtifactError
 from dnnmod.report.cost import job_device, read_benchmark
+from dnnmod.report.scorecard import reading, scorecard
 from dnnmod.report.tables import without_empty_columns
 
 # The experiments of the study (study.md), by file-name prefix.
@@ -42,6 +44,7 @@ th, td { border-bottom: 1px solid #ccc; padding: 2px 8px; text-align: right; }
 th { border-bottom: 2px solid #444; } td:first-child, th:first-child { text-align: left; }
 .scroll { overflow-x: auto; } .caption { color: #444; } figure img { max-width: 100%; }
 article, figure { border-left: 4px solid #ddd; padding-left: 1em; margin: 1.5em 0; }
+.reading { font-size: 105%; background: #f4f8ff; padding: 0.5em; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; } .files { font-size: 85%; }
 """
 
@@ -181,6 +184,42 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def scorecard_html(tables: Path, config: dict) -> str:
+    """The reproduction scorecard (dnnmod.report.scorecard) as a table, or why it is empty."""
+    card = scorecard(tables, config)
+    if card.empty:
+        return ("<p>No published headline can be set against this study: none of its results "
+                "is on a paper's model, dataset and protocol (the paper-scale config, "
+                "config/config.yaml, reproduces them).</p>")
+    within = card.verdict.str.startswith("within").sum()
+    return (f"<p>{within} of {len(card)} published headlines reproduced within tolerance "
+            "(accuracy and accuracy loss ±1 pp; KRR, module size and relative reductions "
+            "±5 pp; gains: the same sign and ±3 pp). Δ = ours − published.</p>"
+            f'<div class="scroll">{card.to_html(index=False, float_format="%.2f")}</div>')
+
+
+def deviations_html(config: dict) -> str:
+    """The study's settings that differ from the papers, with the config's reasons."""
+    rows = pd.DataFrame(deviation_table(config),
+                        columns=["setting", "paper", "ours", "why", "source"])
+    if rows.empty:
+        return "<p>Every setting the papers fix is set to the papers' value.</p>"
+    unexplained = (rows.why == "no reason stated").sum()
+    return (f"<p>{len(rows)} settings differ from the papers' (reference: "
+            "src/dnnmod/reference/paper_settings.yaml), each with the reason the config gives "
+            f"under <code>deviations:</code>{f'; {unexplained} without one' if unexplained else ''}"
+            ". A setting left at dnnmod's default is listed when the config says why it "
+            "differs; tests/test_deviations.py checks the paper-scale study's defaults.</p>"
+            f'<div class="scroll">{rows.to_html(index=False)}</div>')
+
+
+def reading_html(tables: Path, category: str) -> str:
+    """The generated reading that opens an experiment's section ("" for none)."""
+    prefix = next((key for key, title in EXPERIMENTS.items() if title == category), None)
+    text = reading(tables, prefix) if prefix else ""
+    return f'<p class="reading">{html.escape(text)}</p>' if text else ""
+
+
 def build_report(results: Path, out: Path, config: dict, captions: Path | None = None) -> dict:
     """Write the HTML report of the study in ``results``; returns what it holds (names of
     tables and figures), for logging and tests."""
@@ -199,6 +238,8 @@ def build_report(results: Path, out: Path, config: dict, captions: Path | None =
     order = [*EXPERIMENTS.values(), OTHER]
     study = config.get("study", results.name)
     jobs = job_table(results)
+    first = [("Reproduction scorecard", scorecard_html(results / "tables", config)),
+             ("Deviations from the papers", deviations_html(config))]
     extra = [("Wall time and device of every job",
               f"<p>{len(jobs)} jobs, {jobs['wall seconds'].sum():.1f} s in all, from the "
               "rules' <code>benchmark:</code> files; the device from each job's log.</p>"
@@ -208,12 +249,16 @@ def build_report(results: Path, out: Path, config: dict, captions: Path | None =
                              ).to_html(index=False)),
              ("Configuration", "<pre>" + html.escape(yaml.safe_dump(config, sort_keys=False))
               + "</pre>")]
-    headings = [c for c in order if c in sections] + [title for title, _ in extra]
+    headings = ([title for title, _ in first] + [c for c in order if c in sections]
+                + [title for title, _ in extra])
     body = [f"<h1>dnnmod study report: {html.escape(study)}</h1>",
             "<nav><ul>" + "".join(f'<li><a href="#{_slug(h)}">{html.escape(h)}</a></li>'
                                   for h in headings) + "</ul></nav>"]
-    body += [f'<section id="{_slug(c)}"><h2>{html.escape(c)}</h2>{"".join(sections[c])}'
-             "</section>" for c in order if c in sections]
+    body += [f'<section id="{_slug(t)}"><h2>{html.escape(t)}</h2>{content}</section>'
+             for t, content in first]
+    body += [f'<section id="{_slug(c)}"><h2>{html.escape(c)}</h2>'
+             f'{reading_html(results / "tables", c)}{"".join(sections[c])}</section>'
+             for c in order if c in sections]
     body += [f'<section id="{_slug(t)}"><h2>{html.escape(t)}</h2>{content}</section>'
              for t, content in extra]
     document = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
