@@ -40,7 +40,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 
 
 #: bounds of the options some architectures take
-OPTION_RANGES = {"dropout": Range(0, 1)}
+OPTION_RANGES = {"dropout": Range(0, 1), "hidden_features": Range(1)}
 
 
 def architecture_options(arch: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""ResCNN, GradSplitter's and CNNSplitter's 12-layer CNN with three residual connections."""
+"""ResCNN, GradSplitter's and CNNSplitter's 12-layer CNN with three residual connections
+(GradSplitter's with BatchNorm, CNNSplitter's without: option ``batch_norm``)."""
 
 from __future__ import annotations
 
@@ -33,36 +34,46 @@ class ResidualPair(nn.Module):
 class ResCNN(nn.Module):
     """Conv stack 64-128-[128-128]-256-512-[512-512]-512-512-[512-512] with five poolings.
 
-    Brackets are :class:`ResidualPair` blocks. The reference flattens the 1x1 map of a 32x32
-    input; a global average pooling does the same there and also accepts 64x64 inputs.
+    Brackets are :class:`ResidualPair` blocks. The defaults are GradSplitter's ResCNN (its
+    models/rescnn.py: Conv-BN per layer, dropout 0.5); ``batch_norm=False, dropout=0.4`` is
+    CNNSplitter's (its models/rescnn.py), the same layout and residual additions otherwise.
+    Deviation from both, stated: He-normal (fan-out) conv kernels, where both keep PyTorch's
+    default initialisation. The references flatten the 1x1 map of a 32x32 input; a global
+    average pooling does the same there and also accepts 64x64 inputs.
 
     Args:
         num_classes: number of output logits.
         width: multiplier for every conv channel count.
         dropout: dropout probability before the output layer; 0 disables it.
+        batch_norm: whether each convolution is followed by BatchNorm.
     """
 
     output_layer_name = "classifier.fc"
 
-    def __init__(self, num_classes: int = 10, width: float = 1.0, dropout: float = 0.5) -> None:
+    def __init__(self, num_classes: int = 10, width: float = 1.0, dropout: float = 0.5,
+                 batch_norm: bool = True) -> None:
         super().__init__()
         c64, c128, c256, c512 = (scaled(c, width) for c in (64, 128, 256, 512))
+
+        def conv(in_channels: int, out_channels: int) -> ConvBNReLU:
+            return ConvBNReLU(in_channels, out_channels, batch_norm=batch_norm)
+
         self.features = nn.Sequential(
             OrderedDict(
-                conv1=ConvBNReLU(3, c64),
-                conv2=ConvBNReLU(c64, c128),
+                conv1=conv(3, c64),
+                conv2=conv(c64, c128),
                 pool1=nn.MaxPool2d(2),
-                res1=ResidualPair(c128),
-                conv3=ConvBNReLU(c128, c256),
+                res1=ResidualPair(c128, batch_norm),
+                conv3=conv(c128, c256),
                 pool2=nn.MaxPool2d(2),
-                conv4=ConvBNReLU(c256, c512),
+                conv4=conv(c256, c512),
                 pool3=nn.MaxPool2d(2),
-                res2=ResidualPair(c512),
-                conv5=ConvBNReLU(c512, c512),
+                res2=ResidualPair(c512, batch_norm),
+                conv5=conv(c512, c512),
                 pool4=nn.MaxPool2d(2),
-                conv6=ConvBNReLU(c512, c512),
+                conv6=conv(c512, c512),
                 pool5=nn.MaxPool2d(2),
-                res3=ResidualPair(c512),
+                res3=ResidualPair(c512, batch_norm),
             )
         )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -76,6 +87,8 @@ class ResCNN(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def rescnn(num_classes: int = 10, width: float = 1.0, dropout: float = 0.5) -> ResCNN:
-    """ResCNN (12 conv layers with BatchNorm, 3 residual blocks); see :class:`ResCNN`."""
-    return ResCNN(num_classes, width, dropout)
+def rescnn(num_classes: int = 10, width: float = 1.0, dropout: float = 0.5,
+           batch_norm: bool = True) -> ResCNN:
+    """ResCNN (12 conv layers, by default with BatchNorm, 3 residual blocks); see
+    :class:`ResCNN`."""
+    return ResCNN(num_classes, width, dropout, batch_norm)

@@ -1,4 +1,5 @@
-"""SimCNN, GradSplitter's and CNNSplitter's VGG16-BN with a 4096-4096 classifier."""
+"""SimCNN: GradSplitter's VGG16-BN with a 4096-4096 classifier, and CNNSplitter's without
+BatchNorm and with a 512-512 classifier (options ``batch_norm``, ``hidden_features``)."""
 
 from __future__ import annotations
 
@@ -12,24 +13,33 @@ from dnnmod.models.vgg import VGG16_LAYOUT, feature_channels, vgg_features
 
 
 class SimCNN(nn.Module):
-    """VGG16-BN conv stack followed by dropout-FC-ReLU, dropout-FC-ReLU, FC.
+    """VGG16 conv stack (with or without BatchNorm) followed by dropout-FC-ReLU,
+    dropout-FC-ReLU, FC.
 
-    The reference flattens the 1x1x512 map of a 32x32 input; a global average pooling does the
-    same there and keeps the classifier's input size fixed on 64x64 inputs.
+    The defaults are GradSplitter's SimCNN (models/simcnn.py of its code: Conv-BN per layer,
+    4096-4096 classifier); ``batch_norm=False, hidden_features=512`` is CNNSplitter's (its
+    models/simcnn.py: plain convs, 512-512 classifier), the same otherwise: dropout 0.5 before
+    each hidden layer, He-normal (fan-out) conv kernels with zero biases, PyTorch's default
+    Linear initialisation. The references flatten the 1x1x512 map of a 32x32 input; a global
+    average pooling does the same there and keeps the classifier's input size fixed on 64x64
+    inputs.
 
     Args:
         num_classes: number of output logits.
         width: multiplier for every conv channel count and hidden classifier size.
         dropout: dropout probability before each hidden layer; 0 disables it.
+        batch_norm: whether each convolution is followed by BatchNorm.
+        hidden_features: units of each of the two hidden classifier layers (before ``width``).
     """
 
     output_layer_name = "classifier.fc3"
 
-    def __init__(self, num_classes: int = 10, width: float = 1.0, dropout: float = 0.5) -> None:
+    def __init__(self, num_classes: int = 10, width: float = 1.0, dropout: float = 0.5,
+                 batch_norm: bool = True, hidden_features: int = 4096) -> None:
         super().__init__()
-        self.features = vgg_features(VGG16_LAYOUT, width)
+        self.features = vgg_features(VGG16_LAYOUT, width, batch_norm)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        hidden = scaled(4096, width)
+        hidden = scaled(hidden_features, width)
         self.classifier = nn.Sequential(
             OrderedDict(
                 dropout1=nn.Dropout(dropout),
@@ -48,6 +58,9 @@ class SimCNN(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def simcnn(num_classes: int = 10, width: float = 1.0, dropout: float = 0.5) -> SimCNN:
-    """SimCNN (13 conv layers with BatchNorm, 4096-4096 classifier); see :class:`SimCNN`."""
-    return SimCNN(num_classes, width, dropout)
+def simcnn(num_classes: int = 10, width: float = 1.0, dropout: float = 0.5,
+           batch_norm: bool = True, hidden_features: int = 4096) -> SimCNN:
+    """SimCNN (13 conv layers, by default with BatchNorm and a 4096-4096 classifier:
+    GradSplitter's; CNNSplitter's has neither BatchNorm nor more than 512 hidden units); see
+    :class:`SimCNN`."""
+    return SimCNN(num_classes, width, dropout, batch_norm, hidden_features)

@@ -22,8 +22,10 @@ VGG16_LAYOUT: tuple[int | str, ...] = (
 )  # fmt: skip
 
 
-def vgg_features(layout: tuple[int | str, ...], width: float) -> nn.Sequential:
-    """Conv-BN-ReLU stack described by ``layout``, with conv channels scaled by ``width``.
+def vgg_features(layout: tuple[int | str, ...], width: float,
+                 batch_norm: bool = True) -> nn.Sequential:
+    """Conv-BN-ReLU stack described by ``layout``, with conv channels scaled by ``width``
+    (Conv-ReLU without ``batch_norm``).
 
     Children are named ``conv1`` ... ``convK`` and ``pool1`` ... ``poolP`` in forward order.
     """
@@ -36,7 +38,8 @@ def vgg_features(layout: tuple[int | str, ...], width: float) -> nn.Sequential:
         else:
             convs += 1
             out_channels = scaled(int(entry), width)
-            layers[f"conv{convs}"] = ConvBNReLU(in_channels, out_channels)
+            layers[f"conv{convs}"] = ConvBNReLU(in_channels, out_channels,
+                                                batch_norm=batch_norm)
             in_channels = out_channels
     return nn.Sequential(layers)
 
