@@ -70,6 +70,16 @@ def test_every_difference_from_the_papers_has_a_reason():
     )
 
 
+def test_the_paper_config_names_each_reason_and_a_scaled_study_may_give_one_for_all():
+    assert "*" not in paper_config().get("deviations", {})
+    scaled = yaml.safe_load((REPO / "config/demo.yaml").read_text())
+    assert unexplained(scaled, dnnmod_default) == []
+    rows = deviation_table(scaled)
+    assert rows and all(row["why"] == scaled["deviations"]["*"] for row in rows)
+    del scaled["deviations"]
+    assert "seeds" in unexplained(scaled, dnnmod_default)
+
+
 def test_every_reference_setting_resolves_in_the_paper_config():
     """A path that names nothing (a renamed key) would hide a difference."""
     unresolved = [

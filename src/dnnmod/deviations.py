@@ -22,6 +22,9 @@ from dnnmod.errors import ConfigError
 
 #: stands for a path the study config leaves out (dnnmod's default applies)
 ABSENT = object()
+#: the ``deviations:`` key whose reason covers every difference not named (a scaled-down
+#: study, whose every size differs by design; the paper-scale study names each one)
+EVERY_OTHER = "*"
 _SELECTOR = re.compile(r"^(?P<key>[^\[\]]+)\[(?P<filters>[^\]]+)\]$")
 
 
@@ -164,7 +167,7 @@ def config_value(config: Mapping[str, Any], path: str) -> Any:
 def stated_reasons(config: Mapping[str, Any]) -> dict[str, str]:
     """The config's ``deviations:``, checked: every key names a reference setting."""
     reasons = dict(config.get("deviations") or {})
-    known = {entry.setting for entry in paper_settings()}
+    known = {entry.setting for entry in paper_settings()} | {EVERY_OTHER}
     unknown = sorted(set(reasons) - known)
     if unknown:
         raise ConfigError(f"deviations: {unknown} name no setting of reference/paper_settings.yaml")
@@ -210,7 +213,7 @@ def deviation_table(config: Mapping[str, Any]) -> list[dict[str, str]]:
                 "setting": entry.setting,
                 "paper": entry.paper_text(),
                 "ours": ours if isinstance(ours, str) else value_text(ours),
-                "why": reasons.get(entry.setting, "no reason stated"),
+                "why": reasons.get(entry.setting, reasons.get(EVERY_OTHER, "no reason stated")),
                 "source": entry.source,
                 "affects": " ".join(entry.affects),
             }
@@ -230,4 +233,5 @@ def unexplained(
         if ours is not ABSENT
         and (entry.path is None or entry.differs(ours))
         and entry.setting not in reasons
+        and EVERY_OTHER not in reasons
     ]

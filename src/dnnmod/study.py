@@ -195,6 +195,9 @@ def shrink_study(paper: dict[str, Any], manifest: dict[str, Any], mirror: str, *
         "modularize": _group_modularizations(modularize),
         "reuse": reuse,
         "threads": {kind: 1 for kind in paper.get("threads", {})},
+        # the paper's reasons, and one for every size shrunk here
+        "deviations": {**paper.get("deviations", {}),
+                       "*": "the paper-shaped run: the paper-scale study's paths at small sizes"},
     }
     if "sensitivity" in paper:
         shrunk["sensitivity"] = {**paper["sensitivity"], "sweeps": sweeps}

@@ -44,6 +44,8 @@ th, td { border-bottom: 1px solid #ccc; padding: 2px 8px; text-align: right; }
 th { border-bottom: 2px solid #444; } td:first-child, th:first-child { text-align: left; }
 .scroll { overflow-x: auto; } .caption { color: #444; } figure img { max-width: 100%; }
 article, figure { border-left: 4px solid #ddd; padding-left: 1em; margin: 1.5em 0; }
+table.text td, table.scorecard td { text-align: left; vertical-align: top; }
+table.scorecard td:nth-child(n+5):nth-child(-n+7) { text-align: right; }
 .reading { font-size: 105%; background: #f4f8ff; padding: 0.5em; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; } .files { font-size: 85%; }
 """
@@ -192,10 +194,11 @@ def scorecard_html(tables: Path, config: dict) -> str:
                 "is on a paper's model, dataset and protocol (the paper-scale config, "
                 "config/config.yaml, reproduces them).</p>")
     within = card.verdict.str.startswith("within").sum()
+    table = card.to_html(index=False, float_format="%.2f", classes="scorecard")
     return (f"<p>{within} of {len(card)} published headlines reproduced within tolerance "
             "(accuracy and accuracy loss ±1 pp; KRR, module size and relative reductions "
             "±5 pp; gains: the same sign and ±3 pp). Δ = ours − published.</p>"
-            f'<div class="scroll">{card.to_html(index=False, float_format="%.2f")}</div>')
+            f'<div class="scroll">{table}</div>')
 
 
 def deviations_html(config: dict) -> str:
@@ -210,7 +213,7 @@ def deviations_html(config: dict) -> str:
             f"under <code>deviations:</code>{f'; {unexplained} without one' if unexplained else ''}"
             ". A setting left at dnnmod's default is listed when the config says why it "
             "differs; tests/test_deviations.py checks the paper-scale study's defaults.</p>"
-            f'<div class="scroll">{rows.to_html(index=False)}</div>')
+            f'<div class="scroll">{rows.to_html(index=False, classes="text")}</div>')
 
 
 def reading_html(tables: Path, category: str) -> str:
