@@ -9,6 +9,7 @@ Reads the config only (no torch): the report job renders it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -75,6 +76,14 @@ def paper_settings() -> tuple[PaperSetting, ...]:
     """The bundled reference of the papers' settings."""
     with resources.files("dnnmod").joinpath("reference", "paper_settings.yaml").open() as handle:
         entries = yaml.safe_load(handle)
+    fields = {field.name for field in dataclasses.fields(PaperSetting)}
+    for entry in entries:
+        unknown = sorted(set(entry) - fields)
+        if unknown or "setting" not in entry:
+            raise ConfigError(
+                f"reference/paper_settings.yaml: {entry}: unknown keys {unknown} "
+                f"or no setting (known: {sorted(fields)})"
+            )
     settings = tuple(
         PaperSetting(**{**entry, "affects": tuple(entry.get("affects", ()))}) for entry in entries
     )
