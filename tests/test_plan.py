@@ -72,7 +72,7 @@ def test_more_devices_never_slower_and_never_below_the_critical_path(tiny_plan):
 def test_schedule_of_a_known_dag():
     """Two independent 10 s GPU jobs, then one of 5 s that needs both; a light job of 1 s."""
     def job(index, seconds, dependencies=(), gpu=True):
-        planned = PlanJob(index, f"r{index}", {}, {}, [], [], gpu, 1, True, None,
+        planned = PlanJob(index, f"r{index}", {}, {}, [], [], gpu, 1, True, None, None,
                           list(dependencies))
         planned.seconds = seconds
         return planned
@@ -136,3 +136,28 @@ def test_bad_config_is_one_clear_line(project, capsys, monkeypatch, tmp_path):
     assert "no such config file" in capsys.readouterr().err
     assert main(["plan", config, "--device-kind", "tpu"]) == 2
     assert "no rates for device 'tpu'" in capsys.readouterr().err
+
+
+def test_jobs_that_may_pass_their_cluster_runtime_are_named(project, capsys, monkeypatch,
+                                                            tmp_path):
+    """A CPU a million times slower than the table's: the training outlasts the 1 minute its
+    config gives GPU jobs."""
+    root, _ = project
+    monkeypatch.chdir(root)
+    config = write_config(root, dict(TINY, resources={"gpu_jobs": {"runtime": 1}}),
+                          "short.yaml")
+    rates = tmp_path / "rates.csv"
+    table = read_rates()
+    with rates.open("w") as out:
+        out.write("device,quantity,arch,value,source\n")
+        for quantity in QUANTITIES:
+            value = table["cpu"].get(quantity)
+            if quantity.startswith("flops_per_s."):
+                value /= 1e6
+            out.write(f"cpu,{quantity},,{value},slowed\n")
+    assert main(["plan", config, "--rates", str(rates)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"1 train_base_model jobs may pass their runtime \(resources, 1 min\): "
+                     r"up to .* \(digits, simcnn, st, 0\)", out), out
+    assert main(["plan", config]) == 0
+    assert "may pass their runtime" not in capsys.readouterr().out

@@ -44,6 +44,8 @@ RATES_FILE = "device_rates.csv"
 QUANTITIES = ("job_s.gpu_rule", "job_s.data_rule", "job_s.report_rule", "flops_per_s.train",
               "flops_per_s.masked", "flops_per_s.inference", "step_s.train", "step_s.masked",
               "train_slowdown.mwt", "train_slowdown.moda")
+#: More threads than any job asks for.
+MAX_THREADS = 4096
 #: Training-set sizes of the registered datasets that are downloaded (official archives), used
 #: when a dataset is not prepared yet under the study's data root: (train, test) images.
 OFFICIAL_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000),
@@ -131,6 +133,7 @@ class PlanJob:
     threads: int
     runs: bool  # False for a target rule without an action (``all``)
     benchmark: str | None  # the file its rule's ``benchmark:`` writes
+    runtime: int | None  # minutes: the wall time a GPU job asks a cluster for (job_resources)
     dependencies: list[int] = field(default_factory=list)
     phases: list[Phase] = field(default_factory=list)
     flops: float = 0.0  # on the planned device
@@ -187,7 +190,9 @@ def workflow_jobs(configfile: Path, snakefile: Path) -> Study:
     try:
         with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
             workflow_api = api.workflow(
-                resource_settings=ResourceSettings(cores=1),
+                # Snakemake caps a job's threads at the cores it is given: enough for any
+                # job's configured threads (the schedule caps them at --devices)
+                resource_settings=ResourceSettings(cores=MAX_THREADS),
                 config_settings=ConfigSettings(configfiles=[configfile.resolve()]),
                 storage_settings=StorageSettings(), snakefile=snakefile.resolve(),
                 workdir=snakefile.resolve().parent)
@@ -204,6 +209,7 @@ def workflow_jobs(configfile: Path, snakefile: Path) -> Study:
                             [str(f) for f in job.input], [str(f) for f in job.output],
                             "gpu" in job.rule.resources, int(job.threads), not job.is_norun,
                             str(job.benchmark) if job.benchmark else None,
+                    job.resources.get("runtime") if "gpu" in job.rule.resources else None,
                             sorted(index[d] for d in dag.dependencies[job]))
                     for i, job in enumerate(snake_jobs)]
             globals_ = workflow.globals
@@ -674,6 +680,12 @@ def format_plan(plan: Plan, configfile: Path) -> str:
                      f"{row['flops']:>10.2e} {row['device_hours']:>10.2f}")
     gpu_jobs = sum(1 for job in plan.jobs if job.gpu)
     low, high = 1 - TOLERANCE, 1 + TOLERANCE
+    # a cluster ends a job at its runtime: where the plan's upper bound passes it, it resumes
+    # from its checkpoint (retries) or, past them, fails
+    over: dict[str, list[PlanJob]] = defaultdict(list)
+    for job in plan.jobs:
+        if job.runtime is not None and job.seconds * high > 60 * job.runtime:
+            over[job.rule].append(job)
     lines += [f"{'total':<28} {len(plan.jobs):>6} {gpu_jobs:>6} "
               f"{sum(job.flops for job in plan.jobs):>10.2e} {total_hours:>10.2f}",
               f"device-hours: {total_hours:.1f} {unit} (range {total_hours * low:.1f}-"
@@ -683,6 +695,11 @@ def format_plan(plan: Plan, configfile: Path) -> str:
               f"{_duration(plan.wall_seconds * high)}; critical path "
               f"{_duration(plan.critical_seconds)}); light jobs "
               + ("share the cores" if plan.device == "cpu" else "run on the host beside")]
+    for rule, jobs in sorted(over.items()):
+        longest = max(jobs, key=lambda job: job.seconds)
+        lines.append(f"{len(jobs)} {rule} jobs may pass their runtime (resources, "
+                     f"{longest.runtime} min): up to {_duration(longest.seconds * high)} "
+                     f"({', '.join(longest.wildcards.values())})")
     return "\n".join(lines)
 
 
