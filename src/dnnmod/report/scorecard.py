@@ -247,11 +247,12 @@ def _e3_rows(tables: Path, reference: pd.DataFrame) -> list[dict[str, Any]]:
         column = E3_GAINS[item.metric]
         if mine.empty or column not in mine or mine[column].isna().all():
             continue
+        datasets = ", ".join(sorted(set(mine["dataset"].astype(str))))
         rows.append(
             _row(
                 "E3",
                 item.approach,
-                f"mean over {len(mine)} {protocol} settings",
+                f"mean over {len(mine)} {protocol} settings ({datasets})",
                 column.replace("_pp", " (pp)").replace("_", " "),
                 mine[column].mean(),
                 item.value,
@@ -363,13 +364,23 @@ def within_tolerance(kind: str, ours: float, published_value: float) -> bool:
     return abs(ours - published_value) <= allowed
 
 
+def _in_scope(setting: str, where: str) -> bool:
+    """A setting scoped to one dataset (``...gamma[svhn]``) bears only on rows that name it."""
+    scope = setting[setting.index("[") + 1 : -1] if setting.endswith("]") else ""
+    return scope in where
+
+
 def verdict(row: Mapping[str, Any], deviations: list[dict[str, str]]) -> str:
     allowed, same_sign = TOLERANCES[row["kind"]]
     rule = f"{'same sign, ' if same_sign else ''}±{allowed:g}"
     if within_tolerance(row["kind"], row["ours"], row["published"]):
         return f"within tolerance ({rule})"
     tags = {row["experiment"].lower(), f"{row['experiment'].lower()}:{row['approach']}"}
-    bearing = [d["setting"] for d in deviations if tags & set(d["affects"].split())]
+    bearing = [
+        d["setting"]
+        for d in deviations
+        if tags & set(d["affects"].split()) and _in_scope(d["setting"], row["model/dataset"])
+    ]
     reason = (
         f"deviations that bear on it: {', '.join(bearing)}"
         if bearing
