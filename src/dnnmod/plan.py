@@ -26,6 +26,7 @@ import heapq
 import json
 import logging
 import math
+import os
 import re
 import subprocess
 import sys
@@ -823,8 +824,10 @@ def cmd_plan(args) -> None:
             raise ConfigError("plan: --calibrate measures this machine's CPU: use it with "
                               "--device-kind cpu")
         measured = calibrate()
-        print("calibrated on this machine: " + ", ".join(
-            f"{q} {v:.3g}" for q, v in sorted(measured.items())))
+        # the rates are what the cores give now: other work on them slows every measure
+        load, cores = os.getloadavg()[0], os.cpu_count()
+        print(f"calibrated on this machine (load average {load:.1f} on {cores} cores): "
+              + ", ".join(f"{q} {v:.3g}" for q, v in sorted(measured.items())))
         rates = rates.replace(measured, "dnnmod plan --calibrate")
     plan = make_plan(Path(args.config), args.device_kind, args.devices, rates,
                      Path(args.snakefile))
