@@ -488,11 +488,22 @@ def _compose_new_tasks(job: PlanJob, context: Context) -> list[Phase]:
 
 
 def _patch_weak_models(job: PlanJob, context: Context) -> list[Phase]:
-    weak = job.params["weak"].count("--weak ")
-    model = context.model(job)
-    # each weak model and the target class's module over the task's test and validation images
-    images = (model.data.test + model.data.val) / model.data.classes * 6
-    return [Phase("inference", weak * 2 * model.flops * images, 0, model.arch)]
+    """Each weak model over its task's images, and the strong model's target-class module
+    over each task's images once (the moda protocol trains its calibration layer on those
+    scores, not through the models)."""
+    strong = context.model(job)
+    flops, tasks = 0.0, set()
+    for index in job.dependencies:
+        dependency = context.study.jobs[index]
+        if dependency.rule != "train_weak_model":
+            continue
+        weak = context.model(dependency)
+        images = weak.data.train + weak.data.val + weak.data.test
+        flops += weak.flops * images
+        if dependency.params["task"] not in tasks:
+            tasks.add(dependency.params["task"])
+            flops += strong.flops * images
+    return [Phase("inference", flops, 0, strong.arch)]
 
 
 #: Rule -> the phases of one job's work. A GPU rule missing here is refused (test_plan holds
