@@ -59,3 +59,21 @@ def test_a_csv_without_rendering_shows_in_the_report_without_its_empty_columns(t
     build_report(results, tmp_path / "report.html", {"study": "tiny"})
     page = (tmp_path / "report.html").read_text()
     assert "<th>krr</th>" in page and "never_measured" not in page
+
+
+def test_every_caption_is_valid_restructured_text():
+    """Snakemake's report renders the captions as reStructuredText: ``|T|`` there is an
+    undefined substitution (its ``Undefined substitution referenced: "T"``)."""
+    import io
+    from pathlib import Path
+
+    from docutils.core import publish_parts
+
+    captions = sorted((Path(__file__).resolve().parents[1] / "workflow/report").glob("*.rst"))
+    assert captions
+    for caption in captions:
+        warnings = io.StringIO()
+        publish_parts(
+            caption.read_text(), writer="html5", settings_overrides={"warning_stream": warnings}
+        )
+        assert not warnings.getvalue(), f"{caption.name}: {warnings.getvalue()}"
