@@ -3,7 +3,11 @@ spread (± std) only where there is more than one seed to have one."""
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import pandas as pd
+from docutils.core import publish_parts
 
 from dnnmod.report.html import build_report
 from dnnmod.report.tables import write_table
@@ -64,11 +68,6 @@ def test_a_csv_without_rendering_shows_in_the_report_without_its_empty_columns(t
 def test_every_caption_is_valid_restructured_text():
     """Snakemake's report renders the captions as reStructuredText: ``|T|`` there is an
     undefined substitution (its ``Undefined substitution referenced: "T"``)."""
-    import io
-    from pathlib import Path
-
-    from docutils.core import publish_parts
-
     captions = sorted((Path(__file__).resolve().parents[1] / "workflow/report").glob("*.rst"))
     assert captions
     for caption in captions:
