@@ -157,3 +157,115 @@ def test_the_scorecard_and_deviations_leave_torch_unimported(module):
     probe = f"import sys, {module}; print('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"
+
+
+def test_e1_e4_e5_e6_and_pan_rajan_rows_from_their_tables(tmp_path):
+    tables = tmp_path / "results/paper/tables"
+    source = {"published_source": "paper"}
+    write(
+        tables,
+        "e1_base_models",
+        [
+            {
+                "training": "st",
+                "model": "vgg16",
+                "arch": "vgg16",
+                "dataset": "cifar10",
+                "seed": 0,
+                "test_accuracy": 92.0,
+                "published_test_accuracy": 92.62,
+                **source,
+            }
+        ],
+    )
+    write(
+        tables,
+        "e4_new_tasks",
+        [
+            {
+                "setting": "cifar10_x_svhn_simcnn",
+                "approach": "gradsplitter",
+                "variant": "composed",
+                "pair": f"cifar10/{a} + svhn/{b}",
+                "dataset_a": "cifar10",
+                "dataset_b": "svhn",
+                "accuracy_difference_pp": diff,
+                "published_accuracy_difference_pp": -2.46,
+                **source,
+            }
+            for a, b, diff in ((0, 1, -1.0), (2, 3, -3.0))
+        ]
+        + [
+            {
+                "setting": "digits_intra",
+                "approach": "gradsplitter",
+                "variant": "composed",
+                "pair": "digits/0 + digits/1",
+                "dataset_a": "digits",
+                "dataset_b": "digits",
+                "accuracy_difference_pp": 5.0,
+                "published_accuracy_difference_pp": -2.46,
+                **source,
+            }
+        ],
+    )
+    write(
+        tables,
+        "e5_subtask_reuse",
+        [
+            {
+                "approach": "moda",
+                "arch": "vgg16",
+                "dataset": "cifar10",
+                "size": size,
+                "composed_accuracy": 90.0,
+                "union_accuracy": accuracy,
+                "published_mean_accuracy": 94.48,
+                **source,
+            }
+            for size, accuracy in ((2, 96.0), (3, 94.0))
+        ],
+    )
+    write(
+        tables,
+        "e6_replacement",
+        [
+            {
+                "approach": "pan_rajan",
+                "dataset": "cifar10",
+                "weaker": "resnet32",
+                "stronger": "resnet20",
+                "swapped_class": c,
+                "top1_change_pp": change,
+                "published_mean_top1_change_pp": 1.1,
+                **source,
+            }
+            for c, change in ((0, -0.5), (1, -1.5))
+        ],
+    )
+    write(
+        tables,
+        "pan_rajan_decomposition",
+        [
+            {
+                "model": "resnet20",
+                "dataset": "cifar10",
+                "top1_loss_pp": 0.9,
+                "published_model_top1": 89.0,
+                "published_composed_top1": 88.5,
+                **source,
+            }
+        ],
+    )
+    card = scorecard(tables, PAPER_CONFIG).set_index(["experiment", "approach"])
+    e1 = card.loc[("E1", "st")]
+    assert e1["model/dataset"] == "vgg16/cifar10" and e1["Δ"] == pytest.approx(-0.62)
+    e4 = card.loc[("E4", "gradsplitter")]  # the digits pair is not the paper's
+    assert e4.ours == -2.0 and e4["model/dataset"] == "cifar10_x_svhn_simcnn (composed)"
+    assert e4.verdict == "within tolerance (same sign, ±3)"
+    e5 = card.loc[("E5", "moda")]
+    assert e5.ours == 95.0 and e5.metric == "reuse accuracy (%, union accuracy)"
+    e6 = card.loc[("E6", "pan_rajan")]
+    assert e6.ours == -1.0 and e6.verdict.startswith("outside tolerance (same sign, ±3)")
+    pan = card.loc[("E2", "pan_rajan")]
+    assert pan.published == pytest.approx(0.5) and pan.verdict == "within tolerance (±1)"
