@@ -401,6 +401,13 @@ def _extreme(frame: pd.DataFrame, by: str, column: str, low: bool) -> tuple[str,
     return str(name), float(means[name])
 
 
+def _furthest(frame: pd.DataFrame, difference: str) -> pd.Series | None:
+    """The row whose ``difference`` (ours − published) is largest in size; None if none."""
+    if difference not in frame or frame[difference].isna().all():
+        return None
+    return frame.loc[frame[difference].abs().idxmax()]
+
+
 def _read_e1(tables: Path) -> list[str]:
     e1 = _read(tables, "e1_base_models")
     if e1 is None or e1.empty:
@@ -412,8 +419,8 @@ def _read_e1(tables: Path) -> list[str]:
         f"({worst.model}/{worst.dataset}, {worst.training}) to {best.test_accuracy:.2f} % "
         f"({best.model}/{best.dataset}, {best.training})."
     ]
-    if "test_accuracy_minus_published" in e1 and e1.test_accuracy_minus_published.notna().any():
-        far = e1.loc[e1.test_accuracy_minus_published.abs().idxmax()]
+    far = _furthest(e1, "test_accuracy_minus_published")
+    if far is not None:
         text.append(
             f"Furthest from its published accuracy: {far.model}/{far.dataset} "
             f"({far.training}), {far.test_accuracy_minus_published:+.2f} pp."
@@ -441,8 +448,8 @@ def _read_e2(tables: Path) -> list[str]:
     # a per-model published KRR, not an approach's headline set beside every row
     sources = e2.get("published_source", pd.Series("", index=e2.index)).astype(str)
     own = e2[~sources.str.contains("headline")]
-    if "krr_minus_published" in own and own.krr_minus_published.notna().any():
-        far = own.loc[own.krr_minus_published.abs().idxmax()]
+    far = _furthest(own, "krr_minus_published")
+    if far is not None:
         text.append(
             f"KRR furthest from published: {far.approach} on {far.model}/{far.dataset}"
             f" ({100 * far.krr_minus_published:+.1f} pp)."
