@@ -257,7 +257,30 @@ def test_e1_e4_e5_e6_and_pan_rajan_rows_from_their_tables(tmp_path):
             }
         ],
     )
+    claim = "gradsplitter modules keep fewer kernels than cnnsplitter's, at no more accuracy loss"
+    write(
+        tables,
+        "e2_orderings",
+        [
+            {
+                "model": model,
+                "dataset": dataset,
+                "claim": claim,
+                "fewer_pct": fewer,
+                "published_fewer_pct": 19.88,
+                "source": "TOSEM2023 abstract",
+            }
+            for model, dataset, fewer in (
+                ("simcnn", "cifar10", 10.0),
+                ("rescnn", "svhn", 20.0),
+                ("simcnn", "digits", 90.0),
+            )
+        ],
+    )
     card = scorecard(tables, PAPER_CONFIG).set_index(["experiment", "approach"])
+    ordering = card.loc[("E2", "gradsplitter")]  # the digits model is not the paper's
+    assert ordering.ours == 15.0 and ordering.published == 19.88
+    assert ordering.verdict.startswith("within tolerance (±5)")
     e1 = card.loc[("E1", "st")]
     assert e1["model/dataset"] == "vgg16/cifar10" and e1["Δ"] == pytest.approx(-0.62)
     e4 = card.loc[("E4", "gradsplitter")]  # the digits pair is not the paper's

@@ -144,10 +144,9 @@ E2_METRICS = {
 
 def _e2_rows(tables: Path, reference: pd.DataFrame) -> list[dict[str, Any]]:
     e2 = _read(tables, "e2_modularization")
-    if e2 is None:
-        return []
     rows = []
-    for item in reference[reference.metric.isin(E2_METRICS)].itertuples():
+    figures = reference[reference.metric.isin(E2_METRICS)] if e2 is not None else reference[:0]
+    for item in figures.itertuples():
         candidates, scale, kind, label = E2_METRICS[item.metric]
         mine = e2[e2.approach == item.approach]
         if item.model:  # a per-model figure: the same architecture and dataset
