@@ -233,3 +233,46 @@ def test_e5_fine_tunes_mwt_union_networks_with_the_authors_recipe(mwt_unit, smal
     assert math.isnan(moda_tuned) and not calls
     with pytest.raises(ConfigError, match="fine_tune_augmentation"):
         subtasks.resolve_settings({"fine_tune_augmentation": ["rotate"]})
+
+
+# ------------------------------------------------------------------------------- E2 table
+
+
+def test_e2_table_puts_each_papers_headline_first_and_names_the_krr_definitions(tmp_path):
+    from dnnmod.artifacts import write_json
+    from dnnmod.report.tables import headline_accuracy, write_modularization_report
+
+    def record(approach, protocol, st, base, composed, krr, shared):
+        return {"approach": approach, "training": approach if protocol != "composed" else "st",
+                "model": "vgg16", "arch": "vgg16", "dataset": "cifar10", "seed": 0,
+                "accuracy_protocol": protocol, "st_accuracy": st, "base_accuracy": base,
+                "composed_accuracy": composed, "composed_loss_pp": base - composed,
+                "accuracy_loss_pp": headline_accuracy_loss(protocol, base, composed, st),
+                "krr": krr, "krr_shared": shared,
+                "krr_definition": get_approach(approach).krr_definition,
+                "module_size": 0.2, "flops_fraction": 0.3, "overlap": 0.1, "mean_f1": 80.0,
+                "train_seconds": 1.0, "modularize_seconds": 2.0, "device": "cpu",
+                "modules": []}
+
+    paths = []
+    for name, values in {"mwt": ("modular_model", 93.0, 91.9, 60.0, 0.15, 0.16),
+                         "gradsplitter": ("composed", 93.0, 93.0, 91.0, 0.4, 0.4)}.items():
+        paths.append(tmp_path / f"{name}.json")
+        write_json(paths[-1], record(name, *values))
+    table = write_modularization_report(paths, tmp_path / "e2.csv")
+    rows = table.set_index("approach")
+    assert rows.loc["mwt", "accuracy_loss_pp"] == pytest.approx(1.1)
+    assert rows.loc["mwt", "composed_loss_pp"] == pytest.approx(31.9)
+    assert rows.loc["gradsplitter", "accuracy_loss_pp"] == pytest.approx(2.0)
+    # The published MwT figures stand beside the headline loss and the paper's KRR.
+    assert rows.loc["mwt", "published_accuracy_loss_pp"] == pytest.approx(1.13)
+    assert rows.loc["mwt", "published_krr"] == pytest.approx(0.1458)
+    # The composed modules' accuracy for GradSplitter, the modular model's own for MwT.
+    assert dict(zip(table.approach, headline_accuracy(table), strict=True)) == {
+        "gradsplitter": 91.0, "mwt": 91.9}
+    columns = list(table.columns)
+    assert columns.index("accuracy_loss_pp") < columns.index("composed_accuracy")
+    assert columns.index("krr") + 1 == columns.index("krr_shared")
+    notes = (tmp_path / "e2.md").read_text()
+    assert f"krr of mwt: {get_approach('mwt').krr_definition}." in notes
+    assert f"krr of gradsplitter: {get_approach('gradsplitter').krr_definition}." in notes
