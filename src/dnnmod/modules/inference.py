@@ -18,6 +18,7 @@ it where it pays).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dnnmod.modules.grouped_pass import GroupedKeptPass
 from dnnmod.modules.masking import KeptChannelPass, check_masks, masked_logits
 from dnnmod.modules.structure import ModelStructure, eval_mode, probe
 
@@ -107,7 +109,8 @@ def batches(images, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 def run(model: nn.Module, images, *, structure: ModelStructure | None = None,
         masks: Mapping[str, torch.Tensor] | None = None,
         head: Callable[[torch.Tensor], torch.Tensor] | None = None, grad: bool = False,
-        budget: int | None = None, kept_pass: KeptChannelPass | None = None) -> torch.Tensor:
+        budget: int | None = None,
+        kept_pass: KeptChannelPass | GroupedKeptPass | None = None) -> torch.Tensor:
     """Outputs of ``model`` on every image of an ImageSet, in eval mode.
 
     Without ``masks``: the logits, (images, N). With ``masks`` (group name → (M, ...) tensor,
@@ -125,7 +128,7 @@ def run(model: nn.Module, images, *, structure: ModelStructure | None = None,
         if structure is None:
             raise ValueError("a masked pass needs the model's structure")
         modules = check_masks(structure, masks)
-        if kept_pass is not None:  # one module at a time: plain-pass batches
+        if isinstance(kept_pass, KeptChannelPass):  # one module at a time: plain batches
             plan = plan_pass(model, input_shape, None, reference.device, budget)
             masks = {name: mask.to(reference.device) for name, mask in masks.items()}
             # Module-outer, so that the pass keeps one module's sliced weights at a time
@@ -137,13 +140,25 @@ def run(model: nn.Module, images, *, structure: ModelStructure | None = None,
                 for module in range(modules)])
             return head(logits) if head is not None else logits
         plan = plan_pass(model, input_shape, modules, reference.device, budget)
+        chunk_modules = plan.modules
+        if isinstance(kept_pass, GroupedKeptPass):
+            # each module's gathered weights take at most the model's: a quarter of the budget
+            weight_budget = (budget or MEMORY_BUDGET.get(reference.device.type,
+                                                         MEMORY_BUDGET["cpu"])) // 4
+            chunk_modules = max(1, min(chunk_modules,
+                                       weight_budget // kept_pass.weight_bytes()))
         per_chunk = []
-        for first in range(0, modules, plan.modules):
-            chunk = range(first, min(first + plan.modules, modules))
-            chunk_masks = {name: mask[chunk.start:chunk.stop].to(reference.device)
-                           for name, mask in masks.items()}
-            logits = torch.cat([masked_logits(model, structure, chunk_masks, x).float()
-                                for x, _ in batches(images, plan.images)], dim=1)
+        for first in range(0, modules, chunk_modules):
+            chunk = range(first, min(first + chunk_modules, modules))
+            if isinstance(kept_pass, GroupedKeptPass):  # planned on the host, from CPU masks
+                forward = kept_pass.prepare({name: mask[chunk.start:chunk.stop]
+                                             for name, mask in masks.items()})
+            else:
+                chunk_masks = {name: mask[chunk.start:chunk.stop].to(reference.device)
+                               for name, mask in masks.items()}
+                forward = functools.partial(masked_logits, model, structure, chunk_masks)
+            logits = torch.cat([forward(x).float() for x, _ in batches(images, plan.images)],
+                               dim=1)
             if head is not None:
                 chunk_head = head if len(chunk) == modules else head.subset(list(chunk))
                 logits = chunk_head(logits)
