@@ -244,12 +244,14 @@ class GradSplitter(Approach):
         return _module_set(base_meta, structure, masks, head.cpu(), provenance)
 
 
-def mask_loss(model: nn.Module, structure, sites: dict[str, str],
+def mask_loss(model: nn.Module, structure, sites: dict[str, str] | None,
               scores: dict[str, torch.Tensor], head: nn.Module, x: torch.Tensor,
               y: torch.Tensor, alpha: float) -> torch.Tensor:
     """The loss of one mask+head step: cross-entropy of the N module scores plus α times
     the mean of all binary masks, differentiable in the kernel scores and the heads. The
-    masks multiply the outputs of the ReLUs ``sites`` (from ``activation_sites``) names.
+    masks multiply the outputs of the ReLUs ``sites`` (from ``activation_sites``) names;
+    None puts them at the producers and norms instead (extraction's placement, which
+    benchmarks/reference_parity.py compares as the one before dc5d45c).
 
     The penalty takes its own binary masks, as the authors' code does, so the
     straight-through clip applies to the cross-entropy's gradient and the penalty's apart.
