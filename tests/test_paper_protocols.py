@@ -24,7 +24,7 @@ from dnnmod.modules.metrics import (
 )
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.modules.structure import trace_structure
-from dnnmod.modules.union import union_classifier, union_masks
+from dnnmod.modules.union import union_classifier, union_masks, union_network
 from dnnmod.reuse import subtasks
 from dnnmod.training.model_io import load_model
 from dnnmod.training.objectives import get_objective
@@ -68,11 +68,20 @@ def test_mwt_headline_is_the_st_model_against_the_modular_model(mwt_unit, small_
     model, modules = mwt_unit
     mwt = get_approach("mwt")
     result = evaluate(model, modules, small_digits.test, base_accuracy=70.0, with_costs=False,
-                      approach=mwt, st_accuracy=72.5)
+                      union=True, approach=mwt, st_accuracy=72.5)
     assert result["accuracy_protocol"] == "modular_model" and result["st_accuracy"] == 72.5
     assert result["accuracy_loss_pp"] == pytest.approx(2.5)
     # The own-logit argmax composition stays, as an extra column.
     assert result["composed_loss_pp"] == pytest.approx(70.0 - result["composed_accuracy"])
+    # The whole set's union network, as MwT's authors reuse one: no mask generators.
+    union = mwt.reuse_network(union_network(model, modules, modules.classes))
+    assert not gated_convs(union)
+    x, labels = small_digits.test.float_batch()
+    with torch.no_grad():
+        expected = 100.0 * (union(x).argmax(1) == labels).float().mean().item()
+    assert result["union_accuracy"] == pytest.approx(expected)
+    assert result["union_size"] == pytest.approx(
+        sum(p.numel() for p in union.parameters()) / sum(p.numel() for p in model.parameters()))
     shared = evaluate(model, modules, small_digits.test, base_accuracy=70.0, with_costs=False)
     assert shared["accuracy_protocol"] == "composed"
     assert shared["accuracy_loss_pp"] == pytest.approx(shared["composed_loss_pp"])

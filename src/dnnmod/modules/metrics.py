@@ -199,15 +199,18 @@ def module_costs(model: nn.Module, modules: ModuleSet) -> list[dict[str, float]]
     return rows
 
 
-def union_composition(model: nn.Module, modules: ModuleSet, test,
-                      base_accuracy: float) -> dict[str, float]:
+def union_composition(model: nn.Module, modules: ModuleSet, test, base_accuracy: float,
+                      reuse=None) -> dict[str, float]:
     """The whole set composed as MwT and MODA compose modules: one union network of all its
-    modules (:func:`~dnnmod.modules.union.union_network`), on the test images of the set's
-    classes. Its accuracy, the loss against ``base_accuracy`` (pp) and its parameters as a
-    fraction of the base model's."""
+    modules (:func:`~dnnmod.modules.union.union_network`, passed through ``reuse``, the
+    approach's :meth:`~dnnmod.approaches.base.Approach.reuse_network`: MwT's without its mask
+    generators), on the test images of the set's classes. Its accuracy, the loss against
+    ``base_accuracy`` (pp) and its parameters as a fraction of the base model's."""
     from dnnmod.modules.union import union_network
 
     network = union_network(model, modules, modules.classes)
+    if reuse is not None:
+        network = reuse(network)
     # T's images, labelled in the network's output order
     accuracy = model_accuracy(network, test.subset(modules.classes))
     return {"union_accuracy": accuracy, "union_loss_pp": base_accuracy - accuracy,
@@ -280,7 +283,8 @@ def evaluate(model: nn.Module, modules: ModuleSet, test, base_accuracy: float | 
                                                  units or [None] * len(krr), strict=True)],
     }
     if union:
-        result.update(union_composition(model, modules, test, base_accuracy))
+        result.update(union_composition(model, modules, test, base_accuracy,
+                                        None if approach is None else approach.reuse_network))
     if with_costs:
         costs = module_costs(model, modules)
         result["module_size"] = sum(c["size_fraction"] for c in costs) / len(costs)

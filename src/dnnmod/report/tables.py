@@ -304,7 +304,8 @@ E2_NOTES = (
     "position), and its own measure, the model-module Jaccard index of active positions, is "
     "in pan_rajan_decomposition. random keeps as many kernels per layer as the approach it "
     "matches, chosen at random: the floor every approach should beat. MwT and MODA compose "
-    "modules into one union network (the OR of their masks), and union_accuracy, "
+    "modules into one union network (the OR of their masks; MwT's without its mask "
+    "generators, as its authors reuse it), and union_accuracy, "
     "union_loss_pp and union_size (parameters over the model's) give that network for the "
     "whole set: the smaller their modules, the less comparable their separate scores.")
 
