@@ -180,7 +180,8 @@ def test_calibration_layer_settings_default_to_modas_and_name_a_bad_key():
 def test_protocol_per_setting_and_its_patch_arguments():
     assert patching.setting_protocol(MODA_STUDY, "tiny") == "minmax"
     assert patching.setting_protocol(MODA_STUDY, "tiny_moda") == "moda"
-    assert patching.protocol_arguments(MODA_STUDY, "tiny") == "--protocol minmax"
+    assert patching.protocol_arguments(MODA_STUDY, "tiny") == \
+        "--protocol minmax --calibration-images all"
     moda = patching.protocol_arguments(MODA_STUDY, "tiny_moda")
     assert moda.startswith("--protocol moda --calibration-layer '{")
     assert json.loads(moda.split(" ", 3)[3].strip("'")) == \
@@ -380,7 +381,7 @@ def test_patching_workflow_end_to_end(patched_study):
     assert {row["weak_type"] for row in record["rows"]} == set(WEAK_TYPES)
     for row in record["rows"]:
         assert row["target_class"] == 8 and row["tc_column"] == 3
-        assert row["tc_test_images"] == 10 and row["calibration"]["val_tc_images"] > 0
+        assert row["tc_test_images"] == 10 and row["calibration"]["strong_val_tc_images"] > 0
         for key in ("weak_precision", "patched_recall", "patched_non_tc_accuracy"):
             assert 0 <= row[key] <= 100
 

@@ -283,6 +283,19 @@ def cmd_report_html(args: argparse.Namespace) -> None:
              len(contents["figures"]), contents["jobs"])
 
 
+def _image_count(text: str) -> int | None:
+    """``--calibration-images``: a positive count, or ``all`` (None)."""
+    if text == "all":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of images or 'all'")
+    return count
+
+
 def cmd_reuse_patch(args: argparse.Namespace) -> None:
     claim = select_device(args.device)
     from dnnmod.artifacts import write_json
@@ -292,7 +305,8 @@ def cmd_reuse_patch(args: argparse.Namespace) -> None:
                                [(weak_type, Path(path)) for weak_type, path in args.weak],
                                Path(args.data_root), args.setting, device=claim.device,
                                protocol=args.protocol,
-                               calibration_layer=args.calibration_layer)
+                               calibration_layer=args.calibration_layer,
+                               calibration_images=args.calibration_images)
     record["device"] = _device_name(claim.device)
     write_json(args.out, record)
     for row in record["rows"]:
@@ -757,6 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="protocol moda only: the calibration layer's training, "
                             '\'{"epochs": 20, "lr": 0.05, "batch_size": 128, "split": "train"}\' '
                             "(MODA's; keys optional; split: train or val)")
+    patch.add_argument("--calibration-images", type=_image_count, metavar="N|all",
+                       help="protocol minmax only: how many of the strong model's validation "
+                            "images of the target class give the min-max range (default all, "
+                            "the authors')")
     patch.add_argument("--data-root", default="data")
     patch.add_argument("--out", required=True, help="metrics JSON path")
     _device_argument(patch)

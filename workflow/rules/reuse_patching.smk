@@ -47,6 +47,8 @@ rule patch_weak_models:
         unpack(patched_modules),
         weak=lambda wc: [path for _, path in weak_models_of(wc)],
         splits=weak_task_splits,
+        # the min-max range: the strong model's validation images of the target class
+        strong_split=lambda wc: f"{DATA}/{PATCHING['settings'][wc.setting]['dataset']}/splits/seed{wc.seed}.safetensors",
     output:
         f"{RESULTS}/patching/{{setting}}/{{model}}/{{approach}}/seed{{seed}}/metrics.json",
     log:
@@ -65,7 +67,8 @@ rule patch_weak_models:
         weak=lambda wc: " ".join(
             f"--weak {weak_type}={path}" for weak_type, path in weak_models_of(wc)
         ),
-        # minmax, or moda with its calibration layer's training (reuse.patching.protocol).
+        # minmax with its calibration images, or moda with its calibration layer's training
+        # (reuse.patching.protocol).
         protocol=lambda wc: patching.protocol_arguments(config, wc.setting),
     shell:
         "dnnmod reuse patch --modules {input.modules} --model {input.strong} {params.weak} "

@@ -18,8 +18,11 @@ MODA's "mixed class"; :mod:`dnnmod.reuse.patching_moda`). Both patch the same we
 the same module scores and measure the same metrics.
 
 Patching (min-max protocol): the TC module's score is min-max normalised with the minimum and
-maximum of the module's scores on the weak task's TC validation images, then replaces the TC
-column of the weak model's softmax; the prediction is the argmax. Deviation from the papers,
+maximum of the module's scores on the strong model's validation images of the TC (its
+dataset's validation split, as CNNSplitter's module_output_collector takes the per-class fifth
+of the strong dataset's training images: about 1,000 on CIFAR-10; ``calibration_images`` caps
+the count), then replaces the TC column of the weak model's softmax; the prediction is the
+argmax. Deviation from the papers,
 stated: calibrated scores are not clipped to [0, 1] (scores beyond the validation range keep
 their order; the argmax is what counts). Measured, weak vs patched: TC precision, recall and
 F1 (scikit-learn, binary "is it the TC") and accuracy on the non-TC test images.
@@ -39,6 +42,8 @@ from dnnmod.errors import ArtifactError, ConfigError, UnknownNameError
 from dnnmod.report.patching import WEAK_TYPES
 
 PROTOCOLS = ("minmax", "moda")
+#: ``calibration_images`` that takes every validation image of the TC, as the authors do
+ALL_IMAGES = "all"
 
 
 # Configuration: `reuse.patching` (workflow/schemas/config.schema.yaml, config/README.md).
@@ -64,6 +69,12 @@ def calibration_layer_settings(config: Mapping[str, Any]) -> dict[str, Any]:
                                      patching_config(config).get("calibration_layer"))
 
 
+def calibration_image_count(config: Mapping[str, Any]) -> int | str:
+    """``reuse.patching.calibration_images``: how many of the strong model's validation images
+    of the TC give the min-max range (:data:`ALL_IMAGES`, the default: every one)."""
+    return patching_config(config).get("calibration_images", ALL_IMAGES)
+
+
 def protocol_arguments(config: Mapping[str, Any], setting: str) -> str:
     """The ``dnnmod reuse patch`` options of a setting's protocol (shell-quoted)."""
     import json
@@ -71,7 +82,7 @@ def protocol_arguments(config: Mapping[str, Any], setting: str) -> str:
 
     protocol = setting_protocol(config, setting)
     if protocol != "moda":
-        return f"--protocol {protocol}"
+        return f"--protocol {protocol} --calibration-images {calibration_image_count(config)}"
     layer = json.dumps(calibration_layer_settings(config), sort_keys=True)
     return f"--protocol moda --calibration-layer {shlex.quote(layer)}"
 
@@ -230,8 +241,8 @@ def _setting_keys(message: str, task_name: str, setting_key: str) -> str:
 def minmax_calibration(scores: torch.Tensor) -> tuple[float, float]:
     """Minimum and maximum of a module's scores on the TC validation images."""
     if scores.numel() == 0:
-        raise ConfigError("min-max calibration needs target-class validation images; the weak "
-                          "task's validation split has none (raise samples_per_class.train)")
+        raise ConfigError("min-max calibration needs target-class validation images; the "
+                          "strong model's validation split has none")
     return scores.min().item(), scores.max().item()
 
 
@@ -314,16 +325,25 @@ def strong_module_scores(strong_model, modules, image_sets: Sequence,
     return list(scores.split([len(s) for s in image_sets]))
 
 
-def calibrated_module_scores(strong_model, modules, weak_data, normalization: Mapping[str, Any],
-                             tc_column: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The TC module's min-max calibrated scores on the weak task's test images, and the
-    calibration. ``modules`` holds the one TC module."""
-    val_tc = weak_data.val.take((weak_data.val.labels == tc_column).nonzero().flatten())
-    val_scores, scores = strong_module_scores(strong_model, modules, [val_tc, weak_data.test],
-                                              normalization)
-    low, high = minmax_calibration(val_scores)
+def strong_calibration_images(strong_val, target_class: int, limit: int | None):
+    """The strong model's validation images of the TC (its dataset's class ``target_class``)
+    that give the min-max range: the first ``limit`` in the split's seeded order, every one
+    when ``limit`` is None (the authors' ~1,000 on CIFAR-10)."""
+    index = (strong_val.labels == target_class).nonzero().flatten()
+    return strong_val.take(index if limit is None else index[:limit])
+
+
+def calibrated_module_scores(strong_model, modules, calibration, test,
+                             normalization: Mapping[str, Any]
+                             ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The TC module's scores on the ImageSet ``test``, min-max calibrated on the ImageSet
+    ``calibration`` (:func:`strong_calibration_images`), and the calibration. ``modules``
+    holds the one TC module."""
+    calibration_scores, scores = strong_module_scores(strong_model, modules,
+                                                      [calibration, test], normalization)
+    low, high = minmax_calibration(calibration_scores)
     return calibrate(scores, low, high), {"min": low, "max": high,
-                                          "val_tc_images": len(val_tc)}
+                                          "strong_val_tc_images": len(calibration)}
 
 
 def compare_predictions(labels: torch.Tensor, weak: torch.Tensor, patched: torch.Tensor,
@@ -347,15 +367,15 @@ def weak_vs_patched(weak_model, test, calibrated: torch.Tensor, tc_column: int
 
 
 class MinmaxPatch:
-    """The min-max patch of the weak models of one weak task: the TC module's calibrated
-    scores on the test images, computed once; :meth:`patch` compares one weak model and its
-    patch."""
+    """The min-max patch of the weak models of one weak task: the TC module's scores on the
+    test images, calibrated on the strong model's TC images ``calibration`` and computed once;
+    :meth:`patch` compares one weak model and its patch."""
 
     def __init__(self, strong_model, modules, weak_data, normalization: Mapping[str, Any],
-                 tc_column: int) -> None:
+                 tc_column: int, calibration) -> None:
         self.test, self.tc_column = weak_data.test, tc_column
         self.calibrated, self.calibration = calibrated_module_scores(
-            strong_model, modules, weak_data, normalization, tc_column)
+            strong_model, modules, calibration, weak_data.test, normalization)
 
     def patch(self, weak_model, seed: int) -> tuple[dict[str, float], dict[str, Any]]:
         """(weak vs patched metrics, the calibration) of one weak model; the min-max patch
@@ -367,12 +387,15 @@ class MinmaxPatch:
 def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequence[tuple[str, Path]],
                       data_root: Path, setting: str, device: str = "cpu",
                       protocol: str = "minmax",
-                      calibration_layer: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                      calibration_layer: Mapping[str, Any] | None = None,
+                      calibration_images: int | None = None) -> dict[str, Any]:
     """Patch every weak model (weak type, weights path) with the TC module of the module set at
     ``modules_path``, cut from the strong model at ``strong_path``, by ``protocol``
-    (``calibration_layer``: the moda protocol's layer training, over MODA's defaults); the
-    record the E3 table and figure read (one row per weak model). Each weak task is loaded,
-    and its module scores computed, once for all weak models trained on it."""
+    (``calibration_layer``: the moda protocol's layer training, over MODA's defaults;
+    ``calibration_images``: the minmax protocol's cap on the strong model's TC validation
+    images, None for all); the record the E3 table and figure read (one row per weak model).
+    Each weak task is loaded, and its module scores computed, once for all weak models
+    trained on it."""
     from dnnmod.data import load_dataset
     from dnnmod.modules.moduleset import ModuleSet
     from dnnmod.reuse.patching_moda import ModaPatch, resolve_calibration_layer
@@ -385,6 +408,13 @@ def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequenc
     if protocol != "moda" and calibration_layer is not None:
         raise ConfigError(f"--calibration-layer: protocol {protocol!r} trains no calibration "
                           "layer (only protocol 'moda' does)")
+    if protocol == "moda" and calibration_images is not None:
+        raise ConfigError("--calibration-images: protocol 'moda' trains its calibration layer "
+                          "on the weak task's images (only protocol 'minmax' takes a min-max "
+                          "range from the strong model's)")
+    if calibration_images is not None and calibration_images < 1:
+        raise ConfigError(f"--calibration-images: {calibration_images} images; give at least "
+                          f"1, or {ALL_IMAGES!r}")
     if protocol == "moda":
         calibration_layer = resolve_calibration_layer("--calibration-layer", calibration_layer)
     for weak_type, _ in weak_paths:
@@ -401,6 +431,9 @@ def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequenc
                                   str(path))
     strong_model, strong_meta = load_model(strong_path, device=device)
     modules = ModuleSet.load(modules_path, base=strong_meta, model=strong_model)
+    # The min-max range comes from the strong model's own validation split (loaded once).
+    strong_val = load_dataset(data_root, strong_meta["dataset"], strong_meta["seed"],
+                              device=device).val if protocol == "minmax" else None
     rows, tasks = [], {}
     for (weak_type, path), weak_meta in zip(weak_paths, weak_metas, strict=True):
         task, seed = weak_meta["dataset"], weak_meta["seed"]
@@ -409,7 +442,8 @@ def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequenc
             weak_data = load_dataset(data_root, task, seed, device=device)
             arguments = (strong_model, modules.subset([tc]), weak_data,
                          strong_meta["normalization"], tc_column)
-            tasks[task, seed] = MinmaxPatch(*arguments) if protocol == "minmax" else \
+            tasks[task, seed] = MinmaxPatch(*arguments, strong_calibration_images(
+                strong_val, tc, calibration_images)) if protocol == "minmax" else \
                 ModaPatch(*arguments, calibration_layer, where=f"{task} (seed {seed})")
         weak_model, _ = load_model(path, device=device)
         test = tasks[task, seed].test
@@ -425,7 +459,8 @@ def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequenc
             "calibration": calibration, "test_images": len(test),
             "tc_test_images": int((test.labels == tc_column).sum()),
             **metrics})
-    extra = {"calibration_layer": calibration_layer} if protocol == "moda" else {}
+    extra = {"calibration_layer": calibration_layer} if protocol == "moda" else \
+        {"calibration_images": ALL_IMAGES if calibration_images is None else calibration_images}
     return {"protocol": protocol, **extra, "setting": setting, "approach": modules.approach,
             "model": strong_meta["model"], "arch": strong_meta["arch"],
             "dataset": strong_meta["dataset"],
