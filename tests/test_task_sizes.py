@@ -132,20 +132,20 @@ def demo():
 
 @pytest.mark.parametrize("setting, message", [
     ({"samples_per_class": {"train": 100000, "test": 30}},
-     "reuse.patching.settings.digits_scarce_tc.samples_per_class.train: 100000 images per class "
-     "asked for, but class '5' of digits has only 145 in its train split"),
-    ({"target_samples_per_class": {"test": 37}},
-     "reuse.patching.settings.digits_scarce_tc.target_samples_per_class.test: 37 images per "
-     "class asked for, but class '2' of digits has only 35 in its test split"),
+     "reuse.patching.settings.shapes_plus_digit.samples_per_class.train: 100000 images per class "
+     "asked for, but class 'circle' of shapes has only 200 in its train split"),
+    ({"target_samples_per_class": {"test": 100}},
+     "reuse.patching.settings.shapes_plus_digit.target_samples_per_class.test: 100 images per "
+     "class asked for, but class '3' of digits has only 37 in its test split"),
     ({"others": {"dataset": "digits", "classes": [5, "six"]}},
-     "reuse.patching.settings.digits_scarce_tc.others.classes: digits has no class 'six'"),
+     "reuse.patching.settings.shapes_plus_digit.others.classes: digits has no class 'six'"),
     ({"others": {"dataset": "digits", "classes": [5, 3]}},
-     "reuse.patching.settings.digits_scarce_tc.target_classes: class 3 of digits is already in "
-     "the task (reuse.patching.settings.digits_scarce_tc.others.classes)"),
+     "reuse.patching.settings.shapes_plus_digit.target_classes: class 3 of digits is already in "
+     "the task (reuse.patching.settings.shapes_plus_digit.others.classes)"),
 ])
 def test_a_patching_setting_is_checked_by_its_own_keys(setting, message):
     config = demo()
-    config["reuse"]["patching"]["settings"]["digits_scarce_tc"].update(setting)
+    config["reuse"]["patching"]["settings"]["shapes_plus_digit"].update(setting)
     check_study_config(config)
     with pytest.raises(ConfigError) as caught:
         check_patching_config(config)
