@@ -62,7 +62,8 @@ def best_seconds(function, device, repeats: int = 5) -> float:
 
 
 def gathered_pair_similarities(vectors: list[torch.Tensor], labels: torch.Tensor):
-    """The naive way: both vectors of every pair i < j gathered, multiplied and summed."""
+    """The naive way: both vectors of every pair i < j gathered, multiplied and summed; the
+    same-class and different-class means (2,), as ``pair_similarities``' first result."""
     first, second = torch.triu_indices(len(labels), len(labels), 1, device=labels.device)
     same = labels[first] == labels[second]
     cohesions, couplings = [], []
@@ -71,7 +72,7 @@ def gathered_pair_similarities(vectors: list[torch.Tensor], labels: torch.Tensor
         similarity = (unit[first] * unit[second]).sum(1)
         cohesions.append(similarity[same].mean())
         couplings.append(similarity[~same].mean())
-    return torch.stack(cohesions).mean(), torch.stack(couplings).mean()
+    return torch.stack([torch.stack(cohesions).mean(), torch.stack(couplings).mean()])
 
 
 def interleaved_step_seconds(arch: str, width: float, data, recipe: Recipe, device: str,
@@ -182,7 +183,8 @@ def main() -> None:
               "images), forward + backward")
         for kind in ("mwt", "moda"):
             vectors = captured_vectors(trained[kind], kind, batch_x)
-            product = pair_term_seconds(pair_similarities, vectors, batch_labels)
+            product = pair_term_seconds(lambda v, y: pair_similarities(v, y)[0], vectors,
+                                        batch_labels)
             naive = pair_term_seconds(gathered_pair_similarities, vectors, batch_labels)
             widths = "/".join(str(v.shape[1]) for v in vectors)
             print(f"  {kind:5s} {len(vectors)} layers ({widths}): product "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import train_modular
@@ -24,7 +26,8 @@ def test_losses_on_hand_made_activations():
     conv = torch.zeros(4, 3, 2, 2)
     conv[0, 0], conv[1, 0], conv[2, 1], conv[3, 1] = 1.0, 3.0, 2.0, 1.0
     fc = torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0], [0, 2.0]])
-    affinity, dispersion, compactness = activation_terms([conv, fc], labels)
+    (affinity, dispersion), present, compactness = activation_terms([conv, fc], labels)
+    assert present.tolist() == [True, True]
     assert affinity.item() == pytest.approx(1.0) and dispersion.item() == pytest.approx(0.0)
     conv_mean = (1 + 3 + 2 + 1) / 12  # channel means per sample, averaged over samples × C
     fc_mean = (1 + 1 + 1 + 2) / 8
@@ -32,8 +35,9 @@ def test_losses_on_hand_made_activations():
 
     objective = get_objective("moda", {"gamma": 0.0})
     loss, parts = objective.loss(torch.zeros(2, 2), torch.tensor([0, 1]), {"a": fc[[0, 2]]})
-    assert "affinity" not in parts and parts["dispersion"] == pytest.approx(0.0)
-    assert torch.isfinite(loss)
+    # No same-class pair: the affinity term reads 0 and adds nothing (not α(1 − 0)).
+    assert parts["affinity"] == 0 and parts["dispersion"] == pytest.approx(0.0)
+    assert loss.item() == pytest.approx(math.log(2))
 
 
 def test_bad_hyperparameters_are_named():

@@ -61,18 +61,20 @@ def test_gated_conv_scales_the_normalised_output_by_the_mask():
 def test_cohesion_and_coupling_on_hand_made_masks():
     labels = torch.tensor([0, 0, 1, 1])
     aligned = torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 1.0, 0], [0, 3.0, 0]])
-    cohesion, coupling = pair_similarities([aligned], labels)
+    (cohesion, coupling), present = pair_similarities([aligned], labels)
     assert cohesion.item() == pytest.approx(1.0) and coupling.item() == pytest.approx(0.0)
+    assert present.tolist() == [True, True]
     loss, parts = get_objective("mwt").loss(torch.zeros(4, 2), labels, {"a": aligned})
     assert parts["cohesion"] == pytest.approx(1.0)
     assert loss.item() == pytest.approx(math.log(2))  # α(1 − 1) + β·0 adds nothing
 
-    # Batch without same-class pairs: no cohesion term, coupling still there.
-    cohesion, coupling = pair_similarities([aligned[[0, 2]]], torch.tensor([0, 1]))
-    assert cohesion is None and coupling.item() == pytest.approx(0.0)
+    # Batch without same-class pairs: no cohesion term (it reads 0), coupling still there.
+    (cohesion, coupling), present = pair_similarities([aligned[[0, 2]]], torch.tensor([0, 1]))
+    assert present.tolist() == [False, True]
+    assert cohesion.item() == 0 and coupling.item() == pytest.approx(0.0)
     loss, parts = get_objective("mwt").loss(torch.zeros(2, 2), torch.tensor([0, 1]),
                                             {"a": aligned[[0, 2]]})
-    assert "cohesion" not in parts and torch.isfinite(loss)
+    assert parts["cohesion"] == 0 and loss.item() == pytest.approx(math.log(2))  # no α(1 − 0)
 
 
 def test_spatial_mean_matches_mean_in_value_and_gradient():
@@ -95,7 +97,7 @@ def test_pair_similarities_match_the_pairwise_definition():
     generator = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 1, 0, 2, 1, 0])
     layers = [torch.randn(6, k, generator=generator, requires_grad=True) for k in (3, 8)]
-    cohesion, coupling = pair_similarities(layers, labels)
+    (cohesion, coupling), _ = pair_similarities(layers, labels)
     (cohesion + 2 * coupling).backward()
     product_grads = [layer.grad.clone() for layer in layers]
     for layer in layers:

@@ -48,9 +48,9 @@ from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import trace_structure
 from dnnmod.training.objectives import (
     Objective,
-    pair_similarities,
+    layer_layout,
     register_objective,
-    spatial_mean,
+    stacked_pair_similarities,
 )
 
 
@@ -73,26 +73,32 @@ class MODATraining(Objective):
 
     def loss(self, logits, labels, captured):
         cross_entropy = nn.functional.cross_entropy(logits, labels)
-        affinity, dispersion, compactness = activation_terms(list(captured.values()), labels)
+        (affinity, dispersion), present, compactness = activation_terms(
+            list(captured.values()), labels)
         weights = self.hyperparameters
-        loss = cross_entropy + weights["gamma"] * compactness
-        parts = {"cross_entropy": cross_entropy.detach(), "compactness": compactness.detach()}
-        if affinity is not None:
-            loss = loss + weights["alpha"] * (1 - affinity)
-            parts["affinity"] = affinity.detach()
-        if dispersion is not None:
-            loss = loss + weights["beta"] * dispersion
-            parts["dispersion"] = dispersion.detach()
-        return loss, parts
+        # A term the batch cannot form (no such pair) adds 0 and logs 0, chosen on the device.
+        loss = (cross_entropy + weights["gamma"] * compactness
+                + present[0] * (weights["alpha"] * (1 - affinity))
+                + present[1] * (weights["beta"] * dispersion))
+        return loss, {"cross_entropy": cross_entropy.detach(),
+                      "compactness": compactness.detach(), "affinity": affinity.detach(),
+                      "dispersion": dispersion.detach()}
 
 
 def activation_terms(activations: list[torch.Tensor], labels: torch.Tensor
-                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Affinity, dispersion (None where the batch has no such pair) and compactness of a batch,
-    averaged over layers; ``activations``: one (batch, C) or (batch, C, H, W) tensor per layer."""
-    vectors = [spatial_mean(a.float()) if a.dim() == 4 else a.float() for a in activations]
-    affinity, dispersion = pair_similarities(vectors, labels)
-    return affinity, dispersion, torch.stack([v.abs().mean() for v in vectors]).mean()
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Affinity and dispersion with whether the batch has such pairs (``pair_similarities``'
+    ``means`` and ``present``), and compactness of a batch, averaged over layers;
+    ``activations``: one (batch, C) or (batch, C, H, W) tensor per layer."""
+    # Each layer's spatial sums side by side, then one division by each column's spatial size:
+    # the spatial means, bit for bit, in one op for all layers.
+    layout = layer_layout([a.shape[1] for a in activations], labels.device,
+                          [a.shape[2] * a.shape[3] if a.dim() == 4 else 1 for a in activations])
+    vectors = torch.cat([a.sum((2, 3), dtype=torch.float32) if a.dim() == 4 else a.float()
+                         for a in activations], dim=1) / layout.area
+    means, present = stacked_pair_similarities(vectors, layout, labels)
+    # The mean over layers of each layer's mean |activation|, as one weighted sum.
+    return means, present, (vectors.abs().mean(0) * layout.column_share).sum()
 
 
 class MODA(Approach):

@@ -171,16 +171,12 @@ class MwTTraining(Objective):
 
     def loss(self, logits, labels, captured):
         cross_entropy = nn.functional.cross_entropy(logits, labels)
-        cohesion, coupling = pair_similarities(list(captured.values()), labels)
-        loss = cross_entropy
-        parts = {"cross_entropy": cross_entropy.detach()}
-        if cohesion is not None:
-            loss = loss + self.hyperparameters["alpha"] * (1 - cohesion)
-            parts["cohesion"] = cohesion.detach()
-        if coupling is not None:
-            loss = loss + self.hyperparameters["beta"] * coupling
-            parts["coupling"] = coupling.detach()
-        return loss, parts
+        (cohesion, coupling), present = pair_similarities(list(captured.values()), labels)
+        # A term the batch cannot form (no such pair) adds 0 and logs 0, chosen on the device.
+        loss = (cross_entropy + present[0] * (self.hyperparameters["alpha"] * (1 - cohesion))
+                + present[1] * (self.hyperparameters["beta"] * coupling))
+        return loss, {"cross_entropy": cross_entropy.detach(), "cohesion": cohesion.detach(),
+                      "coupling": coupling.detach()}
 
 
 def threshold_with_fallback(frequency: torch.Tensor, threshold: float, step: float

@@ -11,8 +11,9 @@ workflow's ``{training}`` wildcard, model files, E1) serves it unchanged.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -119,23 +120,109 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def pair_similarities(vectors: list[torch.Tensor], labels: torch.Tensor
-                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cosine similarity of the vectors of same-class and of different-class sample pairs
-    (i < j) of a batch, averaged over layers; None where the batch has no such pair. MwT's
-    cohesion/coupling (of masks) and MODA's affinity/dispersion (of activations) both are this.
+    (i < j) of a batch, averaged over layers. MwT's cohesion/coupling (of masks) and MODA's
+    affinity/dispersion (of activations) both are this.
 
-    ``vectors``: one (batch, K) tensor per layer.
+    ``vectors``: one (batch, K) tensor per layer. Returns ``(means, present)``, both of shape
+    (2,): ``means`` the same-class and the different-class mean, 0 where the batch has no such
+    pair; ``present`` (bool) whether it has one. The caller weights a term by ``present``
+    rather than testing it, so nothing here reads a value back to the host.
+    """
+    flat = torch.cat([layer.float() for layer in vectors], dim=1)
+    layout = layer_layout([layer.shape[1] for layer in vectors], flat.device)
+    return stacked_pair_similarities(flat, layout, labels)
+
+
+def stacked_pair_similarities(flat: torch.Tensor, layout: LayerLayout, labels: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pair_similarities` of the layers' vectors laid side by side in ``flat``
+    (batch, columns), as ``layout`` says.
 
     Every layer has the same pairs, so the mean over layers of a pair's similarities is the dot
     product of the pair's unit vectors concatenated over layers, divided by the layer count: one
     (batch, batch) product for all pairs and layers. Gathering both vectors of every pair instead
     moves batch²/2 · K values per layer forward and scatters them back
-    (benchmarks/modular_training.py times both).
+    (benchmarks/modular_training.py times both). The pairs weight that product rather than
+    select from it (boolean indexing has a data-dependent size, which a device answers only
+    after a sync): the means are sums over the whole (batch, batch) matrix, so the same terms
+    add in another order than in a mean over the selected pairs.
     """
-    upper = torch.ones(len(labels), len(labels), dtype=torch.bool, device=labels.device).triu(1)
+    units = layout.units(flat)
+    similarity = (units @ units.T) / layout.layers
     same_class = labels[:, None] == labels[None, :]
-    same, different = upper & same_class, upper & ~same_class
-    units = torch.cat([nn.functional.normalize(layer.float(), dim=1) for layer in vectors], dim=1)
-    similarity = (units @ units.T) / len(vectors)
-    return (similarity[same].mean() if same.any() else None,
-            similarity[different].mean() if different.any() else None)
+    # (2, batch, batch): the same-class pairs i < j, then the different-class ones.
+    different, upper = _pair_constants(len(labels), labels.device)
+    pairs = (same_class != different) & upper
+    counts = pairs.sum((1, 2))
+    means = (pairs * similarity).sum((1, 2)) / counts.clamp(min=1)
+    return means, counts > 0
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Per-layer vectors laid side by side in one (batch, columns) tensor, and the constants that
+    reduce it per layer in one op for all layers rather than a loop of small ops per layer.
+
+    ``indicator``: (columns, layers) float, 1 where a column belongs to a layer;
+    ``layer_of_column``: (columns,) the same as an index; ``area``: (columns,) float, the
+    spatial size its layer's vectors were summed over (1 for vectors of no spatial extent);
+    ``column_share``: (columns,) float, 1 / (layers · its layer's size), so that the dot product
+    of a row of per-column means with it is the mean over layers of each layer's mean.
+    """
+
+    layers: int
+    indicator: torch.Tensor
+    layer_of_column: torch.Tensor
+    area: torch.Tensor
+    column_share: torch.Tensor
+
+    def units(self, flat: torch.Tensor) -> torch.Tensor:
+        """Each layer's part of every row of ``flat`` scaled to unit L2 norm, as
+        ``nn.functional.normalize(part, dim=1)`` does (a norm below 1e-12 counts as 1e-12).
+
+        The squares' per-layer sums are one product with ``indicator``, in float32 whatever
+        autocast says, and each norm is gathered back to its layer's columns. They add in
+        another order than ``torch.linalg.vector_norm``'s, so a norm may differ from it in the
+        last bit. The floor applies to the squared norm, 1e-24, before the square root: an
+        all-zero part (a sample's dead layer) then gets a zero gradient, where the square
+        root's derivative at 0 times the floor's zero derivative would be 0 · ∞ = NaN.
+        """
+        with torch.autocast(flat.device.type, enabled=False):
+            norms = (flat.float().square() @ self.indicator).clamp_min(1e-24).sqrt()
+        return flat / norms.index_select(1, self.layer_of_column)
+
+
+# Built once per layer sizes (batch size) and device rather than in every step.
+_LAYOUTS: dict[tuple[tuple[int, ...], tuple[int, ...], torch.device], LayerLayout] = {}
+_PAIRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def layer_layout(sizes: Sequence[int], device: torch.device,
+                 areas: Sequence[int] | None = None) -> LayerLayout:
+    """The :class:`LayerLayout` of layers of ``sizes`` columns each, with spatial ``areas``
+    (default 1 each), on ``device``."""
+    areas = tuple(areas) if areas is not None else (1,) * len(sizes)
+    key = (tuple(sizes), areas, torch.device(device))
+    if key not in _LAYOUTS:
+        layer_of_column = torch.cat([torch.full((size,), layer, dtype=torch.long)
+                                     for layer, size in enumerate(sizes)])
+        per_layer = torch.tensor([[area, 1 / (len(sizes) * size)]
+                                  for size, area in zip(sizes, areas, strict=True)])
+        area, column_share = per_layer[layer_of_column].T
+        _LAYOUTS[key] = LayerLayout(
+            len(sizes), nn.functional.one_hot(layer_of_column, len(sizes)).float().to(device),
+            layer_of_column.to(device), area.contiguous().to(device),
+            column_share.contiguous().to(device))
+    return _LAYOUTS[key]
+
+
+def _pair_constants(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool (2, 1, 1) [False, True], which compared with "same class" gives "same class" and
+    "different class"; bool (batch, batch), True above the diagonal: the pairs i < j."""
+    key = (batch, torch.device(device))
+    if key not in _PAIRS:
+        _PAIRS[key] = (torch.tensor([False, True], device=device)[:, None, None],
+                       torch.ones(batch, batch, dtype=torch.bool, device=device).triu(1))
+    return _PAIRS[key]

@@ -149,12 +149,24 @@ def augment(x: torch.Tensor, augmentation: Sequence[str],
     return x
 
 
-def _make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def _make_optimizer(model: nn.Module, recipe: Recipe, fused: bool = False
+                    ) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``model``'s trainable parameters.
+
+    ``fused``: one kernel updates every parameter, and under a GradScaler the optimizer itself
+    skips a step with non-finite gradients; otherwise GradScaler reads the check back to the
+    host (``found_inf.item()``) every step, a sync. Else the multi-tensor ("foreach") form,
+    which CUDA picks by default and which on the CPU computes what the per-parameter loop does,
+    bit for bit, in a handful of ops a step rather than a few per parameter.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    implementation = {"fused": True} if fused else {"foreach": True}
     if recipe.optimizer == "adam":
-        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                **implementation)
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
-                           nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+                           nesterov=recipe.nesterov, weight_decay=recipe.weight_decay,
+                           **implementation)
 
 
 def _make_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe):
@@ -178,6 +190,12 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     memory_format: torch.memory_format
+    # Read once here: torch.compile does not trace into GradScaler, so a step without mixed
+    # precision calls none of its methods and compiles whole (fullgraph).
+    mixed_precision: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.mixed_precision = self.scaler.is_enabled()
 
     @classmethod
     def create(cls, model: nn.Module, recipe: Recipe, objective: Objective, device: str,
@@ -187,7 +205,7 @@ class Trainer:
         on_cuda = torch.device(device).type == "cuda"
         memory_format = torch.channels_last if on_cuda else torch.contiguous_format
         model = objective.prepare(model).to(device, memory_format=memory_format)
-        return cls(model, objective, _make_optimizer(model, recipe),
+        return cls(model, objective, _make_optimizer(model, recipe, fused=on_cuda),
                    torch.amp.GradScaler("cuda", enabled=on_cuda and mixed_precision),
                    memory_format)
 
@@ -195,17 +213,79 @@ class Trainer:
              ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
         """One optimisation step on batch ``(x, y)``; ``captured`` is the dict the objective's
         :meth:`~dnnmod.training.objectives.Objective.capture` fills. Returns the loss, its
-        named parts and the logits."""
+        named parts and the logits, detached."""
+        loss, parts, logits = self.backward(x, y, captured)
+        if self.mixed_precision:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return loss, parts, logits
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor, captured: dict[str, Any]
+                 ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+        """A step's forward pass, loss and backward pass: sets the parameters' gradients.
+
+        Without mixed precision it compiles as one graph,
+        ``torch.compile(trainer.backward, fullgraph=True)`` with
+        ``torch._dynamo.config.trace_autograd_ops``; the optimizer's update cannot join it,
+        because ``Optimizer.step`` breaks a compiled graph on purpose (torch/optim/optimizer.py,
+        ``_use_grad``).
+        """
         x = x.contiguous(memory_format=self.memory_format)
         captured.clear()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.scaler.is_enabled()):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.mixed_precision):
             logits = self.model(x)
             loss, parts = self.objective.loss(logits.float(), y, captured)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss, parts, logits
+        # zero_grad(set_to_none=True) written out: torch.compile does not trace zero_grad.
+        for group in self.optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.grad = None
+        (self.scaler.scale(loss) if self.mixed_precision else loss).backward()
+        # Nothing that leaves the step holds the spent autograd graph (which a compiled graph
+        # requires), and the captured activations are freed now rather than at the next step.
+        captured.clear()
+        return loss.detach(), parts, logits.detach()
+
+
+class EpochSums:
+    """An epoch's training loss, its named parts and correct count, summed over its steps.
+
+    The sums stay on the device and are read once, by :meth:`means`: reading them every step
+    would make the CPU wait for the GPU before it queues the next step's kernels. A step's loss
+    and parts are stacked into one vector and added as one, whatever the number of parts.
+    """
+
+    def __init__(self) -> None:
+        # Parts' names of a step → the vector sums of the steps with those names; an objective
+        # may leave a part out of some steps.
+        self.sums: dict[tuple[str, ...], torch.Tensor] = {}
+        self.correct: torch.Tensor | int = 0
+        self.seen = 0
+
+    def add(self, loss: torch.Tensor, parts: dict[str, Any], logits: torch.Tensor,
+            labels: torch.Tensor) -> None:
+        """Add one step: its loss, its parts (0-dim tensors or floats), its logits, its labels."""
+        names = tuple(parts)
+        values = torch.stack([loss.detach(), *(
+            value.detach() if torch.is_tensor(value)
+            else torch.tensor(value, dtype=torch.float64, device=loss.device)
+            for value in parts.values())]).double() * len(labels)
+        self.sums[names] = self.sums[names] + values if names in self.sums else values
+        self.correct = self.correct + (logits.argmax(1) == labels).sum()
+        self.seen += len(labels)
+
+    def means(self) -> tuple[float, float, dict[str, float]]:
+        """Mean loss per sample, accuracy in percent, and each part's mean per sample (a step
+        without a part adds 0 to it), read back once."""
+        loss, losses = 0.0, {}
+        for names, values in self.sums.items():
+            values = values.tolist()
+            loss += values[0]
+            for name, value in zip(names, values[1:], strict=True):
+                losses[name] = losses.get(name, 0.0) + value
+        return (loss / self.seen, 100.0 * float(self.correct) / self.seen,
+                {name: total / self.seen for name, total in losses.items()})
 
 
 def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
@@ -252,29 +332,19 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
         generator = epoch_generator(seed, epoch)
         order = torch.randperm(len(train_set), generator=generator).to(train_set.labels.device)
         model.train()
-        # Sums stay on the device and are read once an epoch: reading them every step would
-        # make the CPU wait for the GPU before it queues the next step's kernels.
-        loss_sum = correct = seen = 0.0
-        part_sums: dict[str, Any] = {}
+        sums = EpochSums()
         lr = optimizer.param_groups[0]["lr"]
         with objective.capture(model) as captured:
             for start in range(0, len(order), recipe.batch_size):
                 x, y = train_set.float_batch(order[start:start + recipe.batch_size])
-                loss, parts, logits = trainer.step(augment(x, recipe.augmentation, generator), y,
-                                                   captured)
-                loss_sum = loss_sum + loss.detach().double() * len(y)
-                for name, value in parts.items():
-                    value = value.detach().double() if torch.is_tensor(value) else value
-                    part_sums[name] = part_sums.get(name, 0.0) + value * len(y)
-                correct = correct + (logits.argmax(1) == y).sum()
-                seen += len(y)
+                sums.add(*trainer.step(augment(x, recipe.augmentation, generator), y, captured),
+                         y)
         schedule.step()
         val_accuracy = accuracy(model, data.val)
-        record = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=float(loss_sum) / seen,
-                             train_accuracy=100.0 * float(correct) / seen,
-                             val_accuracy=val_accuracy, seconds=time.monotonic() - epoch_started,
-                             losses={name: float(total) / seen
-                                     for name, total in part_sums.items()})
+        train_loss, train_accuracy, losses = sums.means()
+        record = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=train_loss,
+                             train_accuracy=train_accuracy, val_accuracy=val_accuracy,
+                             seconds=time.monotonic() - epoch_started, losses=losses)
         history.append(record)
         if val_accuracy > best_accuracy:
             best_accuracy, best_epoch = val_accuracy, epoch

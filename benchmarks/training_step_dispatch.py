@@ -1,0 +1,136 @@
+"""Ops dispatched by one training step of standard and modular training, and compiled steps.
+
+On a GPU a small model's step is bound by kernel launches, and an op whose result the host must
+read (``.item()``, boolean-mask indexing, ``nonzero``, any data-dependent output shape) stops
+the host from queuing the next kernels until the device has caught up. Both are counted here on
+the CPU, where the same aten ops are dispatched
+(:func:`dnnmod.training.dispatch.count_training_step`: forward, loss, backward, optimizer
+update and the loop's per-step sums, counted on a second step).
+
+Part 1, for each model: the ops of a step of ``st``, ``mwt`` and ``moda``, and of ``st`` on the
+MwT-gated model (the mask generators are MwT's model, not its objective): kernels (ops that
+are no views; on a device each launches at least one kernel), views, all ops, the syncing
+ops, and each kind's kernels over standard training's.
+
+Part 2 (``--compile``): the step of MwT and MODA on the first model, eager against compiled:
+``torch.compile(trainer.backward, fullgraph=True)`` (forward, loss and backward as one graph,
+``torch._dynamo.config.trace_autograd_ops``) plus ``torch.compile(optimizer.step)`` (which
+breaks its own graph on purpose); the median milliseconds of ``--rounds`` steps after the
+warm-up, and eager over compiled. Compiling takes minutes on a small CPU. Times on a shared
+machine move by tens of percent; the counts of part 1 do not.
+
+    python benchmarks/training_step_dispatch.py
+    python benchmarks/training_step_dispatch.py --models simcnn:0.25 --compile --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import Counter
+from functools import partial
+
+import torch
+
+from dnnmod.models import build_model
+from dnnmod.training.dispatch import count_training_step
+from dnnmod.training.objectives import get_objective
+from dnnmod.training.train import EpochSums, Recipe, Trainer
+
+KINDS = ("st", "mwt", "moda")
+
+
+def trainer_for(arch: str, width: float, kind: str, recipe: Recipe,
+                gated_standard: bool = False) -> Trainer:
+    """A fresh seeded trainer; ``gated_standard``: standard training of the MwT-gated model."""
+    torch.manual_seed(0)
+    model = build_model(arch, 10, width=width)
+    if gated_standard:
+        model = get_objective("mwt").prepare(model)
+    return Trainer.create(model, recipe, get_objective(kind), "cpu")
+
+
+def print_counts(arch: str, width: float, recipe: Recipe, x, y) -> None:
+    rows = {kind: count_training_step(trainer_for(arch, width, kind, recipe), x, y)
+            for kind in KINDS}
+    rows["st on mwt's model"] = count_training_step(
+        trainer_for(arch, width, "st", recipe, gated_standard=True), x, y)
+    print(f"\n{arch} w{width}, batch {len(y)}: ops dispatched by one training step")
+    print("| kind | kernels | views | all ops | syncing ops | kernels / st |")
+    print("|---|---|---|---|---|---|")
+    for kind, count in rows.items():
+        syncing = ", ".join(f"{n}x {op}" for op, n in Counter(count.syncing).items()) or "0"
+        print(f"| {kind} | {count.kernels} | {count.views} | {count.total} | {syncing} | "
+              f"{count.kernels / rows['st'].kernels:.2f} |")
+    gated = rows["st on mwt's model"]
+    print(f"mwt over st on mwt's model: {rows['mwt'].kernels / gated.kernels:.2f}x kernels")
+
+
+def median_step_ms(step, x, y, rounds: int) -> float:
+    sums = EpochSums()
+    times = []
+    for round_ in range(rounds + 2):  # two warm-up steps
+        started = time.perf_counter()
+        sums.add(*step(x, y), y)
+        if round_ >= 2:
+            times.append(time.perf_counter() - started)
+    sums.means()  # the loop reads its sums once
+    return 1000 * statistics.median(times)
+
+
+def compiled_against_eager(arch: str, width: float, recipe: Recipe, x, y, rounds: int) -> None:
+    print(f"\n{arch} w{width}, batch {len(y)}: eager against compiled step on the CPU "
+          f"({torch.get_num_threads()} threads; times under load are noisy)")
+    print("| kind | eager ms | compiled ms | eager / compiled | compile s |")
+    print("|---|---|---|---|---|")
+    for kind in ("mwt", "moda"):
+        eager, compiled = (trainer_for(arch, width, kind, recipe) for _ in range(2))
+        with eager.objective.capture(eager.model) as captured:
+            eager_ms = median_step_ms(partial(eager.step, captured=captured), x, y, rounds)
+        backward = torch.compile(compiled.backward, fullgraph=True)
+        update = torch.compile(compiled.optimizer.step)
+
+        with (compiled.objective.capture(compiled.model) as captured,
+              torch._dynamo.config.patch(trace_autograd_ops=True)):
+            def step(a, b, backward=backward, update=update, captured=captured):
+                result = backward(a, b, captured)
+                update()
+                return result
+
+            compiled.step(x, y, captured)  # eager first: optimizer state, cached constants
+            started = time.perf_counter()
+            step(x, y)
+            compile_seconds = time.perf_counter() - started
+            compiled_ms = median_step_ms(step, x, y, rounds)
+        print(f"| {kind} | {eager_ms:.1f} | {compiled_ms:.1f} | {eager_ms / compiled_ms:.2f} | "
+              f"{compile_seconds:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["simcnn:0.125", "vgg16:0.125",
+                                                         "resnet20:0.125"],
+                        help="arch:width")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time compiled against eager steps (first model)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = Recipe(epochs=1, batch_size=args.batch_size, lr=0.05)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, 32, 32, generator=generator)
+    y = torch.arange(args.batch_size) % 10
+    models = [(arch, float(width)) for arch, width in
+              (entry.split(":") for entry in args.models)]
+    for arch, width in models:
+        print_counts(arch, width, recipe, x, y)
+    if args.compile:
+        compiled_against_eager(*models[0], recipe, x, y, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
