@@ -4,6 +4,7 @@ command line, the table and figure, and a tiny workflow run."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -14,7 +15,7 @@ import pytest
 import torch
 from workflow_helpers import TINY, copy_project, make_project, snakemake, write_config
 
-from dnnmod.approaches import run_approach
+from dnnmod.approaches import get_approach, run_approach
 from dnnmod.cli import main
 from dnnmod.errors import ArtifactError, ConfigError
 from dnnmod.models import build_model
@@ -149,15 +150,26 @@ def test_union_costs_equal_the_built_union_networks(arch, width, positions):
                                   else int(mask.sum()) for name, mask in masks.items()}
 
 
-def test_union_costs_of_an_mwt_model_equal_its_built_union_networks(small_digits, tmp_path):
+@pytest.mark.parametrize("deployed", [False, True])
+def test_union_costs_of_an_mwt_model_equal_its_built_union_networks(small_digits, tmp_path,
+                                                                    deployed):
     from conftest import train_modular
+
+    from dnnmod.approaches.mwt import without_mask_generators
 
     _, weights = train_modular("mwt", small_digits, tmp_path)
     model, meta = load_model(weights)  # mask generators wrap the convs
     modules = run_approach("mwt", model, meta, small_digits, {}, seed=0)
-    costs, kept = UnionCosts(model, modules.structure), KeptChannels(modules)
+    # deployed: as MwT's authors deploy it, without the mask generators, in the network and in
+    # the base model (then of the ST model's size)
+    reuse = get_approach("mwt").reuse_network if deployed else None
+    costs, kept = UnionCosts(model, modules.structure, reuse), KeptChannels(modules)
+    if deployed:
+        base = without_mask_generators(copy.deepcopy(model))
+        assert costs.base_params == count_parameters(base) < count_parameters(model)
     for classes in ([1, 2], [0, 3, 5, 8]):
         network = union_network(model, modules, classes)
+        network = reuse(network) if deployed else network
         params, flops = costs.counts(kept.union(classes), len(classes))
         assert params == count_parameters(network)
         assert flops == pytest.approx(count_flops(network, modules.structure.input_shape),

@@ -13,8 +13,10 @@ What is computed once per module set and reused for every sub-task:
   the argmax over T's logit columns on the same images. No network is rebuilt or rerun per
   sub-task: a module's score does not depend on which other modules are composed with it.
 - the parameters and FLOPs of T's *union network* (:func:`~dnnmod.modules.union.union_network`:
-  the OR of T's masks, extracted, logit rows of T), from T's kept-channel counts per group
-  (:class:`UnionCosts`; equal to counting the built network, tested), and the sizes of the
+  the OR of T's masks, extracted, logit rows of T; as the approach's authors deploy it, so
+  MwT's without its mask generators, against the model without them, the ST model's size),
+  from T's kept-channel counts per group (:class:`UnionCosts`; equal to counting the built
+  network, tested), and the sizes of the
   separate extracted modules (:func:`~dnnmod.modules.metrics.module_costs`), summed over T:
   union cost is what MwT and MODA deploy, the separate sum what splitter-style composition
   (each module a network of its own) deploys.
@@ -47,7 +49,8 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +59,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dnnmod.approaches import get_approach
+from dnnmod.approaches import APPROACHES, get_approach
 from dnnmod.approaches.base import Approach
 from dnnmod.artifacts import atomic_write, write_json
 from dnnmod.errors import ConfigError
 from dnnmod.hyperparameters import Range, resolve
 from dnnmod.modules.combination import combine_scores
-from dnnmod.modules.extract import count_parameters, extract_module, layer_flops
+from dnnmod.modules.extract import extract_module, layer_flops
 from dnnmod.modules.inference import run
 from dnnmod.modules.masking import channel_view
 from dnnmod.modules.metrics import module_costs, module_scores
@@ -176,12 +179,20 @@ class UnionCosts:
     exact, for any kept counts, without building it. A Conv2d's or Linear's FLOPs are
     proportional to its weight's elements at a fixed input size, so each layer's share of the
     base model's FLOPs scales with its weight. The logit layer keeps |T| rows.
+
+    ``reuse`` (the approach's :meth:`~dnnmod.approaches.base.Approach.reuse_network`) gives
+    the network as its authors deploy it: the parameters and layers it removes (MwT's mask
+    generators) count neither in a union network nor in the base model, so MwT's fractions are
+    of the model without generators, the ST model's size, as its authors count them.
     """
 
-    def __init__(self, model: nn.Module, structure: ModelStructure) -> None:
+    def __init__(self, model: nn.Module, structure: ModelStructure,
+                 reuse: Callable[[nn.Module], nn.Module] | None = None) -> None:
         self.structure = structure
         self.group_sizes = {group.name: group.size for group in structure.groups}
-        self.shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        deployed = _deployed_parameters(model, reuse)
+        self.shapes = {name: tuple(p.shape) for name, p in model.named_parameters()
+                       if name in deployed}
         #: tensor name → per dimension {group name: elements removed per dropped channel}
         self.shrink: dict[str, list[dict[str, int]]] = {
             name: [{} for _ in shape] for name, shape in self.shapes.items()}
@@ -195,8 +206,11 @@ class UnionCosts:
                     if left != full:
                         self.shrink[name][dim][group.name] = full - left
         self.output_tensors = {f"{structure.output_layer}.{kind}" for kind in ("weight", "bias")}
-        self.base_params = count_parameters(model)
-        flops = layer_flops(model, tuple(structure.input_shape))
+        self.base_params = sum(math.prod(shape) for shape in self.shapes.values())
+        removed = {name.removesuffix(".weight") for name, _ in model.named_parameters()
+                   if name.endswith(".weight") and name not in deployed}
+        flops = {layer: count for layer, count in
+                 layer_flops(model, tuple(structure.input_shape)).items() if layer not in removed}
         self.base_flops = sum(flops.values())
         #: FLOPs per weight element of each leaf layer that counts any
         self.flops_per_weight = {
@@ -227,6 +241,17 @@ class UnionCosts:
         """:meth:`counts` as fractions of the base model's parameters and FLOPs."""
         params, flops = self.counts(kept, outputs)
         return params / self.base_params, flops / self.base_flops
+
+
+def _deployed_parameters(model: nn.Module, reuse: Callable[[nn.Module], nn.Module] | None
+                         ) -> set[str]:
+    """Names of ``model``'s parameters that ``reuse`` (applied to a copy) keeps."""
+    if reuse is None:
+        return {name for name, _ in model.named_parameters()}
+    copy = deepcopy(model)
+    named = dict(copy.named_parameters())
+    kept = {id(parameter) for parameter in reuse(copy).parameters()}
+    return {name for name, parameter in named.items() if id(parameter) in kept}
 
 
 class KeptChannels:
@@ -276,7 +301,9 @@ def evaluate_subtasks(model: nn.Module, modules: ModuleSet, data, settings: Mapp
         st_logits = None if st_model is None else logits
     else:
         st_logits = run(st_model, test)
-    costs = UnionCosts(model, modules.structure)
+    approach = APPROACHES.get(modules.approach)
+    costs = UnionCosts(model, modules.structure,
+                       None if approach is None else approach.reuse_network)
     separate = module_costs(model, modules)
     shared_seconds = time.perf_counter() - started
 
@@ -286,8 +313,8 @@ def evaluate_subtasks(model: nn.Module, modules: ModuleSet, data, settings: Mapp
     subsets, exhaustive = choose_subsets(len(modules), settings["max_subsets"],
                                          settings["samples_per_size"], settings["seed"])
     union_sample = set(spread_sample(subsets, settings["union_subsets"], settings["seed"]))
-    approach = get_approach(modules.approach) if union_sample else None
     if union_sample:
+        approach = get_approach(modules.approach)  # an unknown name fails here
         _check_union_networks(model, modules)
 
     loop_started, union_total, records = time.perf_counter(), 0.0, []
