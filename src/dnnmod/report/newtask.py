@@ -37,7 +37,9 @@ PUBLISHED_METRIC = "accuracy_loss_vs_scratch_pct"
 VALUES = ["composed_accuracy", "scratch_accuracy", "accuracy_difference_pp"]
 COMPOSED_KEYS = ("setting", "kind", "approach", "model", "seed", "pairs", "candidates")
 BASE_MODELS_POOL, DIRICHLET_POOL = "base_models", "dirichlet"
-NOTES = ("accuracy_difference_pp = composed − from-scratch test accuracy on the pair's test "
+NOTES = ("kind = inter (a class of one dataset x a class of another, the papers' new tasks: "
+         "the headline) comes before intra (both classes of one dataset). "
+         "accuracy_difference_pp = composed − from-scratch test accuracy on the pair's test "
          "images; pair = mean rows average over the pairs, the published means beside them. "
          "An approach appears in a setting when it decomposed a pool model of both datasets "
          "or when the setting's Dirichlet pool names it. "
@@ -125,8 +127,10 @@ def new_task_table(composed_paths: list[Path], scratch_paths: list[Path]) -> pd.
                 "pairs", "pool_size_a", "pool_size_b"]
     table[integral] = table[integral].astype("Int64")
     table["is_mean"] = table.pair == MEAN
-    return table.sort_values(["setting", "approach", "seed", "variant", "is_mean", "task"],
-                             ignore_index=True).drop(columns="is_mean")
+    # Cross-dataset settings first ("inter" sorts before "intra"): the papers' new tasks cross
+    # datasets, and within one dataset random kernels separate two classes about as well.
+    return table.sort_values(["kind", "setting", "approach", "seed", "variant", "is_mean",
+                              "task"], ignore_index=True).drop(columns="is_mean")
 
 
 def _pool_columns(result: dict) -> dict:
