@@ -23,7 +23,8 @@ from dnnmod.report.tables import published, write_table
 # Defined here, where the table reads them, so that the table job needs no torch.
 WEAK_TYPES = ("simple", "underfit", "overfit")
 METRICS = ("precision", "recall", "f1", "non_tc_accuracy")
-KEYS = ["protocol", "setting", "dataset", "model", "approach", "weak_type", "target"]
+KEYS = ["protocol", "setting", "dataset", "model", "approach", "control_of", "weak_type",
+        "target"]
 VALUES = [f"{stage}_{metric}" for metric in METRICS for stage in ("weak", "patched")]
 GAINS = [f"{metric}_gain_pp" for metric in METRICS]
 AVERAGE = "average"
@@ -43,7 +44,9 @@ def patching_rows(metrics_paths: list[Path]) -> pd.DataFrame:
                 "setting": record["setting"], "dataset": record["dataset"],
                 "source_dataset": record["source_dataset"],
                 "model": record["model"], "arch": record["arch"],
-                "approach": record["approach"], "weak_type": row["weak_type"],
+                "approach": record["approach"],
+                # a random control names the approach whose kernel counts it matches
+                "control_of": record.get("control_of", ""), "weak_type": row["weak_type"],
                 "target": row["target_name"], "target_class": row["target_class"],
                 "seed": record["seed"], "weak_model": row["weak_model"],
                 "weak_train_accuracy": row["weak_train_accuracy"],
@@ -62,7 +65,7 @@ def patching_table(metrics_paths: list[Path]) -> pd.DataFrame:
     (mean over target classes) with the published weak/patched averages beside."""
     rows = patching_rows(metrics_paths)
     group = ["protocol", "setting", "dataset", "source_dataset", "model", "arch", "approach",
-             "weak_type", "seed"]
+             "control_of", "weak_type", "seed"]
     averages = rows.groupby(group, observed=True, as_index=False)[
         ["weak_train_accuracy", "weak_test_accuracy", *VALUES, *GAINS]].mean()
     averages["target"] = AVERAGE

@@ -459,7 +459,10 @@ def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequenc
             "calibration": calibration, "test_images": len(test),
             "tc_test_images": int((test.labels == tc_column).sum()),
             **metrics})
-    extra = {"calibration_layer": calibration_layer} if protocol == "moda" else \
+    # A random control's row names the approach whose kernel counts it matches.
+    matched = (modules.provenance.get("matched") or {}).get("approach")
+    extra = {"control_of": matched} if matched else {}
+    extra |= {"calibration_layer": calibration_layer} if protocol == "moda" else \
         {"calibration_images": ALL_IMAGES if calibration_images is None else calibration_images}
     return {"protocol": protocol, **extra, "setting": setting, "approach": modules.approach,
             "model": strong_meta["model"], "arch": strong_meta["arch"],
