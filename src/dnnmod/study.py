@@ -8,6 +8,7 @@ configured datasets. Errors name the config key at fault.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from dnnmod.errors import ConfigError, UnknownNameError
@@ -33,6 +34,19 @@ def expand_modularizations(config: dict[str, Any]) -> list[tuple[str, str, str]]
     """(approach, dataset, model) for every module set the study makes."""
     return [(entry["approach"], entry["dataset"], model)
             for entry in config.get("modularize", []) for model in entry["models"]]
+
+
+def modularization_hyperparameters(config: dict[str, Any], approach: str, dataset: str,
+                                   model: str) -> dict[str, Any]:
+    """The hyperparameter overrides ``approach`` decomposes ``model`` on ``dataset`` with:
+    ``approaches.<approach>``, then the ``hyperparameters`` of the modularize entry that makes
+    that module set (an author's setting per model and dataset)."""
+    overrides = dict(config.get("approaches", {}).get(approach) or {})
+    for entry in config.get("modularize", []):
+        if (entry["approach"], entry["dataset"]) == (approach, dataset) \
+                and model in entry["models"]:
+            overrides.update(entry.get("hyperparameters") or {})
+    return overrides
 
 
 def study_inventories(config: dict[str, Any]) -> dict[str, ClassInventory]:
@@ -101,6 +115,7 @@ def check_study_config(config: dict[str, Any]) -> None:
             raise ConfigError(f"approaches.{name}: "
                               f"{UnknownNameError('approach', name, APPROACHES)}")
         resolve_hyperparameters(name, values)
+    made: dict[tuple[str, str, str], str] = {}
     for position, entry in enumerate(config.get("modularize", [])):
         where = f"modularize[{position}]"
         if entry["approach"] not in APPROACHES:
@@ -110,6 +125,13 @@ def check_study_config(config: dict[str, Any]) -> None:
             if (entry["dataset"], model) not in base_models:
                 raise ConfigError(f"{where}: {model} on {entry['dataset']} is not a base model "
                                   "of this study (add it under base_models)")
+            key = (entry["approach"], entry["dataset"], model)
+            if key in made:  # its hyperparameters would be ambiguous
+                raise ConfigError(f"{where}.models: {entry['approach']} decomposes {model} on "
+                                  f"{entry['dataset']} in {made[key]} already")
+            made[key] = where
+        if entry.get("hyperparameters"):
+            _check_entry_hyperparameters(config, entry, where)
     decomposed = set(expand_modularizations(config))
     for approach, dataset, model in sorted(decomposed):
         hyperparameters = resolve_hyperparameters(approach, config.get("approaches", {}).get(
@@ -119,6 +141,28 @@ def check_study_config(config: dict[str, Any]) -> None:
                 raise ConfigError(f"approaches.{approach}: reads the {reference} modules of "
                                   f"{model} on {dataset}, which no modularize entry makes "
                                   f"(add {reference} for {model} on {dataset})")
+
+
+def _check_entry_hyperparameters(config: dict[str, Any], entry: dict[str, Any],
+                                 where: str) -> None:
+    """A modularize entry's hyperparameters over the study's: valid, and not changing which
+    module sets the approach reads or which training kind its model has (one model and one
+    set of references per approach, which the workflow's rules share)."""
+    from dnnmod.approaches import APPROACHES, resolve_hyperparameters
+
+    name = entry["approach"]
+    study = config.get("approaches", {}).get(name) or {}
+    try:
+        merged = resolve_hyperparameters(name, {**study, **entry["hyperparameters"]})
+    except ConfigError as err:
+        raise ConfigError(str(err).replace(f"approaches.{name}", f"{where}.hyperparameters")
+                          ) from None
+    approach, default = APPROACHES[name], resolve_hyperparameters(name, study)
+    if (approach.references(merged) != approach.references(default)
+            or approach.training_for(merged) != approach.training_for(default)):
+        raise ConfigError(f"{where}.hyperparameters: would change the module sets {name} reads "
+                          f"or the training of the model it decomposes; set that under "
+                          f"approaches.{name}")
 
 
 # ---------------------------------------------------------------- the paper-shaped study
@@ -188,11 +232,9 @@ def shrink_study(paper: dict[str, Any], manifest: dict[str, Any], mirror: str, *
                    if name in used_models},
         "recipes": {name: _short_recipe(recipe) for name, recipe in paper["recipes"].items()},
         "base_models": base_models,
-        "approaches": {name: {**values, **{key: value for key, value in
-                                            SHRUNK_APPROACHES.get(name, {}).items()
-                                            if key not in values or _larger(values[key], value)}}
+        "approaches": {name: _shrunk_hyperparameters(name, values, fill=True)
                        for name, values in paper.get("approaches", {}).items()},
-        "modularize": _group_modularizations(modularize),
+        "modularize": _group_modularizations(paper, modularize),
         "reuse": reuse,
         "threads": {kind: 1 for kind in paper.get("threads", {})},
         # the paper's reasons, and one for every size shrunk here
@@ -419,10 +461,34 @@ def _cover_modularizations(paper: dict[str, Any],
     return [entry for entry in paper_sets if entry in kept]
 
 
-def _group_modularizations(sets: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
-    """modularize entries, one per (approach, dataset), models in order."""
-    grouped: dict[tuple[str, str], list[str]] = {}
+def _shrunk_hyperparameters(approach: str, values: dict[str, Any], *,
+                            fill: bool) -> dict[str, Any]:
+    """``values`` with SHRUNK_APPROACHES' work counts where they are larger (``fill``: and
+    where they are missing)."""
+    small = SHRUNK_APPROACHES.get(approach, {})
+    return {**values, **{key: value for key, value in small.items()
+                         if key in values and _larger(values[key], value)
+                         or fill and key not in values}}
+
+
+def _group_modularizations(paper: dict[str, Any],
+                           sets: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """modularize entries, one per (approach, dataset) and the hyperparameters of the paper's
+    entry making each set (their work counts shrunk), models in order."""
+    grouped: dict[tuple[str, str, str], list[str]] = {}
+    overrides: dict[tuple[str, str, str], dict[str, Any]] = {}
     for approach, dataset, model in sets:
-        grouped.setdefault((approach, dataset), []).append(model)
-    return [{"approach": approach, "dataset": dataset, "models": models}
-            for (approach, dataset), models in grouped.items()]
+        entry = next(entry for entry in paper.get("modularize", [])
+                     if (entry["approach"], entry["dataset"]) == (approach, dataset)
+                     and model in entry["models"])
+        hyperparameters = _shrunk_hyperparameters(approach, entry.get("hyperparameters", {}),
+                                                  fill=False)
+        key = (approach, dataset, json.dumps(hyperparameters, sort_keys=True))
+        grouped.setdefault(key, []).append(model)
+        overrides[key] = hyperparameters
+    entries = []
+    for key, models in grouped.items():
+        approach, dataset, _ = key
+        entries.append({"approach": approach, "dataset": dataset, "models": models,
+                        **({"hyperparameters": overrides[key]} if overrides[key] else {})})
+    return entries

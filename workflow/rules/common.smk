@@ -12,7 +12,12 @@ from dnnmod.job_resources import (
 )
 from dnnmod.report import sensitivity
 from dnnmod.reuse import newtask, patching
-from dnnmod.study import check_study_config, expand_base_models, expand_modularizations
+from dnnmod.study import (
+    check_study_config,
+    expand_base_models,
+    expand_modularizations,
+    modularization_hyperparameters,
+)
 from dnnmod.training.objectives import StandardTraining, training_kinds
 
 # Semantic checks the schema cannot express (names exist, references resolve), before any job.

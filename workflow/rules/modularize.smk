@@ -17,7 +17,9 @@ rule modularize:
         **gpu_rule_resources(config, "modularize"),
     params:
         data_root=lambda wc, input: data_root(input.split[0]),
-        hyperparameters=lambda wc: as_json(config["approaches"].get(wc.approach, {})),
+        hyperparameters=lambda wc: as_json(
+            modularization_hyperparameters(config, wc.approach, wc.dataset, wc.model)
+        ),
         references=lambda wc, input: " ".join(
             f"--reference {name}={path}"
             for name, path in zip(references_of(wc.approach), input.references)

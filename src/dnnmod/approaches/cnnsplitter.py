@@ -44,9 +44,11 @@ Deviations from the paper and the reference implementation, all deliberate:
   back (a module cannot have an empty layer), after initialisation and after variation.
 - Mutation resets each gene with probability ``mutation_rate`` (DEAP's ``mutUniformInt``), so
   ``mutation_rate`` × genes are reset on average rather than exactly that many.
-- Hierarchical pruning, as the reference implementation does it: classes are composed pairwise
-  in index order ((0,1), (2,3), ...; an odd one out joins at the next level; the reference
-  shuffles the classes first), all combinations of the two parts' surviving compositions are
+- Hierarchical pruning, as the reference implementation does it: the classes are shuffled
+  every generation (a permutation seeded by the seed and the generation; the reference
+  shuffles them with Python's random, seeded once) and composed pairwise in that order
+  ((c0,c1), (c2,c3), ...; an odd one out joins at the next level), all combinations of the two
+  parts' surviving compositions are
   scored on the validation images of their classes (a tie between the true and another
   module's logit counts as a miss), and the most accurate survive: as many as reach the
   level's accuracy threshold (``accuracy_thresholds`` for pairs, 4 and 8 classes, the last
@@ -58,14 +60,17 @@ Deviations from the paper and the reference implementation, all deliberate:
   surviving composition a solution is in, its best fitness there; compared lexicographically)
   also ranks the solutions that survived only the lower levels, above those that survived none
   (0, 0).
-- acc_prev_best is the accuracy of the previous generation's best (fittest) composition; the
-  first generation's is 0, so its accuracy weight is α + γ.
+- The accuracy weight is α in generation 0 and α + max(0, γ − acc_prev_best) after it, as
+  the reference's recorder sets it; acc_prev_best is the accuracy of the previous generation's
+  best (fittest) composition.
 - Generation 0 is the initial population; ``generations`` breedings follow it.
 - Selection images. The reference scores fitness and selects the generation on the whole
-  validation split. With ``fitness_samples`` below its size (a reduction for small budgets),
-  fitness is scored on that sample and the generation is selected by the accuracy of each
-  generation's best composition on the validation images the search never scored (at most
-  ``selection_samples`` of them; ``selection_accuracy`` in the logbook). The images the
+  validation split (module_recorder.py: the validation part of the training set, not test
+  images), as dnnmod does by default. Deviation, only with ``fitness_samples`` below the
+  split's size (a reduction for small budgets): fitness is scored on that sample and the
+  generation is selected by the accuracy of each generation's best composition on the
+  validation images the search never scored (at most ``selection_samples`` of them;
+  ``selection_accuracy`` in the logbook). The images the
   search scores cannot show that it fits them: the fittest composition survives every
   generation, and on the demo's 150 images its accuracy stayed at 98.7 % while test accuracy
   fell after generation 10, so selecting on them picked the last generation.
@@ -78,7 +83,7 @@ import logging
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -518,6 +523,20 @@ def _merge_scores(first: _Composition, second: _Composition, logits, labels, dif
     return accuracy, diff_sum
 
 
+def score_in_class_order(class_order: Sequence[int], logits: Sequence[torch.Tensor],
+                         labels: torch.Tensor, kernel_sets: Sequence[torch.Tensor], *,
+                         carried: Sequence[int] | None = None,
+                         **settings: Any) -> CompositionScores:
+    """:func:`score_compositions` with the classes composed in ``class_order`` (the reference
+    shuffles them every generation); arguments and scores are by class index."""
+    place = torch.argsort(torch.as_tensor(class_order))  # class c's position in the order
+    scores = score_compositions(
+        [logits[c] for c in class_order], place[labels.cpu()],
+        [kernel_sets[c] for c in class_order],
+        carried=None if carried is None else [carried[c] for c in class_order], **settings)
+    return replace(scores, fitness=scores.fitness[place], solutions=scores.solutions[:, place])
+
+
 class CNNSplitter(Approach):
     name = "cnnsplitter"
     defaults = DEFAULTS
@@ -650,11 +669,14 @@ class CNNSplitter(Approach):
             cached, evaluations = population_logits(model, structure, images, layout,
                                                     populations, caches, kept_pass)
             previous, logits = populations, list(cached)
-            weight = hp["alpha"] + max(0.0, hp["gamma"] - accuracy_prev_best)
+            weight = (hp["alpha"] if generation == 0
+                      else hp["alpha"] + max(0.0, hp["gamma"] - accuracy_prev_best))
             # the previous best composition's members are the first elites (breed)
             carried = [0] * len(classes) if generation > 0 and hp["elites"] > 0 else None
-            scores = score_compositions(
-                logits, labels, [layout.kernel_sets(populations[c], c) for c in classes],
+            class_order = np.random.default_rng((stream, 1)).permutation(len(classes)).tolist()
+            scores = score_in_class_order(
+                class_order, logits, labels,
+                [layout.kernel_sets(populations[c], c) for c in classes],
                 accuracy_weight=weight, alpha=hp["alpha"],
                 accuracy_thresholds=hp["accuracy_thresholds"],
                 final_accuracy_threshold=hp["final_accuracy_threshold"],

@@ -31,7 +31,7 @@ from dnnmod.artifacts import read_json, write_json
 from dnnmod.errors import ArtifactError, ConfigError, UnknownNameError
 from dnnmod.report.figures import approach_style, pyplot, save_figure
 from dnnmod.report.tables import write_table
-from dnnmod.study import expand_base_models
+from dnnmod.study import expand_base_models, modularization_hyperparameters
 
 DECOMPOSITION, TRAINING = "decomposition", "training"
 # A value becomes part of a path (<parameter>-<value>): plain words and numbers only.
@@ -132,20 +132,26 @@ def plan_sweeps(config: dict[str, Any]) -> list[SweepPoint]:
             if (sweep["dataset"], model) not in base_models:
                 raise ConfigError(f"{where}.models: {model} on {sweep['dataset']} is not a "
                                   "base model of this study (add it under base_models)")
+        # a modularize entry may set the approach's hyperparameters for its models
+        here = {model: modularization_hyperparameters(config, name, sweep["dataset"], model)
+                for model in sweep["models"]}
+        defaults = {model: approach.resolve(here[model])[parameter] if stage == DECOMPOSITION
+                    else default for model in sweep["models"]}
         for index, value in enumerate(sweep["values"]):
             if not VALUE_TEXT.match(value_text(value)):
                 raise ConfigError(f"{where}.values[{index}]: {value!r} cannot name a folder "
                                   "(letters, digits and _.+- only)")
             try:
                 if stage == DECOMPOSITION:
-                    approach.resolve({**configured, parameter: value})
+                    for model in sweep["models"]:
+                        approach.resolve({**here[model], parameter: value})
                 else:
                     get_objective(training, {**objective_configured, parameter: value})
             except ConfigError as err:
                 raise ConfigError(f"{where}.values[{index}]: {err}") from None
             for model in sweep["models"]:
                 point = SweepPoint(name, sweep["dataset"], model, parameter, value, stage,
-                                   training, default)
+                                   training, defaults[model])
                 key = (name, point.dataset, model, point.variant)
                 if key in points:
                     raise ConfigError(f"{where}.values[{index}]: {name} on {model}/"
@@ -156,8 +162,10 @@ def plan_sweeps(config: dict[str, Any]) -> list[SweepPoint]:
 
 
 def approach_overrides(config: dict[str, Any], point: SweepPoint) -> dict[str, Any]:
-    """The approach hyperparameters a point decomposes with (the config's, its value in)."""
-    configured = dict(config.get("approaches", {}).get(point.approach, {}))
+    """The approach hyperparameters a point decomposes with (the config's for its model and
+    dataset, its value in)."""
+    configured = modularization_hyperparameters(config, point.approach, point.dataset,
+                                                point.model)
     if point.stage == DECOMPOSITION:
         configured[point.parameter] = point.value
     return configured
