@@ -93,6 +93,28 @@ class _Segments:
             torch.equal(a, b) for a, b in zip(self.channels, other.channels, strict=True))
 
 
+class _Staging:
+    """Index tensors planned on the host, sent to the device in one transfer."""
+
+    def __init__(self) -> None:
+        self.host: list[torch.Tensor] = []
+
+    def add(self, index: torch.Tensor) -> int:
+        self.host.append(index.long().flatten())
+        return len(self.host) - 1
+
+    def transfer(self, device: torch.device) -> list[torch.Tensor]:
+        if not self.host:
+            return []
+        sizes = [len(index) for index in self.host]
+        return list(torch.cat(self.host).to(device).split(sizes))
+
+
+def _fixed(run: Callable) -> Callable[[list[torch.Tensor]], Callable]:
+    """The binding of a step that needs no staged indices."""
+    return lambda _pieces: run
+
+
 def padded_widths(counts: Sequence[int], padding: float = PADDING) -> list[int]:
     """Each kept count raised to its level: levels from the largest count down, each holding
     the counts ``c`` with ``c * (1 + padding) >= level``."""
@@ -189,6 +211,7 @@ class GroupedKeptPass:
                              f"groups; got {unknown[:5] or 'position masks'}")
         kept = {name: mask.detach().cpu() > 0 for name, mask in masks.items()}
         device = next(iter(self.weights.values()))[0].device
+        staging = _Staging()
         group_segments: dict[str, _Segments] = {}
 
         def segments_of(layer: str, size: int) -> _Segments:
@@ -217,8 +240,8 @@ class GroupedKeptPass:
                 classes = layout[source].size
                 if not layout[source].complete:
                     raise _Unsupported("the logits' units are pruned")
-                steps.append((node, lambda out, m=modules, n=classes:
-                              out.view(out.shape[0], m, n).transpose(0, 1)))
+                steps.append((node, _fixed(lambda out, m=modules, n=classes:
+                                           out.view(out.shape[0], m, n).transpose(0, 1))))
                 continue
             inputs = [layout[a] for a in node.args if isinstance(a, torch.fx.Node)]
             target = self.layers.get(node.target) if node.op == "call_module" else None
@@ -227,31 +250,34 @@ class GroupedKeptPass:
                     else target.out_features
                 out = segments_of(node.target, size)
                 layout[node], run = self._producer(node.target, inputs[0], out, modules,
-                                                   device)
+                                                   staging)
             elif isinstance(target, _BATCH_NORM):
-                layout[node], run = inputs[0], self._norm(target, inputs[0], device)
+                layout[node], run = inputs[0], self._norm(target, inputs[0], staging)
             elif (isinstance(target, _CHANNEL_WISE)
                   or (node.op == "call_function" and node.target in _CHANNEL_WISE_FUNCTIONS)
                   or (node.op == "call_method" and node.target == "relu")):
-                layout[node], run = inputs[0], self._call(node)
+                layout[node], run = inputs[0], _fixed(self._call(node))
             elif (isinstance(target, nn.Flatten) and target.start_dim == 1
                   or node.op == "call_function" and node.target is torch.flatten
                   or node.op == "call_method" and node.target == "flatten"):
                 if list(node.args[1:]) + list(node.kwargs.values()) not in ([1], [1, -1]) \
                         and node.op != "call_module":
                     raise _Unsupported("a flatten other than of all dimensions after channels")
-                layout[node], run = inputs[0], _flatten_pooled
+                layout[node], run = inputs[0], _fixed(_flatten_pooled)
             elif node.op == "call_function" and node.target in (operator.add, torch.add):
                 if (len(inputs) != 2 or node.kwargs
                         or (inputs[0] is None) != (inputs[1] is None)
                         or (inputs[0] is not None and not inputs[0].same_as(inputs[1]))):
                     raise _Unsupported("an addition of maps with different channels")
-                layout[node], run = inputs[0], operator.add
+                layout[node], run = inputs[0], _fixed(operator.add)
             elif node.op == "call_function" and node.target is torch.cat:
-                layout[node], run = self._concatenation(node, modules, layout, device)
+                layout[node], run = self._concatenation(node, modules, layout, staging)
             else:
                 raise _Unsupported(f"{node.op} {node.target}")
             steps.append((node, run))
+        # every index to the device at once; then each step gathers its weights
+        pieces = staging.transfer(device)
+        steps = [(node, None if bind is None else bind(pieces)) for node, bind in steps]
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             values: dict[torch.fx.Node, torch.Tensor] = {}
@@ -268,9 +294,10 @@ class GroupedKeptPass:
         return forward
 
     def _producer(self, name: str, source: _Segments | None, out: _Segments, modules: int,
-                  device: torch.device) -> tuple[_Segments | None, Callable]:
+                  staging: _Staging) -> tuple[_Segments | None, Callable]:
         """A conv or Linear: one plain call for a shared input, else one grouped conv per
-        bucket of modules with the same widths in and out, over gathered weights."""
+        bucket of modules with the same widths in and out, over weights gathered per module
+        (one gather per layer for all buckets)."""
         layer = self.layers[name]
         weight, bias = self.weights[name]
         conv = ({"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
@@ -278,36 +305,42 @@ class GroupedKeptPass:
         if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
             raise _Unsupported(f"{name}: a grouped or non-zero-padded conv")
         linear = isinstance(layer, nn.Linear)
-        if source is None and out.complete:  # no mask reaches it yet
-            w, b = weight[:-1, :-1], bias[:-1]
-            return None, _as_conv(linear, lambda x: F.conv2d(x, w, b, **conv))
         if source is not None and source.size != weight.shape[1] - 1:
             raise _Unsupported(f"{name} reads {source.size} channels")
-        if source is None:  # the input, shared: each module's kept filters, stacked
-            rows = torch.cat(out.channels).to(device)
-            w, b = weight[rows][:, :-1], bias[rows]
-            return out, _as_conv(linear, lambda x: F.conv2d(x, w, b, **conv))
-        if source.complete and out.complete:  # no module prunes it: the model's weights
+        if out.complete and (source is None or source.complete):  # no mask prunes it
             w, b = weight[:-1, :-1], bias[:-1]
+            if source is None:  # no mask reaches it yet
+                return None, _fixed(_as_conv(linear, lambda x: F.conv2d(x, w, b, **conv)))
 
-            def run_shared(x: torch.Tensor) -> torch.Tensor:
+            def run_shared(x: torch.Tensor) -> torch.Tensor:  # the model's own weights
                 folded = x.reshape(x.shape[0] * modules, -1, *x.shape[2:])
                 y = F.conv2d(folded, w, b, **conv)
                 return y.reshape(x.shape[0], -1, *y.shape[2:])
 
-            return out, _as_conv(linear, run_shared)
+            return out, _fixed(_as_conv(linear, run_shared))
+        if source is None:  # the input, shared: each module's kept filters, stacked
+            rows = staging.add(torch.cat(out.channels))
+
+            def bind_stacked(pieces: list[torch.Tensor]) -> Callable:
+                w, b = weight[:, :-1].index_select(0, pieces[rows]), bias[pieces[rows]]
+                return _as_conv(linear, lambda x: F.conv2d(x, w, b, **conv))
+
+            return out, bind_stacked
         buckets: dict[tuple[int, int], list[int]] = {}
         for module, pair in enumerate(zip(source.widths, out.widths, strict=True)):
             buckets.setdefault(pair, []).append(module)
-        calls = []
-        for members in buckets.values():
-            rows = torch.stack([out.channels[m] for m in members]).to(device)
-            columns = torch.stack([source.channels[m] for m in members]).to(device)
-            w = weight[rows[:, :, None], columns[:, None, :]].flatten(0, 1)
-            b = bias[rows].flatten()
-            everything = len(members) == modules
-            positions = None if everything else source.positions(members).to(device)
-            calls.append((positions, w, b, len(members)))
+        columns_all = weight.shape[1]
+        flat, rows, plans = [], [], []
+        for (width_in, width_out), members in buckets.items():
+            kept_rows = torch.stack([out.channels[m] for m in members])
+            kept_columns = torch.stack([source.channels[m] for m in members])
+            flat.append(kept_rows[:, :, None] * columns_all + kept_columns[:, None, :])
+            rows.append(kept_rows)
+            positions = (None if len(members) == modules
+                         else staging.add(source.positions(members)))
+            plans.append((positions, len(members) * width_out, width_in, len(members)))
+        flat_handle = staging.add(torch.cat([f.flatten() for f in flat]))
+        rows_handle = staging.add(torch.cat([r.flatten() for r in rows]))
         # the buckets' outputs lie in bucket order: where each module's segment lies there
         order = [m for members in buckets.values() for m in members]
         restore = None
@@ -316,24 +349,39 @@ class GroupedKeptPass:
             for module in order:
                 starts[module] = start
                 start += out.widths[module]
-            restore = torch.cat([torch.arange(starts[m], starts[m] + len(out.channels[m]))
-                                 for m in range(modules)]).to(device)
+            restore = staging.add(torch.cat([
+                torch.arange(starts[m], starts[m] + len(out.channels[m]))
+                for m in range(modules)]))
 
-        def run_buckets(x: torch.Tensor) -> torch.Tensor:
-            outputs = [F.conv2d(x if positions is None else x.index_select(1, positions), w, b,
-                                groups=groups, **conv)
-                       for positions, w, b, groups in calls]
-            y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-            return y if restore is None else y.index_select(1, restore)
+        def bind_buckets(pieces: list[torch.Tensor]) -> Callable:
+            gathered = weight.flatten(0, 1).index_select(0, pieces[flat_handle])
+            biases = bias[pieces[rows_handle]]
+            calls, first, row = [], 0, 0  # a bucket's first filter and first gathered row
+            for positions, filters, width_in, groups in plans:
+                w = gathered[row:row + filters * width_in].view(
+                    filters, width_in, *weight.shape[2:])
+                calls.append((None if positions is None else pieces[positions], w,
+                              biases[first:first + filters], groups))
+                first, row = first + filters, row + filters * width_in
+            back = None if restore is None else pieces[restore]
 
-        return out, _as_conv(linear, run_buckets)
+            def run_buckets(x: torch.Tensor) -> torch.Tensor:
+                outputs = [F.conv2d(x if positions is None else x.index_select(1, positions),
+                                    w, b, groups=groups, **conv)
+                           for positions, w, b, groups in calls]
+                y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+                return y if back is None else y.index_select(1, back)
+
+            return _as_conv(linear, run_buckets)
+
+        return out, bind_buckets
 
     def _norm(self, norm: nn.Module, source: _Segments | None,
-              device: torch.device) -> Callable:
+              staging: _Staging) -> Callable[[list[torch.Tensor]], Callable]:
         """A BatchNorm no conv folded: its eval-mode scale and shift per base channel,
         gathered for each module's positions (a padding channel's are 0)."""
         if source is None:
-            return lambda x: norm(x)
+            return _fixed(lambda x: norm(x))
         if norm.running_mean is None or source.size != norm.num_features:
             raise _Unsupported("a BatchNorm without running statistics or over other channels")
         scale = torch.rsqrt(norm.running_var + norm.eps)
@@ -342,18 +390,23 @@ class GroupedKeptPass:
         shift = -scale * norm.running_mean
         if norm.bias is not None:
             shift = shift + norm.bias.detach()
-        index = torch.cat(source.channels).to(device)
-        scale, shift = F.pad(scale, (0, 1))[index], F.pad(shift, (0, 1))[index]
+        index = staging.add(torch.cat(source.channels))
 
-        def apply(x: torch.Tensor) -> torch.Tensor:
-            shape = (1, -1, *([1] * (x.dim() - 2)))
-            return x * scale.view(shape) + shift.view(shape)
+        def bind(pieces: list[torch.Tensor]) -> Callable:
+            scales = F.pad(scale, (0, 1))[pieces[index]]
+            shifts = F.pad(shift, (0, 1))[pieces[index]]
 
-        return apply
+            def apply(x: torch.Tensor) -> torch.Tensor:
+                shape = (1, -1, *([1] * (x.dim() - 2)))
+                return x * scales.view(shape) + shifts.view(shape)
+
+            return apply
+
+        return bind
 
     def _concatenation(self, node: torch.fx.Node, modules: int,
                        layout: Mapping[torch.fx.Node, _Segments | None],
-                       device: torch.device) -> tuple[_Segments, Callable]:
+                       staging: _Staging) -> tuple[_Segments, Callable]:
         """Concatenated channels: module by module, each operand's segment after the last."""
         parts = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -376,9 +429,9 @@ class GroupedKeptPass:
                 before = int(first[module])
                 interleave.append(torch.arange(before, before + len(own)))
             channels.append(torch.cat(pieces))
-        index = torch.cat(interleave).to(device)
+        index = staging.add(torch.cat(interleave))
         return _Segments(size, tuple(channels)), (
-            lambda *xs: torch.cat(xs, dim=1).index_select(1, index))
+            lambda pieces: lambda *xs: torch.cat(xs, dim=1).index_select(1, pieces[index]))
 
     def _call(self, node: torch.fx.Node) -> Callable:
         """A channel-wise operation, called as the model calls it."""
