@@ -88,7 +88,8 @@ def kept_channel_pass(model: nn.Module, structure: ModelStructure) -> KeptChanne
     model does not allow it). Module by module, it beats the batched masked pass there by
     about 1/r², by channels-last convs and by running no mask products: the repeated batch
     is memory-bound there (benchmarks/search_speed.py, cnnsplitter_generation.py). On CUDA
-    the batched pass stays: one pass over all modules fills the device."""
+    a whole chunk of modules runs at once as grouped convs over their kept channels
+    (:class:`~dnnmod.modules.grouped_pass.GroupedKeptPass`), which fills the device."""
     if next(model.parameters()).device.type != "cpu":
         return None
     kept_pass = KeptChannelPass.build(model, structure,
