@@ -26,9 +26,9 @@ repeated M times along the batch dimension and each repetition gets its module's
 
 That pass computes every dropped channel, only to zero it. :class:`KeptChannelPass` runs each
 module as its kept-channel sub-network instead (about r² of the multiplications for a module
-keeping a fraction r of its channels), with the same logits and, where it applies (it checks
-itself), the same mask gradients (at the producers and norms); module scoring,
-CNNSplitter's search and GradSplitter's head phases use it on a CPU.
+keeping a fraction r of its channels), with the same logits (it checks itself) but no mask
+gradients: module scoring, CNNSplitter's search and GradSplitter's head phases and validation
+use it on a CPU, GradSplitter's mask steps the masked pass.
 
 GradSplitter's authors mask elsewhere: once per layer, on the output of the ReLU that follows
 each conv + BatchNorm (before pooling and before a residual addition). :func:`masked`'s
@@ -218,43 +218,6 @@ def ensure_nonempty(masks: Mapping[str, torch.Tensor],
 
 
 
-class _KeptMask(torch.autograd.Function):
-    """A layer's output times its module's mask on the kept channels, whose values are all 1.
-
-    The forward returns the output as it is and the backward passes the gradient on as it
-    is; the mask gets what a product would give it, the sum of gradient × value per channel.
-    ``shift`` (None, or a BatchNorm's shift per kept channel) stands for a BatchNorm folded
-    into the conv that produced ``output``: the masked model masks both the conv's output y
-    and the norm's a·y + shift, so the mask's gradient is Σ g·(a·y + shift) + Σ (a·g)·y,
-    that is Σ g·(2·output − shift).
-    """
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor, kept_mask: torch.Tensor,
-                shift: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(output, shift)
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        output, shift = ctx.saved_tensors
-        grad_mask = None
-        if ctx.needs_input_grad[1]:
-            grad_mask = _channel_sums(grad * output)
-            if shift is not None:
-                grad_mask = 2 * grad_mask - shift * _channel_sums(grad)
-        return grad, grad_mask, None
-
-
-def _channel_sums(values: torch.Tensor) -> torch.Tensor:
-    """Sum over all dimensions but the channels (dim 1). Per sample a vector-matrix product
-    over its (positions, channels) view, then the sum of those: several times faster than
-    ``sum`` over (0, 2, 3) of a channels-last tensor on a CPU, and as accurate (one product
-    over all samples at once accumulates errors over too many terms: 1e-3 relative)."""
-    rows = values.movedim(1, -1).reshape(values.shape[0], -1, values.shape[1])
-    return torch.bmm(rows.new_ones(rows.shape[0], 1, rows.shape[1]), rows).sum(dim=(0, 1))
-
-
 #: tensors of a layer indexed by its output channels (units) and by its input channels
 _OUT_TENSORS = ("weight", "bias", "running_mean", "running_var")
 _IN_TENSORS = ("weight",)
@@ -268,17 +231,14 @@ class KeptChannelPass:
     keeping a fraction r of every group costs about r² of the masked model's multiplications.
     A BatchNorm that reads a conv's output directly is folded into that conv (eval mode: an
     affine map per channel), and conv weights are channels-last, which oneDNN runs faster on
-    a CPU. Gradients flow to the masks only: the model is frozen.
+    a CPU. It computes logits only, no mask gradients: a dropped channel is not computed, so
+    nothing could give its mask a gradient (GradSplitter's mask steps take the masked pass).
 
-    The logits equal the masked model's (:func:`masked_logits`) within float tolerance, and
-    so do the mask gradients at kept channels. At a dropped channel the masked model's mask
-    gradient is zero where the channel's zeros reach the logits only through a ReLU (which
-    passes no gradient at 0), as in the zoo's models with BatchNorm; here it is zero always.
-    :meth:`build` checks all this by a float64 probe against the masked model and returns None
-    where they differ, where a sub-network cannot be sliced (grouped convs, norms over
-    concatenations, flattened feature maps) or where the model modifies a masked layer's
-    output in place; callers then use :func:`masked_logits`, as for position masks, which
-    this pass does not take.
+    The logits equal the masked model's (:func:`masked_logits`) within float tolerance.
+    :meth:`build` checks this by a float64 probe against the masked model and returns None
+    where they differ or where a sub-network cannot be sliced (grouped convs, norms over
+    concatenations, flattened feature maps); callers then use :func:`masked_logits`, as for
+    position masks, which this pass does not take.
     """
 
     def __init__(self, model: nn.Module, structure: ModelStructure,
@@ -292,13 +252,10 @@ class KeptChannelPass:
         self.base.update(folded.tensors)
         # (tensor name, dim) → [(group, index of each group channel)], for tensors still there
         self.slicing = {key: readers for key, readers in slicing.items() if key[0] in self.base}
-        for conv in folded.shifts:  # a folding conv's bias follows its output channels
+        for conv in {name.rpartition(".")[0] for name in folded.tensors}:
+            # a folding conv's bias follows its output channels
             if (f"{conv}.weight", 0) in slicing:
                 self.slicing[(f"{conv}.bias", 0)] = slicing[(f"{conv}.weight", 0)]
-        self.sites = {group.name: [name for name in (*group.convs, *group.norms)
-                                   if name not in folded.norms]
-                      for group in structure.groups}
-        self.shifts = folded.shifts  # conv name → shift of its folded norm
         self._sliced: dict[int, tuple[bytes, dict[str, torch.Tensor]]] = {}
 
     @classmethod
@@ -311,15 +268,7 @@ class KeptChannelPass:
             return None
         # The probe runs in float64, so that float32 rounding is not mistaken for a difference.
         probe = cls(copy.deepcopy(model).double(), structure, slicing)
-        try:
-            if not probe._agrees_with_masked_model(groups):
-                return None
-        except RuntimeError as error:
-            # An in-place op on a masked layer's output (torchvision's ReLU(inplace=True))
-            # would overwrite the pass-through output its mask's backward needs: autograd
-            # refuses it, and the masked pass serves such a model.
-            if "inplace" not in str(error):
-                raise
+        if not probe._agrees_with_masked_model(groups):
             return None
         return cls(model, structure, slicing)
 
@@ -344,8 +293,7 @@ class KeptChannelPass:
 
     def logits(self, masks: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Base-model outputs of every module on ``x``, shape (M, batch, num_classes), for
-        binary channel masks (group name → (M, C), 1 kept, 0 dropped; float masks may carry
-        gradients)."""
+        binary channel masks (group name → (M, C), 1 kept, 0 dropped)."""
         modules_count = check_masks(self.structure, masks)
         unsliced = sorted(set(masks) - self.groups)
         if unsliced:
@@ -354,7 +302,6 @@ class KeptChannelPass:
         if any(mask.dim() != 2 for mask in masks.values()):
             raise ValueError("a kept-channel pass takes channel masks (M, C), not position "
                              "masks")
-        layers = dict(self.model.named_modules())
         x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         outputs = []
         for module in range(modules_count):
@@ -364,25 +311,13 @@ class KeptChannelPass:
                 outputs.append(masked_logits(self.masked_model, self.structure, {
                     name: mask[module:module + 1] for name, mask in masks.items()}, x)[0])
                 continue
-            handles = []
-            try:
-                for name, keep in kept.items():
-                    index = keep.nonzero().flatten()
-                    kept_mask = masks[name][module].index_select(0, index)
-                    for site in self.sites[name]:
-                        shift = self.shifts.get(site)
-                        handles.append(layers[site].register_forward_hook(_kept_mask_hook(
-                            kept_mask, None if shift is None else shift.index_select(0, index))))
-                outputs.append(torch.func.functional_call(
-                    self.model, self._parameters(module, kept), (x,)))
-            finally:
-                for handle in handles:
-                    handle.remove()
+            outputs.append(torch.func.functional_call(
+                self.model, self._parameters(module, kept), (x,)))
         return torch.stack(outputs)
 
     def _agrees_with_masked_model(self, groups: list[str] | None) -> bool:
-        """Whether logits and mask gradients of a probe (2 random inputs, a random half of
-        each group's channels dropped) match the masked model's."""
+        """Whether the logits of a probe (2 random inputs, a random half of each group's
+        channels dropped) match the masked model's."""
         model = self.masked_model
         names = groups or [group.name for group in self.structure.groups]
         sizes = {group.name: group.size for group in self.structure.groups}
@@ -394,32 +329,10 @@ class KeptChannelPass:
             mask = (torch.rand(1, sizes[name], generator=generator) < 0.5).double()
             mask[0, 0] = 1.0
             masks[name] = mask.to(reference.device)
-        results, weights = [], None
-        for sliced in (False, True):
-            probe = {name: mask.clone().requires_grad_(True) for name, mask in masks.items()}
-            with torch.enable_grad():
-                out = (self.logits(probe, x) if sliced
-                       else masked_logits(model, self.structure, probe, x))
-                if weights is None:  # one random projection of the logits for both passes
-                    weights = torch.randn(out.shape, generator=generator).to(out)
-                grads = torch.autograd.grad((out * weights).sum(), list(probe.values()))
-            results.append((out.detach(), grads))
-        (dense, dense_grads), (sliced, sliced_grads) = results
-        if not torch.allclose(dense, sliced, rtol=1e-9, atol=1e-9 * dense.abs().max()):
-            return False
-        for name, dense_grad, sliced_grad in zip(masks, dense_grads, sliced_grads, strict=True):
-            if dense_grad[masks[name] == 0].any():
-                return False
-            if not torch.allclose(dense_grad, sliced_grad, rtol=1e-9,
-                                  atol=1e-9 * dense_grad.abs().max()):
-                return False
-        return True
-
-
-def _kept_mask_hook(kept_mask: torch.Tensor, shift: torch.Tensor | None):
-    def apply(_layer, _inputs, output: torch.Tensor) -> torch.Tensor:
-        return _KeptMask.apply(output, kept_mask, shift)
-    return apply
+        with torch.no_grad():
+            dense = masked_logits(model, self.structure, masks, x)
+            sliced = self.logits(masks, x)
+        return torch.allclose(dense, sliced, rtol=1e-9, atol=1e-9 * dense.abs().max())
 
 
 def _layout(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -434,7 +347,6 @@ class BatchNormFolding:
     """What :func:`batch_norm_folding` folded: the convs' new tensors, for the caller to use."""
 
     tensors: dict[str, torch.Tensor]  # the folding convs' new weights and biases
-    shifts: dict[str, torch.Tensor]  # conv name → its folded norm's shift
     norms: set[str]  # the folded norms, now nn.Identity
 
 
@@ -471,7 +383,7 @@ def batch_norm_folding(model: nn.Module, structure: ModelStructure) -> BatchNorm
     probe(model, structure.input_shape, handles)
     convs = [conv for conv in pairs.values()]
     pairs = {norm: conv for norm, conv in pairs.items() if convs.count(conv) == 1}
-    folded = BatchNormFolding({}, {}, set())
+    folded = BatchNormFolding({}, set())
     for norm_name, conv_name in pairs.items():
         norm, conv = layers[norm_name], layers[conv_name]
         with torch.no_grad():
@@ -487,7 +399,6 @@ def batch_norm_folding(model: nn.Module, structure: ModelStructure) -> BatchNorm
         folded.tensors[f"{conv_name}.weight"] = _layout(
             "weight", conv.weight.detach() * scale.view(-1, 1, 1, 1))
         folded.tensors[f"{conv_name}.bias"] = bias.detach()
-        folded.shifts[conv_name] = shift.detach()
         folded.norms.add(norm_name)
         parent, _, child = norm_name.rpartition(".")
         setattr(layers[parent] if parent else model, child, nn.Identity())
