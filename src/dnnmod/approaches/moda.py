@@ -49,12 +49,10 @@ from dnnmod.modules.structure import trace_structure
 from dnnmod.training.objectives import (
     Objective,
     layer_layout,
-    register_objective,
     stacked_pair_similarities,
 )
 
 
-@register_objective
 class MODATraining(Objective):
     """Cross-entropy + α·(1 − affinity) + β·dispersion + γ·compactness of ReLU activations."""
 

@@ -64,7 +64,6 @@ from dnnmod.modules.structure import trace_structure
 from dnnmod.training.objectives import (
     Objective,
     pair_similarities,
-    register_objective,
     spatial_mean,
 )
 
@@ -133,7 +132,6 @@ def gate_sites(model: nn.Module, structure) -> dict[str, str]:
             for name in gated_convs(model)}
 
 
-@register_objective
 class MwTTraining(Objective):
     """Cross-entropy + α·(1 − cohesion) + β·coupling of the generated masks."""
 

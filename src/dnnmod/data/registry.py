@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..artifacts import load_tensors, save_tensors, write_json
-from ..errors import ArtifactError, ChecksumError, ConfigError, UnknownNameError
+from ..errors import ArtifactError, ChecksumError, ConfigError
+from ..plugins import GROUPS, Registry
 from .download import fetch, md5_bytes, md5_file, mirror_url
 from .formats import (
     CIFAR10_CLASSES,
@@ -126,57 +127,72 @@ def _uniform(num_classes: int, train: int, test: int) -> dict[str, tuple[int, ..
 
 _FASHION_BASE = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
-DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
-    DatasetSpec("cifar10", 10, 32, "download", {"archive": _remote(
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        "c58f30108f718f92721af3b95e74349a")}, parse_cifar10,
-        class_names=tuple(CIFAR10_CLASSES), per_class=_uniform(10, 5000, 1000)),
-    DatasetSpec("cifar100", 100, 32, "download", {"archive": _remote(
-        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        "eb9058c3a382ffc7106e4002c42a8d85")}, parse_cifar100, transform="fine labels",
-        class_names=tuple(CIFAR100_CLASSES), per_class=_uniform(100, 500, 100)),
-    DatasetSpec("svhn", 10, 32, "download", {
-        "train": _remote("http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
-                         "e26dedcc434d2e4c54c9b2d4a06d8373"),
-        "test": _remote("http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
-                        "eb5a983be6a315427106f1b82d2da7d1"),
-    }, parse_svhn, transform="label 10 -> 0", class_names=tuple(DIGIT_CLASSES), per_class={
-        # digits 0..9 (0 stored as label 10) of train_32x32.mat and test_32x32.mat
-        "train": (4948, 13861, 10585, 8497, 7458, 6882, 5727, 5595, 5045, 4659),
-        "test": (1744, 5099, 4149, 2882, 2523, 2384, 1977, 2019, 1660, 1595)}),
-    DatasetSpec("tinyimagenet", 200, 64, "download", {"archive": _remote(
-        "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
-        "90528d7ca1a48142e341f4ef8d21d0de")}, parse_tinyimagenet,
-        transform="JPEG decoded to RGB; labelled val/ set is the test set",
-        class_names=tuple(TINYIMAGENET_CLASSES), per_class=_uniform(200, 500, 50)),
-    DatasetSpec("fashion_mnist", 10, 32, "download", {
-        key: _remote(_FASHION_BASE + filename, md5, md5_of_content=True)
-        for key, filename, md5 in [
-            ("train_images", "train-images-idx3-ubyte.gz", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
-            ("train_labels", "train-labels-idx1-ubyte.gz", "9018921c3c673c538a1fc5bad174d6f9"),
-            ("test_images", "t10k-images-idx3-ubyte.gz", "8181f5470baa50b63fa0f6fddb340f0a"),
-            ("test_labels", "t10k-labels-idx1-ubyte.gz", "15d484375f8d13e6eb1aabb0c3f46965"),
-        ]}, parse_fashion_mnist, local_dir=Path("/usr/share/datasets/fashion-mnist"),
-        transform="28x28 grey zero-padded 2 px each side to 32x32, replicated to 3 channels",
-        class_names=tuple(FASHION_MNIST_CLASSES), per_class=_uniform(10, 6000, 1000)),
-    DatasetSpec("digits", 10, 32, "sklearn", generate=make_digits,
-                transform="8x8 values 0..16 -> 4x4 blocks, x255/16, 3 channels; "
-                          "stratified 80/20 train/test split, seed 0",
-                class_names=tuple(DIGIT_CLASSES), per_class={
-                    # scikit-learn's 1,797 digits through make_digits' fixed split
-                    "train": (142, 146, 142, 146, 145, 145, 145, 143, 139, 144),
-                    "test": (36, 36, 35, 37, 36, 37, 36, 36, 35, 36)}),
-    DatasetSpec("shapes", 10, 32, "generated", generate=make_shapes,
-                default_options=SHAPES_DEFAULTS, class_names=tuple(SHAPE_CLASSES),
-                count_per_class=shapes_per_class),
-]}
+def _named_spec(name: str, loaded: Any) -> DatasetSpec:
+    """A ``dnnmod.datasets`` entry point's object: a DatasetSpec of the entry point's name."""
+    if not isinstance(loaded, DatasetSpec):
+        raise ValueError(f"{loaded!r} is not a dnnmod.data.registry.DatasetSpec")
+    if loaded.name != name:
+        raise ValueError(f"its DatasetSpec is named {loaded.name!r}, not {name!r}")
+    return loaded
+
+
+# dnnmod's own datasets, registered as dnnmod.datasets entry points in its pyproject.toml.
+CIFAR10 = DatasetSpec("cifar10", 10, 32, "download", {"archive": _remote(
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "c58f30108f718f92721af3b95e74349a")}, parse_cifar10,
+    class_names=tuple(CIFAR10_CLASSES), per_class=_uniform(10, 5000, 1000))
+
+CIFAR100 = DatasetSpec("cifar100", 100, 32, "download", {"archive": _remote(
+    "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "eb9058c3a382ffc7106e4002c42a8d85")}, parse_cifar100, transform="fine labels",
+    class_names=tuple(CIFAR100_CLASSES), per_class=_uniform(100, 500, 100))
+
+SVHN = DatasetSpec("svhn", 10, 32, "download", {
+    "train": _remote("http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
+                     "e26dedcc434d2e4c54c9b2d4a06d8373"),
+    "test": _remote("http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
+                    "eb5a983be6a315427106f1b82d2da7d1"),
+}, parse_svhn, transform="label 10 -> 0", class_names=tuple(DIGIT_CLASSES), per_class={
+    # digits 0..9 (0 stored as label 10) of train_32x32.mat and test_32x32.mat
+    "train": (4948, 13861, 10585, 8497, 7458, 6882, 5727, 5595, 5045, 4659),
+    "test": (1744, 5099, 4149, 2882, 2523, 2384, 1977, 2019, 1660, 1595)})
+
+TINYIMAGENET = DatasetSpec("tinyimagenet", 200, 64, "download", {"archive": _remote(
+    "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+    "90528d7ca1a48142e341f4ef8d21d0de")}, parse_tinyimagenet,
+    transform="JPEG decoded to RGB; labelled val/ set is the test set",
+    class_names=tuple(TINYIMAGENET_CLASSES), per_class=_uniform(200, 500, 50))
+
+FASHION_MNIST = DatasetSpec("fashion_mnist", 10, 32, "download", {
+    key: _remote(_FASHION_BASE + filename, md5, md5_of_content=True)
+    for key, filename, md5 in [
+        ("train_images", "train-images-idx3-ubyte.gz", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+        ("train_labels", "train-labels-idx1-ubyte.gz", "9018921c3c673c538a1fc5bad174d6f9"),
+        ("test_images", "t10k-images-idx3-ubyte.gz", "8181f5470baa50b63fa0f6fddb340f0a"),
+        ("test_labels", "t10k-labels-idx1-ubyte.gz", "15d484375f8d13e6eb1aabb0c3f46965"),
+    ]}, parse_fashion_mnist, local_dir=Path("/usr/share/datasets/fashion-mnist"),
+    transform="28x28 grey zero-padded 2 px each side to 32x32, replicated to 3 channels",
+    class_names=tuple(FASHION_MNIST_CLASSES), per_class=_uniform(10, 6000, 1000))
+
+DIGITS = DatasetSpec("digits", 10, 32, "sklearn", generate=make_digits,
+    transform="8x8 values 0..16 -> 4x4 blocks, x255/16, 3 channels; "
+              "stratified 80/20 train/test split, seed 0",
+    class_names=tuple(DIGIT_CLASSES), per_class={
+        # scikit-learn's 1,797 digits through make_digits' fixed split
+        "train": (142, 146, 142, 146, 145, 145, 145, 143, 139, 144),
+        "test": (36, 36, 35, 37, 36, 37, 36, 36, 35, 36)})
+
+SHAPES = DatasetSpec("shapes", 10, 32, "generated", generate=make_shapes,
+    default_options=SHAPES_DEFAULTS, class_names=tuple(SHAPE_CLASSES),
+    count_per_class=shapes_per_class)
+
+#: dataset name → :class:`DatasetSpec`, from the ``dnnmod.datasets`` entry points (the specs
+#: above, and any plug-in package's: docs/plugins.md)
+DATASETS: Registry[DatasetSpec] = Registry(GROUPS["datasets"], "dataset", _named_spec)
 
 
 def get_spec(name: str) -> DatasetSpec:
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise UnknownNameError("dataset", name, DATASETS) from None
+    return DATASETS[name]  # UnknownNameError listing the known ones
 
 
 def images_path(root: Path, name: str) -> Path:

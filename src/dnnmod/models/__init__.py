@@ -2,6 +2,8 @@
 
 Every model takes N x 3 x H x W inputs (32x32, and 64x64 for Tiny-ImageNet), uses ``nn.ReLU``
 modules so activations can be hooked, and names its logit layer in ``output_layer_name``.
+Another package adds an architecture through the ``dnnmod.models`` entry-point group
+(docs/plugins.md).
 """
 
 from __future__ import annotations
@@ -14,29 +16,12 @@ from torch import nn
 
 from dnnmod.errors import ConfigError, UnknownNameError
 from dnnmod.hyperparameters import Range, check_type
-from dnnmod.models.incecnn import incecnn
-from dnnmod.models.lenet import lenet5
-from dnnmod.models.mobilenet import mobilenet
-from dnnmod.models.rescnn import rescnn
-from dnnmod.models.resnet import resnet18, resnet20, resnet32, resnet56
-from dnnmod.models.simcnn import simcnn
-from dnnmod.models.simple import simple_rescnn, simple_simcnn
-from dnnmod.models.vgg import vgg16
+from dnnmod.plugins import GROUPS, Registry, callable_object
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "simcnn": simcnn,
-    "rescnn": rescnn,
-    "incecnn": incecnn,
-    "vgg16": vgg16,
-    "resnet18": resnet18,
-    "resnet20": resnet20,
-    "resnet32": resnet32,
-    "resnet56": resnet56,
-    "mobilenet": mobilenet,
-    "lenet5": lenet5,
-    "simple_simcnn": simple_simcnn,
-    "simple_rescnn": simple_rescnn,
-}
+#: architecture name → builder ``(num_classes, width, **options) -> nn.Module``, from the
+#: ``dnnmod.models`` entry points (dnnmod's own in its pyproject.toml, and any plug-in's)
+ARCHITECTURES: Registry[Callable[..., nn.Module]] = Registry(GROUPS["models"], "model",
+                                                             callable_object)
 
 
 #: bounds of the options some architectures take

@@ -3,8 +3,9 @@
 A rule takes the modules' scores, (batch, M) (or (batch, M, k) for heads with k outputs per
 module, e.g. Pan & Rajan's V_c/V_uc votes), and the class each module recognises, (M,), and
 returns the predicted class of every sample, (batch,). A module set names its rule
-(``ModuleSet.combination``) and a composed model takes one by name. Rules are registered by
-name, so a new one is one decorated function::
+(``ModuleSet.combination``) and a composed model takes one by name. Rules come from the
+``dnnmod.combination_rules`` entry points (dnnmod's own ``argmax`` and ``voting``, and any other
+package's: docs/plugins.md); in-process, a decorated function registers one::
 
     @combination_rule("vote")
     def vote(scores, classes): ...
@@ -17,18 +18,20 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dnnmod.errors import ArtifactError
+from dnnmod.plugins import GROUPS, PluginError, Registry, callable_object
 
 CombinationRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-COMBINATIONS: dict[str, CombinationRule] = {}
+COMBINATIONS: Registry[CombinationRule] = Registry(GROUPS["combination_rules"],
+                                                   "combination rule", callable_object)
 
 
 def combination_rule(name: str) -> Callable[[CombinationRule], CombinationRule]:
-    """Register the decorated function as the combination rule ``name``."""
+    """Register the decorated function as the combination rule ``name`` in this process."""
 
     def register(rule: CombinationRule) -> CombinationRule:
         if name in COMBINATIONS:
-            raise ValueError(f"combination rule {name!r} is registered twice")
+            raise PluginError(f"combination rule {name!r} is registered twice")
         COMBINATIONS[name] = rule
         return rule
 
@@ -37,11 +40,10 @@ def combination_rule(name: str) -> Callable[[CombinationRule], CombinationRule]:
 
 def get_combination(name: str) -> CombinationRule:
     """The rule registered as ``name``; ArtifactError listing the known ones otherwise."""
-    try:
-        return COMBINATIONS[name]
-    except KeyError:
+    if name not in COMBINATIONS:
         raise ArtifactError(f"unknown combination rule {name!r}; known: "
-                            f"{', '.join(sorted(COMBINATIONS))}") from None
+                            f"{', '.join(sorted(COMBINATIONS))}")
+    return COMBINATIONS[name]
 
 
 def combine_scores(name: str, scores: torch.Tensor,
@@ -56,7 +58,6 @@ def combine_scores(name: str, scores: torch.Tensor,
     return rule(scores, classes)
 
 
-@combination_rule("argmax")
 def argmax(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """The module with the highest score wins (CNNSplitter, GradSplitter, MwT, MODA)."""
     if scores.dim() != 2:
@@ -65,7 +66,6 @@ def argmax(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return classes[scores.argmax(dim=1)]
 
 
-@combination_rule("voting")
 def voting(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Pan & Rajan's vote over (batch, M, 2) scores (V_c, V_uc): module m votes for its class
     when V_c > V_uc; one vote → that class; several → the voter with the highest V_c; none →

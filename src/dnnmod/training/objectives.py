@@ -3,9 +3,10 @@
 Standard training (``st``) minimises cross-entropy. Modular training (MwT, MODA) trains the
 same way with extra loss terms over what the forward pass produces (activations, masks), and
 may add trainable parts to the model (MwT's mask generators). Each kind is an
-:class:`Objective` subclass registered with :func:`register_objective`; an approach file that
-needs its own kind registers it when it is imported, and the rest (the ``train`` command, the
-workflow's ``{training}`` wildcard, model files, E1) serves it unchanged.
+:class:`Objective` subclass named by a ``dnnmod.objectives`` entry point (dnnmod's own in its
+pyproject.toml: ``st`` here, ``mwt`` and ``moda`` beside their approaches; a plug-in package's
+in its own: docs/plugins.md), and the rest (the ``train`` command, the workflow's
+``{training}`` wildcard, model files, E1) serves it unchanged.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dnnmod.errors import UnknownNameError
 from dnnmod.hyperparameters import resolve
+from dnnmod.plugins import GROUPS, Registry, named_subclass
 
 
 class Objective(ABC):
@@ -65,39 +66,26 @@ class Objective(ABC):
         tensors, which the loop sums where they are and reads once an epoch."""
 
 
-OBJECTIVES: dict[str, type[Objective]] = {}
+OBJECTIVES: Registry[type[Objective]] = Registry(GROUPS["objectives"], "training kind",
+                                                  named_subclass(Objective))
 
 
 def register_objective(objective: type[Objective]) -> type[Objective]:
-    """Register a training kind (usable as a class decorator)."""
-    registered = OBJECTIVES.setdefault(objective.name, objective)
-    if registered is not objective:
-        raise ValueError(f"training kind {objective.name!r} is already registered by "
-                         f"{registered.__module__}.{registered.__qualname__}")
-    return objective
+    """Register a training kind in this process (usable as a class decorator); a package
+    registers its kinds through the ``dnnmod.objectives`` entry points instead."""
+    return OBJECTIVES.register(objective.name, objective)
 
 
 def training_kinds() -> list[str]:
-    """Every registered training kind, those of the approach files included."""
-    _register_approach_kinds()
+    """Every registered training kind (from the installed metadata: nothing is imported)."""
     return sorted(OBJECTIVES)
 
 
 def get_objective(kind: str, overrides: Mapping[str, Any] | None = None) -> Objective:
     """Training kind ``kind`` with ``overrides`` of its hyperparameters."""
-    _register_approach_kinds()
-    if kind not in OBJECTIVES:
-        raise UnknownNameError("training kind", kind, OBJECTIVES)
     return OBJECTIVES[kind](overrides)
 
 
-def _register_approach_kinds() -> None:
-    # Approach files register their training kinds when imported; imported here rather than at
-    # the top because they may import this module.
-    import dnnmod.approaches  # noqa: F401
-
-
-@register_objective
 class StandardTraining(Objective):
     """Plain cross-entropy: the base models every splitting approach decomposes."""
 
