@@ -10,15 +10,19 @@ layouts the parsers read from the real files, only with few images:
   stored as label 10);
 - Fashion-MNIST: the four gzipped IDX files.
 
-Images are learnable: each class has a smooth random colour pattern, and every image is its
-class's pattern, shifted a little, plus noise. ``write_archives`` also writes a manifest of
-the md5 checksums the registry checks (Fashion-MNIST's: of the decompressed content).
+Images are objects on clutter, so that small models learn them well above chance but not
+perfectly (see :func:`class_images`): a class is a shape combined with an appearance, classes
+share shapes and appearances (a 100-class set must be told apart by both), and every image has
+its own background, position, size, colour jitter, distractor, occluder and noise.
+``write_archives`` also writes a manifest of the md5 checksums the registry checks
+(Fashion-MNIST's: of the decompressed content).
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
 import struct
 import tarfile
@@ -86,20 +90,126 @@ def py2_pickle(obj: object) -> bytes:
     return buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
 
 
+def _shape(kind: int, y: np.ndarray, x: np.ndarray, radius: float) -> np.ndarray:
+    """Boolean mask of shape ``kind`` (0-9) of ``radius`` pixels, at the origin of y, x."""
+    r, d, box = radius, np.hypot(y, x), np.maximum(abs(y), abs(x))
+    if kind == 0:  # disc
+        return d < r
+    if kind == 1:  # square
+        return box < 0.85 * r
+    if kind == 2:  # ring
+        return (d < r) & (d > 0.55 * r)
+    if kind == 3:  # triangle, apex up
+        return (y < 0.8 * r) & (abs(x) < (y + 0.8 * r) * 0.6)
+    if kind == 4:  # plus
+        return (abs(x) < 0.3 * r) & (abs(y) < r) | (abs(y) < 0.3 * r) & (abs(x) < r)
+    if kind == 5:  # diamond
+        return abs(x) + abs(y) < r
+    if kind == 6:  # diagonal cross
+        return ((abs(x - y) < 0.35 * r) | (abs(x + y) < 0.35 * r)) & (box < 0.8 * r)
+    if kind == 7:  # lower half disc
+        return (d < r) & (y > -0.1 * r)
+    if kind == 8:  # square frame
+        return (box < r) & (box > 0.6 * r)
+    return (abs(y) < 0.35 * r) & (abs(x) < r)  # bar
+
+
+SHAPES = 10
+
+
+def _texture(kind: int, y: np.ndarray, x: np.ndarray, phase: int) -> np.ndarray:
+    """Boolean fill pattern ``kind`` (0-9) over the whole image: where the object is lit."""
+    if kind == 0:  # solid
+        return np.ones(y.shape, bool)
+    if kind in (1, 2):  # horizontal, vertical stripes of period 4
+        return np.sin(((y, x)[kind - 1] + phase) * np.pi / 2) > 0
+    if kind == 3:  # checkerboard
+        return (np.sin((x + phase) * np.pi / 2) > 0) ^ (np.sin((y + phase) * np.pi / 2) > 0)
+    if kind in (4, 5):  # diagonal stripes, both ways, period 6
+        return np.sin((x + (y if kind == 4 else -y) + phase) * np.pi / 3) > 0
+    if kind == 6:  # concentric rings
+        return (np.hypot(y - y.mean(), x - x.mean()) + phase) % 4 < 2
+    if kind == 7:  # dots
+        return ((x + phase) % 4 < 2) & ((y + phase) % 4 < 2)
+    return np.sin(((y, x)[kind - 8] + phase) * np.pi / 4) > 0  # wide stripes, period 8
+
+
+TEXTURES = 10
+
+
+def class_factors(num_classes: int) -> tuple[int, int]:
+    """(shapes, appearances) of a dataset of ``num_classes``: class c has shape c % shapes and
+    appearance c // shapes; shapes is the largest divisor of num_classes up to its square
+    root (10 classes: 2 x 5, 100: 10 x 10), so every shape and every appearance is shared by
+    several classes."""
+    shapes = max(d for d in range(1, math.isqrt(num_classes) + 1) if num_classes % d == 0)
+    if num_classes // shapes > TEXTURES:  # then also shapes <= SHAPES
+        raise ConfigError(f"cannot draw {num_classes} classes as {shapes} shapes x "
+                          f"{num_classes // shapes} appearances of {TEXTURES} textures")
+    return shapes, num_classes // shapes
+
+
+def _hsv(hue: float, saturation: float, value: float) -> np.ndarray:
+    """RGB in [0, 1] of a colour given by hue (turns), saturation and value."""
+    k = (np.array([5.0, 3.0, 1.0]) + (hue % 1.0) * 6) % 6
+    return value - value * saturation * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+def _background(rng: np.random.Generator, size: int, channels: int) -> np.ndarray:
+    """A random scene behind the object: 3 x 3 blocks of dull random colours."""
+    blocks = np.stack([_hsv(rng.random(), rng.uniform(0, 0.35), rng.uniform(0.2, 0.8))
+                       for _ in range(9)], axis=1).reshape(3, 3, 3) * 255
+    scale = -(-size // 3)
+    scene = blocks.repeat(scale, axis=1).repeat(scale, axis=2)[:, :size, :size]
+    return scene.mean(0, keepdims=True) if channels == 1 else scene
+
+
 def class_images(labels: np.ndarray, num_classes: int, seed: int, draw: int,
                  size: int = 32, channels: int = 3) -> np.ndarray:
-    """uint8 images (N, channels, size, size), one per label: the class's pattern (a 4x4 grid
-    of random colours, upsampled; the same for every ``draw`` of ``seed``), shifted by up to
-    2 pixels, plus Gaussian noise (``draw``'s own)."""
-    grids = np.random.default_rng(seed).uniform(0, 255, (num_classes, channels, 4, 4))
-    patterns = grids.repeat(size // 4, axis=2).repeat(size // 4, axis=3)
+    """uint8 images (N, channels, size, size), one per label, the same for the same ``seed``
+    and ``draw``.
+
+    Each class is an object: one of the dataset's shapes filled with one of its appearances
+    (:func:`class_factors`; which shapes, textures and hues a dataset uses follows ``seed``).
+    An appearance is a texture and, in colour, a hue (evenly spaced around the colour wheel);
+    the object's dark parts are a shade of its colour. Every image (``draw``'s own random
+    numbers) puts it on a random background, shifted by up to 4 pixels, at 0.28-0.38 of the
+    image size, with jittered hue, saturation and brightness; half the images get a small
+    distractor shape of any kind and colour, 40 % an occluding rectangle; then Gaussian noise
+    (sd 20). Chance-level and perfect accuracies are both far from what a small model reaches.
+    """
+    shapes, appearances = class_factors(num_classes)
+    dataset = np.random.default_rng(seed)
+    shape_kinds = dataset.permutation(SHAPES)[:shapes]
+    textures = dataset.permutation(TEXTURES)[:appearances]
+    first_hue = dataset.random()
     rng = np.random.default_rng([seed, draw])
-    shifts = rng.integers(-2, 3, (len(labels), 2))
-    noise = rng.normal(0, 40, (len(labels), channels, size, size))
+    y, x = np.mgrid[0:size, 0:size].astype(float)
     images = np.empty((len(labels), channels, size, size), np.uint8)
-    for i, (label, (dy, dx)) in enumerate(zip(labels, shifts, strict=True)):
-        shifted = np.roll(patterns[label], (dy, dx), axis=(1, 2))
-        images[i] = np.clip(shifted + noise[i], 0, 255).astype(np.uint8)
+    for i, label in enumerate(labels):
+        shape, appearance = label % shapes, label // shapes
+        image = _background(rng, size, channels)
+        centre = size / 2 + rng.integers(-4, 5, 2)
+        mask = _shape(shape_kinds[shape], y - centre[0], x - centre[1],
+                      size * rng.uniform(0.28, 0.38))
+        lit = _texture(textures[appearance], y, x, int(rng.integers(4)))
+        if channels == 3:
+            colour = 255 * _hsv(first_hue + appearance / appearances + rng.normal(0, 0.03),
+                                rng.uniform(0.6, 1), rng.uniform(0.7, 1))
+        else:
+            colour = np.array([255 * rng.uniform(0.8, 1)])
+        shade = colour * rng.uniform(0.15, 0.4)
+        image = np.where(mask, np.where(lit, colour[:, None, None], shade[:, None, None]), image)
+        if rng.random() < 0.5:
+            offset = rng.uniform(-size / 2, size / 2, 2)
+            distractor = _shape(int(rng.integers(SHAPES)), y - size / 2 - offset[0],
+                                x - size / 2 - offset[1], size * 0.15)
+            image = np.where(distractor, rng.uniform(0, 255, (channels, 1, 1)), image)
+        if rng.random() < 0.4:
+            height, width = rng.integers(size // 5, size // 3, 2)
+            top, left = rng.integers(0, size - height), rng.integers(0, size - width)
+            image[:, top:top + height, left:left + width] = rng.uniform(0, 255, (channels, 1, 1))
+        images[i] = np.clip(image + rng.normal(0, 20, image.shape), 0, 255).astype(np.uint8)
     return images
 
 
