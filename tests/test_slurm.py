@@ -4,10 +4,10 @@ sharing the node, and a job killed at its time limit that resumes when submitted
 The test starts its own cluster from Debian's slurm-wlm and munge, under tmp_path (only
 munged's socket gets a short folder of its own in /tmp): a munge key and munged on its own
 socket, a generated slurm.conf (no accounting database, no cgroups, random ports), slurmctld and
-slurmd, one node with two fake GPUs in partition `gpu` (the shipped profile's default).
-Snakemake then submits the DAG with `--profile workflow/profiles/slurm`, and the test checks
-both the study's outputs and that every job went through sbatch. The cluster is stopped
-afterwards, also when the test fails.
+slurmd, one node with two fake GPUs in partition `gpu` (the shipped profile's default) and in
+partition `cpu` (for light jobs, when the study config names it). Snakemake then submits the
+DAG with `--profile workflow/profiles/slurm`, and the tests check both the study's outputs and
+where every job ran. The cluster is stopped afterwards, also when a test fails.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ SlurmdParameters=config_overrides
 GresTypes=gpu
 NodeName={node} NodeAddr=127.0.0.1 CPUs=2 RealMemory=8000 Gres=gpu:2 State=UNKNOWN
 PartitionName=gpu Nodes={node} Default=YES MaxTime=INFINITE State=UP
+PartitionName=cpu Nodes={node} MaxTime=INFINITE State=UP
 """
 
 # Slurm drops a GPU without device files; links to /dev/null are character devices it accepts.
@@ -192,7 +193,8 @@ class Cluster:
         while time.monotonic() < deadline:
             query = self.run("sinfo", "-h", "-N", "-n", self.node, "-o", "%t", check=False)
             state = query.stdout.strip()
-            if query.returncode == 0 and state == "idle":
+            # one line per partition of the node
+            if query.returncode == 0 and set(state.split()) == {"idle"}:
                 return
             time.sleep(1)
         raise RuntimeError(f"node {self.node} not idle after {timeout}s (state "
@@ -262,25 +264,41 @@ def project(tmp_path):
     return root
 
 
-@pytest.mark.slow
-def test_tiny_study_runs_through_slurm(slurm_cluster, project, tmp_path):
-    env = {**slurm_cluster.env, "DNNMOD_GPU_POOL": str(tmp_path / "gpu-pool")}
+def run_through_slurm(cluster: Cluster, project: Path, env: dict[str, str], *targets: str
+                      ) -> tuple[str, dict[str, tuple[str, Path]], set[str], set[str]]:
+    """Snakemake with the shipped SLURM profile on config/tiny.yaml of ``project``; returns
+    its output, rule -> (SLURM job id, log) of the submitted jobs, and the rules run as
+    submitted jobs and as local ones."""
     # Command-line additions for the test cluster only; the shipped profile is used as is
     # (its default partition `gpu` exists here):
     #   squeue as status command: without slurmdbd `sacct` fails, and the plugin picks sacct
     #     whenever the binary is installed;
     #   a 2 s first status check instead of 40 s, so the test takes minutes, not ten;
     #   no account: this cluster has none (and no sacctmgr to guess one from);
-    #   keep the SLURM logs of successful jobs, to check them below.
+    #   keep the SLURM logs of successful jobs, to check them.
     run = subprocess.run(
         [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm",
          "--configfile", "config/tiny.yaml",
          "--slurm-status-command", "squeue",
          "--slurm-init-seconds-before-status-checks", "2",
-         "--slurm-no-account", "--slurm-keep-successful-logs"],
+         "--slurm-no-account", "--slurm-keep-successful-logs", *targets],
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + "\n" + slurm_cluster.logs()
+    assert run.returncode == 0, run.stdout[-4000:] + "\n" + cluster.logs()
+    submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)", run.stdout)
+    jobs = {re.search(r"/rule_(\w+)/", log).group(1): (job_id, Path(log))
+            for job_id, log in submitted}
+    ran = set(re.findall(r"^rule (\w+):$", run.stdout, flags=re.MULTILINE))
+    local = set(re.findall(r"^localrule (\w+):$", run.stdout, flags=re.MULTILINE))
+    assert set(jobs) == ran, run.stdout[-4000:]
+    assert len({job_id for job_id, _ in jobs.values()}) == len(ran)
+    return run.stdout, jobs, ran, local
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_through_slurm(slurm_cluster, project, tmp_path):
+    env = {**slurm_cluster.env, "DNNMOD_GPU_POOL": str(tmp_path / "gpu-pool")}
+    output, jobs, ran, local = run_through_slurm(slurm_cluster, project, env)
 
     # The study's outputs, as in a local run.
     model = json.loads((project / "results/tiny/models/digits/simcnn/st/seed0/model.json")
@@ -295,15 +313,8 @@ def test_tiny_study_runs_through_slurm(slurm_cluster, project, tmp_path):
     assert len(e1) == 2 and len(e2) == 3
 
     # Every GPU job went through sbatch, every light job ran on this host.
-    submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)", run.stdout)
-    jobs = {re.search(r"/rule_(\w+)/", log).group(1): (job_id, Path(log))
-            for job_id, log in submitted}
-    ran = set(re.findall(r"^rule (\w+):$", run.stdout, flags=re.MULTILINE))
-    local = set(re.findall(r"^localrule (\w+):$", run.stdout, flags=re.MULTILINE))
-    assert ran == CORE_RULES & set(GPU_RULES), run.stdout[-4000:]
-    assert local >= (CORE_RULES - ran) | {"all"}, run.stdout[-4000:]
-    assert set(jobs) == ran, run.stdout[-4000:]
-    assert len({job_id for job_id, _ in jobs.values()}) == len(ran)
+    assert ran == CORE_RULES & set(GPU_RULES), output[-4000:]
+    assert local >= (CORE_RULES - ran) | {"all"}, output[-4000:]
     for rule, (job_id, log) in jobs.items():
         info = slurm_cluster.job(job_id)
         assert "JobState=COMPLETED" in info, info
@@ -315,6 +326,34 @@ def test_tiny_study_runs_through_slurm(slurm_cluster, project, tmp_path):
         # resources.gpu_jobs of the config became the job's time limit (10 min).
         assert "TimeLimit=00:10:00" in info, info
     assert not (tmp_path / "gpu-pool").exists()
+
+
+@pytest.mark.slow
+def test_light_jobs_go_to_the_configured_cpu_partition(slurm_cluster, tmp_path):
+    # E1 of the tiny study: the data preparation, the split and the table are light jobs,
+    # submitted to partition `cpu` without a GPU; the training goes to `gpu` with one.
+    project = make_project(tmp_path / "project")
+    light = {"partition": "cpu", "runtime": 5, "mem_mb": 500}
+    write_config(project, {**SLURM_TINY, "resources": {**SLURM_TINY["resources"],
+                                                       "light": light}})
+    env = {**slurm_cluster.env, "DNNMOD_GPU_POOL": str(tmp_path / "gpu-pool")}
+    output, jobs, ran, local = run_through_slurm(
+        slurm_cluster, project, env, "results/tiny/tables/e1_base_models.csv")
+    assert ran == {"prepare_dataset", "split_dataset", "train_base_model",
+                   "table_base_models"}, output[-4000:]
+    assert not local, output[-4000:]  # nothing ran on the submitting host
+    for rule, (job_id, log) in jobs.items():
+        info = slurm_cluster.job(job_id)
+        assert "JobState=COMPLETED" in info, info
+        assert log.is_file() and f"rule {rule}:" in log.read_text(), log
+        if rule in GPU_RULES:
+            assert "Partition=gpu" in info and "gpu:1" in info, info
+            assert "TimeLimit=00:10:00" in info, info
+        else:
+            # resources.light: its partition, wall time and memory, no GPU
+            assert "Partition=cpu" in info and "gpu" not in info.replace("Partition=gpu", ""), info
+            assert "TimeLimit=00:05:00" in info and "MinMemoryNode=500M" in info, info
+    assert len((project / "results/tiny/tables/e1_base_models.csv").read_text().splitlines()) == 2
 
 
 def wait_for_state(cluster: Cluster, job_id: str, states: tuple[str, ...],
