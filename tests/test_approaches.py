@@ -22,11 +22,11 @@ SMOKE = {
                     "survivors": [4, 6], "fitness_samples": 40},
     "gradsplitter": {"init_head_epochs": 1, "rounds": 1, "mask_epochs": 1, "head_epochs": 1,
                      "mask_lr": 0.1, "batch_size": 32, "max_train_samples": 96},
-    "random": {"match": "gradsplitter"},
     "mwt": {"metric_samples": 8},
     "moda": {},
     "pan_rajan": {},
 }
+SMOKE |= {f"random_{name}": {} for name in list(SMOKE)}  # the controls have no settings
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +66,21 @@ def _meta(data, objective=None) -> dict:
             "metrics": {"test_accuracy": 0.0}, "wall_seconds": 0.0}
 
 
+_REFERENCES: dict[tuple[str, str], ModuleSet] = {}
+
+
+def _reference(name: str, base, data) -> ModuleSet:
+    """A module set another approach reads, run once per base model."""
+    key = (name, base[1]["weights_sha256"])
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _run(name, base, data)
+    return _REFERENCES[key]
+
+
 def _run(name: str, base, data, **kwargs) -> ModuleSet:
     model, meta = base
     approach = get_approach(name)
-    references = {reference: _run(reference, base, data)
+    references = {reference: _reference(reference, base, data)
                   for reference in approach.references(approach.resolve(SMOKE[name]))}
     return run_approach(name, model, meta, data, SMOKE[name], seed=0, references=references,
                         progress=False, **kwargs)
@@ -94,6 +105,8 @@ def test_defaults_resolve_and_bad_values_fail(name):
     assert set(approach.resolve(SMOKE[name])) == set(approach.defaults)
     with pytest.raises(ConfigError, match=rf"approaches\.{name}: unknown keys \['nope'\]"):
         approach.resolve({"nope": 1})
+    if not approach.defaults:  # a random control has no settings to get wrong
+        return
     key, default = next((k, v) for k, v in approach.defaults.items() if v is not None)
     wrong = 1 if isinstance(default, str) else "1"
     with pytest.raises(ConfigError, match=rf"approaches\.{name}\.{key}: expected"):
@@ -131,28 +144,9 @@ def test_contract(name, trained_bases, small_digits, tmp_path, interrupt_after_e
     assert torch.equal(loaded.scores(base[0], x), uninterrupted.scores(base[0], x))
 
 
-def test_random_keeps_as_many_kernels_per_group_as_the_matched_modules(base, small_digits):
-    reference = _run("gradsplitter", base, small_digits)
-    matched = _run("random", base, small_digits)
-    for name, mask in reference.masks.items():
-        assert torch.equal(matched.masks[name].sum(dim=1), mask.sum(dim=1))
-    assert matched.provenance["matched"]["approach"] == "gradsplitter"
-
-
-def test_random_without_a_match_keeps_its_fraction(base, small_digits):
-    model, meta = base
-    modules = run_approach("random", model, meta, small_digits, {"krr": 0.25}, seed=3)
-    for group in modules.structure.conv_groups:
-        assert (modules.masks[group.name].sum(dim=1) == max(1, round(group.size / 4))).all()
-    with pytest.raises(ConfigError, match="approaches.random.match"):
-        get_approach("random").resolve({"match": "netsplitter"})
-    with pytest.raises(ConfigError, match="reads the module sets of"):
-        run_approach("random", model, meta, small_digits, {"match": "gradsplitter"}, seed=0)
-
-
 def test_a_missing_provenance_key_is_a_clear_error(base, small_digits, monkeypatch):
     model, meta = base
-    random = get_approach("random")
+    random = get_approach("random_gradsplitter")
     produce = type(random).modularize
 
     def forgetful(self, *args, **kwargs):
@@ -162,7 +156,8 @@ def test_a_missing_provenance_key_is_a_clear_error(base, small_digits, monkeypat
 
     monkeypatch.setattr(type(random), "modularize", forgetful)
     with pytest.raises(DnnmodError, match=r"provenance lacks \['seed'\]"):
-        run_approach("random", model, meta, small_digits, {}, seed=0)
+        run_approach("random_gradsplitter", model, meta, small_digits, {}, seed=0,
+                     references={"gradsplitter": _reference("gradsplitter", base, small_digits)})
 
 
 def test_a_module_file_without_provenance_keys_is_refused(base, small_digits, tmp_path):

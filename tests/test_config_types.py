@@ -34,7 +34,6 @@ def demo():
     ("gradsplitter", "max_train_samples", 2.5, "expected int or null, got 2.5"),
     ("gradsplitter", "mask_travel", "far", "expected float or null, got 'far'"),
     ("cnnsplitter", "fitness_samples", True, "expected int or null, got True"),
-    ("random", "match", 3, "expected str or null, got 3"),
 ])
 def test_a_value_of_a_none_default_is_checked_by_its_declared_type(demo, approach, key, value,
                                                                    message):

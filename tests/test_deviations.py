@@ -75,7 +75,8 @@ def test_the_paper_config_names_each_reason_and_a_scaled_study_may_give_one_for_
     scaled = yaml.safe_load((REPO / "config/demo.yaml").read_text())
     assert unexplained(scaled, dnnmod_default) == []
     rows = deviation_table(scaled)
-    assert rows and all(row["why"] == scaled["deviations"]["*"] for row in rows)
+    reasons = scaled["deviations"]
+    assert rows and all(row["why"] == reasons.get(row["setting"], reasons["*"]) for row in rows)
     del scaled["deviations"]
     assert "seeds" in unexplained(scaled, dnnmod_default)
 
@@ -153,3 +154,35 @@ def test_the_reference_names_each_setting_once_with_a_source():
     settings = paper_settings()
     assert len({entry.setting for entry in settings}) == len(settings)
     assert all(entry.source and (entry.path or entry.ours) for entry in settings)
+
+
+@pytest.mark.parametrize(
+    "name, sampled",
+    [
+        ("config", ["cifar10_x_cifar100_resnet20: 100 sampled pairs"]),
+        ("fidelity", ["fashion_x_digits: 5 sampled pairs"]),
+        (
+            "medium",
+            ["fashion_x_digits: 20 sampled pairs", "fashion_x_digits_pool: 20 sampled pairs"],
+        ),
+        ("demo", ["digits_x_shapes: 2 listed pairs"]),
+    ],
+)
+def test_each_config_that_samples_cross_dataset_pairs_says_why(name, sampled):
+    """E4's headline composes every class of one dataset with every class of the other; a
+    config that samples says so, setting by setting, with its own reason."""
+    config = yaml.safe_load((REPO / f"config/{name}.yaml").read_text())
+    assert config_value(config, "@sampled_cross_dataset_pairs") == sampled
+    row = next(r for r in deviation_table(config) if r["setting"] == "e4_cross_dataset_pairs")
+    assert row["paper"] == "[]" and row["why"] == config["deviations"]["e4_cross_dataset_pairs"]
+    # within one dataset is no cross-dataset pair: the paper config's intra setting is not listed
+    assert not any("intra" in entry for entry in sampled)
+
+
+def test_mwts_fine_tune_epoch_is_a_stated_deviation():
+    row = next(
+        r for r in deviation_table(paper_config()) if r["setting"] == "mwt_union_fine_tune_epoch"
+    )
+    assert "best accuracy on the test images" in row["paper"]
+    assert row["ours"].startswith("the last epoch") and row["affects"] == "e5:mwt"
+    assert row["why"] != "no reason stated"

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from workflow_helpers import REPO, TINY, make_project, snakemake, write_config
 
+from dnnmod.approaches import APPROACHES
+from dnnmod.approaches.base import Approach
 from dnnmod.artifacts import read_json
 from dnnmod.data.official_archives import MANIFEST, ArchiveSizes, write_archives
 from dnnmod.errors import ConfigError
@@ -30,13 +32,12 @@ def study(**entry):
     config["base_models"] = [{"dataset": "digits", "models": ["simcnn"], "recipe": "tiny"},
                              {"dataset": "shapes", "models": ["simcnn"], "recipe": "tiny"}]
     config["approaches"] = {"cnnsplitter": {"population": 4, "parents": 2, "elites": 1,
-                                            "generations": 1},
-                            "random": {"match": "gradsplitter"}}
+                                            "generations": 1}}
     config["modularize"] = [
         {"approach": "cnnsplitter", "dataset": "digits", "models": ["simcnn"], **entry},
         {"approach": "cnnsplitter", "dataset": "shapes", "models": ["simcnn"]},
         {"approach": "gradsplitter", "dataset": "digits", "models": ["simcnn"]},
-        {"approach": "random", "dataset": "digits", "models": ["simcnn"]}]
+        {"approach": "random_gradsplitter", "dataset": "digits", "models": ["simcnn"]}]
     return config
 
 
@@ -58,15 +59,32 @@ def test_an_entry_sets_its_module_sets_hyperparameters_over_the_studys():
      r"modularize\[0\]\.hyperparameters\.mutation_rate: must be in \[0, 1\], got 2"),
     ({"hyperparameters": {"population": 1}},
      r"modularize\[0\]\.hyperparameters\.population: must be at least 2"),
-    ({"approach": "random", "hyperparameters": {"match": "cnnsplitter"}},
-     r"modularize\[0\]\.hyperparameters: would change the module sets random reads"),
+    ({"approach": "random_gradsplitter", "hyperparameters": {"match": "cnnsplitter"}},
+     r"modularize\[0\]\.hyperparameters: unknown keys \['match'\]"),
+    ({"approach": "reader", "hyperparameters": {"reads": "cnnsplitter"}},
+     r"modularize\[0\]\.hyperparameters: would change the module sets reader reads"),
 ])
-def test_bad_entry_hyperparameters_are_named_by_their_key(entry, message):
+def test_bad_entry_hyperparameters_are_named_by_their_key(entry, message, monkeypatch):
+    monkeypatch.setitem(APPROACHES, "reader", Reader())
     config = study(**entry)
-    if entry.get("approach") == "random":  # the random control on digits, listed twice
+    if entry.get("approach") == "random_gradsplitter":  # the control on digits, listed twice
         del config["modularize"][3]
     with pytest.raises(ConfigError, match=message):
         check_study_config(config)
+
+
+class Reader(Approach):
+    """An approach whose hyperparameter names the module sets it reads (as a plug-in's may):
+    a modularize entry must not change them."""
+
+    name = "reader"
+    defaults = {"reads": "gradsplitter"}
+
+    def references(self, hyperparameters):
+        return [hyperparameters["reads"]]
+
+    def modularize(self, *args, **kwargs):
+        raise AssertionError("only the config is checked")
 
 
 def test_a_module_set_made_by_two_entries_is_refused():

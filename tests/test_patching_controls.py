@@ -45,14 +45,14 @@ def test_the_random_rows_name_the_approach_they_control(tmp_path):
     paths = []
     for name, data in (
         ("gradsplitter", record("gradsplitter")),
-        ("random", record("random", control_of="gradsplitter")),
+        ("random_gradsplitter", record("random_gradsplitter", control_of="gradsplitter")),
     ):
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(data))
     csv = tmp_path / "e3.csv"
     write_patching_table(paths, csv, tmp_path / "e3.json")
     table = pd.read_csv(csv, keep_default_na=False)
-    controls = table[table.approach == "random"]
+    controls = table[table.approach == "random_gradsplitter"]
     assert sorted(controls.target) == ["1", "2", "average"]
     assert set(controls.control_of) == {"gradsplitter"}
     assert set(table[table.approach == "gradsplitter"].control_of) == {""}

@@ -99,7 +99,7 @@ def test_words_and_integers_name_points():
      r"sensitivity\.sweeps\[0\]\.values\[0\]: objectives\.mwt\.alpha"),
     ({"models": ["vgg16"]}, r"sensitivity\.sweeps\[0\]\.models: vgg16 on digits is not a "
                             r"base model"),
-    ({"parameter": "match", "approach": "random", "values": ["a/b"]},
+    ({"parameter": "residual_skip", "approach": "moda", "values": ["a/b"]},
      r"values\[0\]: 'a/b' cannot name a folder"),
 ])
 def test_bad_sweeps_are_named(sweep, message):

@@ -324,8 +324,8 @@ def test_tiny_workflow_makes_the_e5_table_and_figure(tiny_study, tmp_path):
     run = snakemake(project, *targets, "--cores", "2", "--configfile", configfile)
     assert run.returncode == 0, run.stdout[-3000:]
     table = pd.read_csv(project / targets[0])
-    assert set(table.approach) == {"gradsplitter", "random"} and len(table) == 2 * 9
-    assert table[table.approach == "random"].union_subsets.sum() == 0
+    assert set(table.approach) == {"gradsplitter", "random_gradsplitter"} and len(table) == 2 * 9
+    assert table[table.approach == "random_gradsplitter"].union_subsets.sum() == 0
     assert table[table.approach == "gradsplitter"].union_subsets.sum() == 1
     assert (project / "results/tiny/figures/e5_subtask_reuse.pdf").stat().st_size
     assert (project / "results/tiny/metrics/e5_subtask_reuse.json").is_file()
@@ -349,7 +349,7 @@ def test_e5_reuses_only_the_module_sets_of_the_filtered_datasets(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:]
     units = re.findall(r"results/tiny/reuse/subtasks/(\w+)/simcnn/(\w+)/seed0/subtasks\.csv",
                        run.stdout)
-    assert set(units) == {("digits", "gradsplitter"), ("digits", "random")}
+    assert set(units) == {("digits", "gradsplitter"), ("digits", "random_gradsplitter")}
 
 
 @pytest.mark.parametrize("key, names, error", [

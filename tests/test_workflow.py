@@ -35,7 +35,7 @@ def test_tiny_study_runs_end_to_end(tiny_study):
     assert 0 < module_metrics["krr"] <= 1 and len(module_metrics["modules"]) == 10
     e2 = (project / "results/tiny/tables/e2_modularization.csv").read_text().splitlines()
     assert e2[0].startswith("approach,training,model,arch,dataset,seed") and len(e2) == 3
-    random = modules.parent.parent / "random/seed0"
+    random = modules.parent.parent / "random_gradsplitter/seed0"
     assert json.loads((random / "modules.json").read_text())["provenance"]["matched"] == {
         "approach": "gradsplitter", "base_weights_sha256": meta["weights_sha256"]}
     # The control keeps exactly as many kernels as the modules it matches.
@@ -83,9 +83,9 @@ def test_a_study_config_replaces_the_paper_config(project):
      "approaches.gradsplitter.mask_epochs: -1 is out of range"),
     ({"models": {"simcnn": {"arch": "simcnn", "options": {"batchnorm": False}}}},
      "models.simcnn.options: simcnn has no option 'batchnorm'"),
-    ({"modularize": [{"approach": "random", "dataset": "digits", "models": ["simcnn"]}],
-      "approaches": {"random": {"match": "gradsplitter"}}},
-     "approaches.random: reads the gradsplitter modules of simcnn on digits"),
+    ({"modularize": [{"approach": "random_gradsplitter", "dataset": "digits",
+                      "models": ["simcnn"]}]},
+     "approaches.random_gradsplitter: reads the gradsplitter modules of simcnn on digits"),
     ({"modularize": [{"approach": "gradsplitter", "dataset": "digits", "models": ["vgg16"]}]},
      "modularize[0]: vgg16 on digits is not a base model"),
     ({"recipes": {"tiny": {"epochs": 1, "batch_size": 8, "lr": 0.1, "schedule": "cosine",

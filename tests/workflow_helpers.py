@@ -27,10 +27,10 @@ TINY = {
                          "augmentation": ["crop", "flip"]}},
     "base_models": [{"dataset": "digits", "models": ["simcnn"], "recipe": "tiny"}],
     "approaches": {"gradsplitter": {"init_head_epochs": 1, "rounds": 1, "mask_epochs": 1,
-                                    "head_epochs": 0, "max_train_samples": 128},
-                   "random": {"match": "gradsplitter"}},
+                                    "head_epochs": 0, "max_train_samples": 128}},
     "modularize": [{"approach": "gradsplitter", "dataset": "digits", "models": ["simcnn"]},
-                   {"approach": "random", "dataset": "digits", "models": ["simcnn"]}],
+                   {"approach": "random_gradsplitter", "dataset": "digits",
+                    "models": ["simcnn"]}],
     "threads": {"train": 1},
 }
 

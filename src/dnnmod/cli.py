@@ -637,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="JSON hyperparameters overriding the approach's defaults")
     modularize.add_argument("--reference", type=_named_path, action="append", default=[],
                             metavar="APPROACH=PATH",
-                            help="a module set the approach reads (e.g. random's match), cut "
+                            help="a module set the approach reads (random_mwt: mwt's), cut "
                                  "from the same base model; repeatable")
     modularize.add_argument("--seed", type=int, required=True)
     modularize.add_argument("--data-root", default="data")

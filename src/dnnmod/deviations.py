@@ -128,11 +128,29 @@ def _moda_patching_datasets(config: Mapping[str, Any]) -> list[str]:
     )
 
 
+def _sampled_cross_dataset_pairs(config: Mapping[str, Any]) -> list[str]:
+    """E4 settings across two datasets that compose a sample of their pairs (listed pairs, or
+    a ``max_pairs`` cap) instead of every class of one dataset with every class of the
+    other."""
+    settings = config.get("reuse", {}).get("new_tasks", {}).get("settings", {})
+    sampled = []
+    for name, setting in settings.items():
+        first, second = setting["datasets"]
+        if first == second:
+            continue
+        if setting.get("pairs", "all") != "all":
+            sampled.append(f"{name}: {len(setting['pairs'])} listed pairs")
+        elif setting.get("max_pairs") is not None:
+            sampled.append(f"{name}: {setting['max_pairs']} sampled pairs")
+    return sorted(sampled)
+
+
 #: ``@name`` paths: measures of the whole config
 MEASURES: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "models_shared_by_mwt_and_splitters": _models_shared_by_mwt_and_splitters,
     "pan_rajan_resnet_datasets": _pan_rajan_resnet_datasets,
     "moda_patching_datasets": _moda_patching_datasets,
+    "sampled_cross_dataset_pairs": _sampled_cross_dataset_pairs,
 }
 
 

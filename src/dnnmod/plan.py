@@ -38,6 +38,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from dnnmod.controls import control_of
 from dnnmod.errors import ConfigError, DnnmodError
 
 RATES_FILE = "device_rates.csv"
@@ -433,7 +434,7 @@ def _modularize(job: PlanJob, context: Context) -> list[Phase]:
         return _gradsplitter(job, context, hp)
     if approach == "cnnsplitter":
         return _cnnsplitter(job, context, hp)
-    if approach == "random":  # draws kernels: no passes
+    if control_of(approach):  # a random control draws kernels: no passes
         return []
     if approach == "pan_rajan":
         return _statistics_pass(job, context, 2.0)

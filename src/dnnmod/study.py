@@ -431,7 +431,7 @@ def _cover_modularizations(paper: dict[str, Any],
                            required: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     """``required`` and, in the paper's order, each module set of the paper that brings an
     approach-architecture or approach-dataset pair not yet kept; with the module sets each
-    kept one reads (the random control's GradSplitter sets)."""
+    kept one reads (a random control reads its approach's)."""
     from dnnmod.approaches import APPROACHES, resolve_hyperparameters
 
     paper_sets = expand_modularizations(paper)

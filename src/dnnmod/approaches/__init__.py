@@ -1,7 +1,9 @@
 """Modularization approaches behind one interface (:class:`~dnnmod.approaches.base.Approach`).
 
 A new approach is one file here defining an ``Approach`` subclass, plus its line in
-:data:`APPROACHES`; :func:`run_approach` is how the command line and the library run one.
+:data:`APPROACHES`, which also registers its random control ``random_<name>``
+(:mod:`dnnmod.approaches.random_kernels`); :func:`run_approach` is how the command line and the
+library run one.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from dnnmod.approaches.gradsplitter import GradSplitter
 from dnnmod.approaches.moda import MODA
 from dnnmod.approaches.mwt import MwT
 from dnnmod.approaches.pan_rajan import PanRajan
-from dnnmod.approaches.random_kernels import RandomKernels
+from dnnmod.approaches.random_kernels import RandomControl
 from dnnmod.errors import ConfigError, UnknownNameError
 from dnnmod.modules.moduleset import REQUIRED_PROVENANCE, ModuleSet, check_provenance
 
+_DECOMPOSING = (CNNSplitter(), GradSplitter(), MwT(), MODA(), PanRajan())
 APPROACHES: dict[str, Approach] = {
     approach.name: approach
-    for approach in (CNNSplitter(), GradSplitter(), RandomKernels(), MwT(), MODA(),
-                     PanRajan())
+    for approach in (*_DECOMPOSING, *(RandomControl(of) for of in _DECOMPOSING))
 }
 
 

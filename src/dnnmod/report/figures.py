@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dnnmod.artifacts import atomic_write
+from dnnmod.controls import control_of
 
 # Fixed per approach so a reader can follow one approach across figures; unknown names (a new
 # approach) cycle through the spare styles in name order.
@@ -15,14 +16,17 @@ APPROACH_STYLES = {
     "pan_rajan": ("tab:green", "^"),
     "mwt": ("tab:red", "D"),
     "moda": ("tab:purple", "v"),
-    "random": ("tab:gray", "x"),
     "st": ("black", "*"),
 }
 _SPARE_STYLES = [("tab:brown", "P"), ("tab:pink", "h"), ("tab:olive", "<"), ("tab:cyan", ">")]
 
 
 def approach_style(name: str) -> dict[str, str]:
-    """``color`` and ``marker`` keyword arguments for one approach's points or lines."""
+    """``color`` and ``marker`` keyword arguments for one approach's points or lines; a random
+    control (``random_<approach>``) takes its approach's colour and a cross."""
+    matched = control_of(name)
+    if matched is not None:
+        return {"color": approach_style(matched)["color"], "marker": "x"}
     if name in APPROACH_STYLES:
         color, marker = APPROACH_STYLES[name]
     else:

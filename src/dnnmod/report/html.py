@@ -26,7 +26,7 @@ from dnnmod.artifacts import atomic_write
 from dnnmod.deviations import deviation_table
 from dnnmod.errors import ArtifactError
 from dnnmod.report.cost import job_device, read_benchmark
-from dnnmod.report.scorecard import reading, scorecard
+from dnnmod.report.scorecard import controls_card, reading, scorecard
 from dnnmod.report.tables import without_empty_columns
 
 # The experiments of the study (study.md), by file-name prefix.
@@ -190,14 +190,32 @@ def scorecard_html(tables: Path, config: dict) -> str:
     """The reproduction scorecard (dnnmod.report.scorecard) as a table, or why it is empty."""
     card = scorecard(tables, config)
     if card.empty:
-        return ("<p>No published headline can be set against this study: none of its results "
+        text = ("<p>No published headline can be set against this study: none of its results "
                 "is on a paper's model, dataset and protocol (the paper-scale config, "
                 "config/config.yaml, reproduces them).</p>")
-    within = card.verdict.str.startswith("within").sum()
+    else:
+        within = card.verdict.str.startswith("within").sum()
+        table = card.to_html(index=False, float_format="%.2f", classes="scorecard")
+        text = (f"<p>{within} of {len(card)} published headlines reproduced within tolerance "
+                "(accuracy and accuracy loss ±1 pp; KRR, module size and relative reductions "
+                "±5 pp; gains: the same sign and ±3 pp). Δ = ours − published.</p>"
+                f'<div class="scroll">{table}</div>')
+    return text + controls_html(tables)
+
+
+def controls_html(tables: Path) -> str:
+    """Each approach against its random control (dnnmod.report.scorecard.controls_card), ""
+    when the study cut no control."""
+    card = controls_card(tables)
+    if card.empty:
+        return ""
+    above = card.verdict.str.startswith("above").sum()
     table = card.to_html(index=False, float_format="%.2f", classes="scorecard")
-    return (f"<p>{within} of {len(card)} published headlines reproduced within tolerance "
-            "(accuracy and accuracy loss ±1 pp; KRR, module size and relative reductions "
-            "±5 pp; gains: the same sign and ±3 pp). Δ = ours − published.</p>"
+    return ("<h3>Against the random controls</h3>"
+            f"<p>{above} of {len(card)} comparisons find the approach above its random control "
+            "(random_&lt;approach&gt;: as many kernels per class and layer as its modules keep, "
+            "drawn at random from the same model). margin &gt; 0: the approach loses less or "
+            "gains more than its control. No paper reports one.</p>"
             f'<div class="scroll">{table}</div>')
 
 

@@ -13,6 +13,12 @@ A row outside its tolerance names the study's deviations from the papers that be
 (``affects`` in reference/paper_settings.yaml), or says that none is stated. Everything is
 computed from the result tables the report shows (``tables/<name>.csv``); columns are picked
 by name, so a table that gains a headline column (``krr_paper``, say) is read by it.
+
+Beside it, :func:`controls_card` sets each approach against its random control (``random_<A>``:
+as many kernels per class and layer, drawn at random from the same model) wherever both have
+rows: E2's composed accuracy loss, E3's F1 gain, E4's accuracy against training from scratch
+and E5's sub-task accuracy. No paper reports a control; the margin says whether the kernels an
+approach chooses do better than chance at its own size.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from dnnmod.controls import control_name, control_of
 from dnnmod.deviations import deviation_table
 from dnnmod.report.tables import published
 
@@ -356,6 +363,89 @@ def scorecard(tables: Path, config: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+#: each experiment's comparison with the random controls: its table, the column compared,
+#: whether higher is better, and the keys one comparison holds fixed (those the table has)
+CONTROL_COMPARISONS = [
+    (
+        "E2",
+        "e2_modularization",
+        "composed_loss_pp",
+        False,
+        ["model", "dataset"],
+        "composed accuracy loss (pp)",
+    ),
+    ("E3", "e3_patching", "f1_gain_pp", True, ["protocol", "setting", "model"], "F1 gain (pp)"),
+    (
+        "E4",
+        "e4_new_tasks",
+        "accuracy_difference_pp",
+        True,
+        ["setting", "kind", "variant"],
+        "composed − from scratch (pp)",
+    ),
+    (
+        "E5",
+        "e5_subtask_reuse",
+        "accuracy_diff_pp",
+        True,
+        ["model", "dataset"],
+        "sub-task accuracy − model's (pp)",
+    ),
+]
+CONTROL_COLUMNS = [
+    "experiment",
+    "approach",
+    "where",
+    "metric",
+    "approach_value",
+    "control_value",
+    "margin",
+    "verdict",
+]
+
+
+def _own_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-target and per-pair rows, not their averages and means."""
+    for column, summary in (("target", "average"), ("pair", "mean")):
+        if column in table:
+            table = table[table[column].astype(str) != summary]
+    return table
+
+
+def controls_card(tables: Path) -> pd.DataFrame:
+    """Each approach against its random control (CONTROL_COLUMNS), where both have rows: the
+    means over the rows that share the comparison's keys; margin > 0: the approach does better
+    than its control (its loss is lower, its gain higher)."""
+    rows = []
+    for experiment, name, column, higher, wanted, label in CONTROL_COMPARISONS:
+        table = _read(tables, name)
+        if table is None or column not in table or "approach" not in table:
+            continue
+        table = _own_rows(table).dropna(subset=[column])
+        keys = [key for key in wanted if key in table]
+        means = table.groupby(["approach", *keys])[column].mean()
+        for index, value in means.items():
+            index = index if isinstance(index, tuple) else (index,)
+            approach, key = index[0], index[1:]
+            control = (control_name(approach), *key)
+            if control_of(approach) or control not in means.index:
+                continue
+            margin = (value - means[control]) if higher else (means[control] - value)
+            rows.append(
+                {
+                    "experiment": experiment,
+                    "approach": approach,
+                    "where": ", ".join(f"{k} {v}" for k, v in zip(keys, key, strict=True)),
+                    "metric": label,
+                    "approach_value": value,
+                    "control_value": means[control],
+                    "margin": margin,
+                    "verdict": f"{'above' if margin > 0 else 'not above'} {control[0]}",
+                }
+            )
+    return pd.DataFrame(rows, columns=CONTROL_COLUMNS)
+
+
 def within_tolerance(kind: str, ours: float, published_value: float) -> bool:
     allowed, same_sign = TOLERANCES[kind]
     if same_sign and (ours > 0) != (published_value > 0):
@@ -434,14 +524,14 @@ def _read_e2(tables: Path) -> list[str]:
     loss = _first_column(e2, "headline_loss_pp", "accuracy_loss_pp")
     krr = _first_column(e2, "krr_paper", "paper_krr", "krr")
     text = []
-    if loss:
-        name, value = _extreme(e2, "approach", loss, low=True)
-        worst, worst_value = _extreme(e2, "approach", loss, low=False)
+    if loss and not _approaches(e2).empty:
+        name, value = _extreme(_approaches(e2), "approach", loss, low=True)
+        worst, worst_value = _extreme(_approaches(e2), "approach", loss, low=False)
         text.append(
             f"Least accuracy lost: {name} ({value:.2f} pp on average over its base "
             f"models); most: {worst} ({worst_value:.2f} pp)."
         )
-    fewest = _extreme(e2[e2.approach != "random"], "approach", krr, low=True) if krr else None
+    fewest = _extreme(_approaches(e2), "approach", krr, low=True) if krr else None
     if fewest:
         text.append(f"Fewest kernels kept: {fewest[0]} (KRR {100 * fewest[1]:.1f} %).")
     # a per-model published KRR, not an approach's headline set beside every row
@@ -453,7 +543,32 @@ def _read_e2(tables: Path) -> list[str]:
             f"KRR furthest from published: {far.approach} on {far.model}/{far.dataset}"
             f" ({100 * far.krr_minus_published:+.1f} pp)."
         )
-    return text
+    return text + _against_controls(tables, "E2")
+
+
+def _approaches(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of approaches, not of their random controls."""
+    return table[table.approach.map(control_of).isna()]
+
+
+def _against_controls(tables: Path, experiment: str, kind: str = "") -> list[str]:
+    """One sentence: each approach's value against its random control's (controls_card),
+    averaged over the experiment's comparisons (E4: those of pair tasks of ``kind``)."""
+    card = controls_card(tables)
+    card = card[(card.experiment == experiment) & card["where"].str.contains(kind)]
+    if card.empty:
+        return []
+    means = card.groupby("approach")[["approach_value", "control_value", "margin"]].mean()
+    above = (means.margin > 0).sum()
+    parts = [
+        f"{approach} {row.approach_value:+.2f} vs {row.control_value:+.2f}"
+        for approach, row in means.iterrows()
+    ]
+    return [
+        f"Against its random control ({card.metric.iloc[0]}, the same kernel counts drawn "
+        f"at random): {'; '.join(parts)}; {above} of {len(means)} approaches do better "
+        "than their control."
+    ]
 
 
 def _read_e3(tables: Path) -> list[str]:
@@ -461,7 +576,7 @@ def _read_e3(tables: Path) -> list[str]:
     if e3 is None or e3.empty or "f1_gain_pp" not in e3:
         return []
     per_target = e3[e3.target.astype(str) != "average"] if "target" in e3 else e3
-    rows = (per_target if len(per_target) else e3).dropna(subset=["f1_gain_pp"])
+    rows = _approaches((per_target if len(per_target) else e3).dropna(subset=["f1_gain_pp"]))
     best = _extreme(rows, "approach", "f1_gain_pp", low=False)
     if best is None:
         return []
@@ -470,7 +585,7 @@ def _read_e3(tables: Path) -> list[str]:
     return [
         f"Largest mean F1 gain from patching: {name} ({value:+.2f} pp); patching raised "
         f"the target class's F1 in {improved:.0f} % of {len(rows)} weak-model/target rows."
-    ]
+    ] + _against_controls(tables, "E3")
 
 
 def _read_e4(tables: Path) -> list[str]:
@@ -480,17 +595,21 @@ def _read_e4(tables: Path) -> list[str]:
     rows = e4[e4.pair.astype(str) != "mean"] if "pair" in e4 else e4
     rows = rows.dropna(subset=["accuracy_difference_pp"])
     if "kind" not in rows:
-        return _e4_reading(rows, "")
+        return _e4_reading(rows, "") + _against_controls(tables, "E4")
     # The papers' new tasks cross datasets (GradSplitter's CIFAR-10 class x SVHN digit, Pan &
     # Rajan's inter-dataset reuse): those pairs lead; pairs within one dataset follow, since
     # there random kernels separate two classes about as well as real modules (fidelity.md).
-    return _e4_reading(rows[rows.kind == "inter"], " across datasets") + _e4_reading(
-        rows[rows.kind == "intra"], " within one dataset"
+    return (
+        _e4_reading(rows[rows.kind == "inter"], " across datasets")
+        + _against_controls(tables, "E4", "kind inter")
+        + _e4_reading(rows[rows.kind == "intra"], " within one dataset")
     )
 
 
 def _e4_reading(rows: pd.DataFrame, where: str) -> list[str]:
-    """The best approach against training from scratch over ``rows`` (pair tasks)."""
+    """The best approach against training from scratch over ``rows`` (pair tasks; the random
+    controls' are read against their approaches instead)."""
+    rows = _approaches(rows)
     best = _extreme(rows, "approach", "accuracy_difference_pp", low=False)
     if best is None:
         return []
@@ -507,13 +626,13 @@ def _read_e5(tables: Path) -> list[str]:
     e5 = _read(tables, "e5_subtask_reuse")
     if e5 is None or e5.empty or "accuracy_diff_pp" not in e5:
         return []
-    best = _extreme(e5, "approach", "accuracy_diff_pp", low=False)
+    best = _extreme(_approaches(e5), "approach", "accuracy_diff_pp", low=False)
     if best is None:
         return []
     return [
         f"Least accuracy lost on sub-tasks against the decomposed model: {best[0]} "
         f"({best[1]:+.2f} pp averaged over sizes)."
-    ]
+    ] + _against_controls(tables, "E5")
 
 
 def _read_e6(tables: Path) -> list[str]:

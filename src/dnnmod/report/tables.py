@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from dnnmod.artifacts import atomic_write, read_json, write_json
+from dnnmod.controls import control_of
 from dnnmod.report.figures import approach_style, pyplot, save_figure
 from dnnmod.training.records import read_model_record
 
@@ -302,8 +303,10 @@ E2_NOTES = (
     "as kept when any of its positions is active, so its krr stays near 1 by the method's "
     "design; module_size counts what it removes (hidden units, and channels inactive at every "
     "position), and its own measure, the model-module Jaccard index of active positions, is "
-    "in pan_rajan_decomposition. random keeps as many kernels per layer as the approach it "
-    "matches, chosen at random: the floor every approach should beat. MwT and MODA compose "
+    "in pan_rajan_decomposition. random_<approach>, each approach's random control, keeps as "
+    "many kernels per class and layer as that approach's modules (as many positions, for "
+    "pan_rajan), chosen at random from the same model (MwT's and MODA's own), and composes "
+    "side by side: the floor its approach's composed_loss_pp should beat. MwT and MODA compose "
     "modules into one union network (the OR of their masks; MwT's without its mask "
     "generators, as its authors reuse it), and union_accuracy, "
     "union_loss_pp and union_size (parameters over the model's) give that network for the "
@@ -315,7 +318,8 @@ def krr_definitions(metrics_paths: list[Path]) -> str:
     definitions = {}
     for path in metrics_paths:
         metrics = read_json(path)
-        if metrics.get("krr_definition"):
+        if metrics.get("krr_definition") and not control_of(metrics["approach"]):
+            # a control's definition is its approach's: named once
             definitions[metrics["approach"]] = metrics["krr_definition"]
     return " ".join(f"krr of {approach}: {definition}." for approach, definition in
                     sorted(definitions.items()))
