@@ -150,3 +150,40 @@ def test_the_report_shows_the_card_even_without_published_headlines(tables):
 def test_a_control_is_drawn_in_its_approachs_colour():
     assert approach_style("random_mwt") == {"color": approach_style("mwt")["color"], "marker": "x"}
     assert approach_style("mwt")["marker"] != "x"
+
+
+def test_e5_sets_union_networks_against_the_controls_union_networks(tmp_path):
+    """MwT's sub-task headline is its (fine-tuned) union network: where the controls' union
+    networks were built too, each union column gets its own comparison and sentence."""
+    rows = [
+        {
+            "approach": approach,
+            "model": "simcnn",
+            "dataset": "digits",
+            "size": size,
+            "accuracy_diff_pp": diff,
+            "union_diff_pp": union,
+            "finetuned_diff_pp": tuned,
+        }
+        for approach, diff, union, tuned in (
+            ("mwt", -1.0, -2.0, 0.5),
+            ("random_mwt", -30.0, -40.0, -5.0),
+            ("gradsplitter", -0.5, None, None),
+            ("random_gradsplitter", -20.0, None, None),
+        )
+        for size in (2, 3)
+    ]
+    write(tmp_path, "e5_subtask_reuse", rows)
+    card = controls_card(tmp_path).set_index(["approach", "metric"])
+    assert card.loc[("mwt", "union network − model's (pp)")].margin == 38.0
+    assert card.loc[("mwt", "fine-tuned union network − model's (pp)")].margin == 5.5
+    assert ("gradsplitter", "union network − model's (pp)") not in card.index
+    text = reading(tmp_path, "e5")
+    assert (
+        "(sub-task accuracy − model's (pp), the same kernel counts drawn at random): "
+        "gradsplitter -0.50 vs -20.00; mwt -1.00 vs -30.00; 2 of 2" in text
+    )
+    assert (
+        "(fine-tuned union network − model's (pp), the same kernel counts drawn at "
+        "random): mwt +0.50 vs -5.00; 1 of 1" in text
+    )

@@ -391,6 +391,24 @@ CONTROL_COMPARISONS = [
         ["model", "dataset"],
         "sub-task accuracy − model's (pp)",
     ),
+    # MwT's and MODA's sub-task headline: the union network (MwT's fine-tuned), where the
+    # control's union networks were built too (reuse.subtasks.union_approaches)
+    (
+        "E5",
+        "e5_subtask_reuse",
+        "union_diff_pp",
+        True,
+        ["model", "dataset"],
+        "union network − model's (pp)",
+    ),
+    (
+        "E5",
+        "e5_subtask_reuse",
+        "finetuned_diff_pp",
+        True,
+        ["model", "dataset"],
+        "fine-tuned union network − model's (pp)",
+    ),
 ]
 CONTROL_COLUMNS = [
     "experiment",
@@ -552,23 +570,24 @@ def _approaches(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _against_controls(tables: Path, experiment: str, kind: str = "") -> list[str]:
-    """One sentence: each approach's value against its random control's (controls_card),
-    averaged over the experiment's comparisons (E4: those of pair tasks of ``kind``)."""
+    """A sentence per metric: each approach's value against its random control's
+    (controls_card), averaged over the experiment's comparisons (E4: those of pair tasks of
+    ``kind``)."""
     card = controls_card(tables)
     card = card[(card.experiment == experiment) & card["where"].str.contains(kind)]
-    if card.empty:
-        return []
-    means = card.groupby("approach")[["approach_value", "control_value", "margin"]].mean()
-    above = (means.margin > 0).sum()
-    parts = [
-        f"{approach} {row.approach_value:+.2f} vs {row.control_value:+.2f}"
-        for approach, row in means.iterrows()
-    ]
-    return [
-        f"Against its random control ({card.metric.iloc[0]}, the same kernel counts drawn "
-        f"at random): {'; '.join(parts)}; {above} of {len(means)} approaches do better "
-        "than their control."
-    ]
+    text = []
+    for metric, rows in card.groupby("metric", sort=False):
+        means = rows.groupby("approach")[["approach_value", "control_value", "margin"]].mean()
+        parts = [
+            f"{approach} {row.approach_value:+.2f} vs {row.control_value:+.2f}"
+            for approach, row in means.iterrows()
+        ]
+        text.append(
+            f"Against its random control ({metric}, the same kernel counts drawn at random): "
+            f"{'; '.join(parts)}; {(means.margin > 0).sum()} of {len(means)} approaches do "
+            "better than their control."
+        )
+    return text
 
 
 def _read_e3(tables: Path) -> list[str]:
