@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from dnnmod import plugins
+from dnnmod.approaches import APPROACHES
 from dnnmod.data.registry import DATASETS, DatasetSpec
 from dnnmod.errors import UnknownNameError
 from dnnmod.models import ARCHITECTURES, build_model
@@ -91,7 +92,9 @@ def plugin_module(tmp_path, monkeypatch):
 
 
 def test_the_built_ins_come_from_dnnmods_own_entry_points():
-    for registry, names in [(OBJECTIVES, {"st", "mwt", "moda"}),
+    for registry, names in [(APPROACHES, {"cnnsplitter", "gradsplitter", "mwt", "moda",
+                                          "pan_rajan", "random_mwt"}),
+                            (OBJECTIVES, {"st", "mwt", "moda"}),
                             (ARCHITECTURES, {"simcnn", "resnet20", "vgg16"}),
                             (DATASETS, {"cifar10", "digits", "shapes"}),
                             (COMBINATIONS, {"argmax", "voting"})]:
@@ -187,3 +190,13 @@ def test_in_process_registration_refuses_a_taken_name():
     assert rules.source("first") == "in-process" and "first" in list(rules)
     del rules["first"], rules["voting"]
     assert "first" not in rules and "voting" not in rules and "argmax" in rules
+
+
+def test_list_names_every_kind_of_registered_thing(capsys):
+    from dnnmod.cli import main
+
+    for kind, name in [("approaches", "random_gradsplitter"), ("objectives", "mwt"),
+                       ("models", "resnet20"), ("datasets", "fashion_mnist"),
+                       ("combination_rules", "voting")]:
+        assert main(["list", kind]) == 0
+        assert name in capsys.readouterr().out.splitlines()

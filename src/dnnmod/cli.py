@@ -28,15 +28,9 @@ def _json_arg(text: str):
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    if args.what == "datasets":
-        from dnnmod.data import DATASETS
+    from dnnmod.plugins import listing
 
-        names = DATASETS
-    else:
-        from dnnmod.models import ARCHITECTURES
-
-        names = ARCHITECTURES
-    print("\n".join(sorted(names)))
+    print("\n".join(listing(args.what)))
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
@@ -95,6 +89,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from dnnmod.plan import cmd_plan as plan
 
     plan(args)
+
+
+def cmd_check_approach(args: argparse.Namespace) -> int:
+    from dnnmod.approaches.contract import check_approach_command
+
+    return check_approach_command(args.approach, Path(args.work_dir) if args.work_dir else None)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -544,9 +544,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error (also: DNNMOD_DEBUG=1)")
     verbs = parser.add_subparsers(dest="command", required=True)
 
-    listing = verbs.add_parser("list", help="list registered datasets or model architectures")
-    listing.add_argument("what", choices=["datasets", "models"])
+    listing = verbs.add_parser("list", help="list registered approaches, training kinds "
+                               "(objectives), models, datasets or combination rules; a "
+                               "plug-in's with its distribution")
+    listing.add_argument("what", choices=["approaches", "objectives", "models", "datasets",
+                                          "combination_rules"])
     listing.set_defaults(func=cmd_list)
+
+    check = verbs.add_parser("check-approach", help="run the approach contract on an approach "
+                             "(a plug-in's): each requirement passed or failed; status 1 if any "
+                             "failed")
+    check.add_argument("approach", help="PACKAGE.MODULE:CLASS, or a registered approach's name")
+    check.add_argument("--work-dir", help="where the tiny bench's data and models go "
+                                          "(default: a temporary directory)")
+    check.set_defaults(func=cmd_check_approach)
 
     data = verbs.add_parser("data", help="prepare datasets, splits and derived tasks"
                             ).add_subparsers(dest="data_command", required=True)
@@ -899,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        args.func(args)
+        status = args.func(args)
     except (DnnmodError, OSError) as err:
         # Input and file-system problems are the user's to fix: one line names them; the
         # traceback is for debugging dnnmod itself.
@@ -907,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dnnmod: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0  # a command that reports failures returns its status
 
 
 if __name__ == "__main__":

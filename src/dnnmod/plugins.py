@@ -16,6 +16,7 @@ the distribution and the entry point.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, Generic, TypeVar
@@ -31,10 +32,21 @@ GROUPS = {
     "combination_rules": "dnnmod.combination_rules",
 }
 
+#: where each group's registry lives (module:attribute), imported on demand by :func:`registry`
+REGISTRIES = {
+    "approaches": "dnnmod.approaches:APPROACHES",
+    "objectives": "dnnmod.training.objectives:OBJECTIVES",
+    "models": "dnnmod.models:ARCHITECTURES",
+    "datasets": "dnnmod.data.registry:DATASETS",
+    "combination_rules": "dnnmod.modules.combination:COMBINATIONS",
+}
+
 #: the distribution whose entry points are the built-ins
 OWN_DISTRIBUTION = "dnnmod"
 
 T = TypeVar("T")
+
+_REGISTRIES: list[Registry] = []  # every registry made, for refresh_all()
 
 
 class PluginError(DnnmodError):
@@ -46,6 +58,27 @@ def describe(entry_point: importlib.metadata.EntryPoint) -> str:
     distribution = entry_point.dist.name if entry_point.dist is not None else "unknown"
     return (f"entry point {entry_point.name!r} = {entry_point.value!r} "
             f"({entry_point.group}, distribution {distribution!r})")
+
+
+def registry(kind: str) -> Registry:
+    """The registry of ``kind`` (a key of :data:`GROUPS`)."""
+    module, _, attribute = REGISTRIES[kind].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def listing(kind: str) -> list[str]:
+    """The names of ``kind``, sorted; a plug-in's followed by its distribution in brackets."""
+    names = registry(kind)
+    return [name if names.source(name) == OWN_DISTRIBUTION else f"{name} ({names.source(name)})"
+            for name in sorted(names)]
+
+
+def refresh_all() -> None:
+    """Every registry reads the installed metadata again: after a package was installed into
+    (or removed from) this process's path, as tests/test_plugin_example.py does."""
+    importlib.invalidate_caches()
+    for registry in _REGISTRIES:
+        registry.refresh()
 
 
 class Registry(MutableMapping[str, T], Generic[T]):
@@ -60,8 +93,10 @@ class Registry(MutableMapping[str, T], Generic[T]):
     def __init__(self, group: str, kind: str, adapt: Callable[[str, Any], T]) -> None:
         self.group, self.kind, self._adapt = group, kind, adapt
         self._entry_points: dict[str, importlib.metadata.EntryPoint] | None = None
-        self._values: dict[str, T] = {}
-        self._removed: set[str] = set()
+        self._loaded: dict[str, T] = {}  # from entry points (or derived from them)
+        self._set: dict[str, T] = {}  # set in-process
+        self._removed: set[str] = set()  # entry points deleted in-process
+        _REGISTRIES.append(self)
 
     def entry_points(self) -> dict[str, importlib.metadata.EntryPoint]:
         """Name → entry point of the group, read from the installed metadata once."""
@@ -82,14 +117,20 @@ class Registry(MutableMapping[str, T], Generic[T]):
             self._entry_points = found
         return self._entry_points
 
+    def refresh(self) -> None:
+        """Read the installed metadata again (a package was installed or removed in this
+        process); what was loaded from an entry point that remains is kept."""
+        self._entry_points = None
+        self._loaded = {name: value for name, value in self._loaded.items()
+                        if name in self.entry_points()}
+
     def _names(self) -> list[str]:
         names = dict.fromkeys(name for name in self.entry_points() if name not in self._removed)
-        names.update(dict.fromkeys(self._values))
+        names.update(dict.fromkeys(self._set))
         return list(names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._values or (name in self.entry_points()
-                                        and name not in self._removed)
+        return name in self._set or (name in self.entry_points() and name not in self._removed)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names())
@@ -98,39 +139,41 @@ class Registry(MutableMapping[str, T], Generic[T]):
         return len(self._names())
 
     def __getitem__(self, name: str) -> T:
-        if name in self._values:
-            return self._values[name]
+        if name in self._set:
+            return self._set[name]
         if name not in self:
             raise UnknownNameError(self.kind, name, self._names())
-        entry_point = self.entry_points()[name]
+        if name not in self._loaded:
+            self._loaded[name] = self._load(self.entry_points()[name])
+        return self._loaded[name]
+
+    def _load(self, entry_point: importlib.metadata.EntryPoint) -> T:
         try:
             loaded = entry_point.load()
         except Exception as err:
             raise PluginError(f"{describe(entry_point)} failed to import: "
                               f"{type(err).__name__}: {err}") from err
         try:
-            value = self._adapt(name, loaded)
+            return self._adapt(entry_point.name, loaded)
         except ValueError as err:
             raise PluginError(f"{describe(entry_point)}: {err}") from err
-        self._values[name] = value
-        return value
 
     def __setitem__(self, name: str, value: T) -> None:
-        self._values[name] = value
+        self._set[name] = value
         self._removed.discard(name)
 
     def __delitem__(self, name: str) -> None:
         if name not in self:
             raise KeyError(name)
-        self._values.pop(name, None)
+        self._set.pop(name, None)
         if name in self.entry_points():
             self._removed.add(name)
 
     def register(self, name: str, value: T) -> T:
         """Add ``value`` as ``name`` in this process; PluginError if the name is taken."""
         if name in self:
-            where = (describe(self.entry_points()[name]) if name in self.entry_points()
-                     and name not in self._values else "an in-process registration")
+            where = ("an in-process registration" if name in self._set
+                     else describe(self.entry_points()[name]))
             raise PluginError(f"{self.kind} {name!r} is registered twice: by {where} and "
                               "in-process")
         self[name] = value
@@ -138,7 +181,7 @@ class Registry(MutableMapping[str, T], Generic[T]):
 
     def source(self, name: str) -> str:
         """The distribution that provides ``name`` (``in-process`` for one set at run time)."""
-        if name in self._values and (name not in self.entry_points() or name in self._removed):
+        if name in self._set:
             return "in-process"
         entry_point = self.entry_points()[name]
         return entry_point.dist.name if entry_point.dist is not None else "unknown"

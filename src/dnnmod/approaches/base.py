@@ -6,7 +6,8 @@ splitters, its own modular training for MwT and MODA) and returns a
 composition, reuse experiments, tables) is shared, so a new approach is one subclass of
 :class:`Approach` in one file, registered in :mod:`dnnmod.approaches`.
 
-What the contract promises, and tests/test_approaches.py checks for every registered approach:
+What the contract promises, and :mod:`dnnmod.approaches.contract` checks for every registered
+approach (tests/test_approach_contract.py) and for a third party's (``dnnmod check-approach``):
 - ``resolve({})`` gives the reference hyperparameters; an unknown key or a value of the wrong
   type is a :class:`~dnnmod.errors.ConfigError` naming it;
 - a run interrupted after a checkpoint and started again gives the same module set;
@@ -50,6 +51,8 @@ class Approach(ABC):
         fine_tunes_union: whether its authors fine-tune a sub-task's union network (E5:
             MwT) with a ReLU + Linear head on its logits; :meth:`reuse_network` gives the
             network they reuse.
+        contract_hyperparameters: overrides small enough for the contract's tiny run
+            (:mod:`dnnmod.approaches.contract`), which still exercise the algorithm.
     """
 
     name: ClassVar[str]
@@ -61,6 +64,7 @@ class Approach(ABC):
     defaults: ClassVar[Mapping[str, Any]]
     constraints: ClassVar[Mapping[str, Range | OneOf]] = {}
     types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {}
+    contract_hyperparameters: ClassVar[Mapping[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

@@ -554,6 +554,8 @@ class CNNSplitter(Approach):
     # residual additions) counted once per layer.
     krr_definition = PER_LAYER_KRR
     types = {"fitness_samples": int, "selection_samples": int}
+    contract_hyperparameters = {"population": 4, "generations": 2, "parents": 2, "elites": 1,
+                                "survivors": [4, 6], "fitness_samples": 40}
 
     def paper_kernel_retention(self, model: nn.Module, modules: ModuleSet) -> list[float]:
         return layer_kernel_retention(modules)

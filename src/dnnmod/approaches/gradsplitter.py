@@ -121,6 +121,9 @@ class GradSplitter(Approach):
     # convs (ResCNN's residual additions) counted once per layer.
     krr_definition = PER_LAYER_KRR
     types = {"mask_travel": float, "max_train_samples": int}
+    contract_hyperparameters = {"init_head_epochs": 1, "rounds": 1, "mask_epochs": 1,
+                                "head_epochs": 1, "mask_lr": 0.1, "batch_size": 32,
+                                "max_train_samples": 96}
     constraints = {
         **{key: Range(0) for key in ("alpha", "init_head_epochs", "rounds", "mask_epochs",
                                      "head_epochs", "max_loss_pp")},

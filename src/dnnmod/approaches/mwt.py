@@ -220,6 +220,7 @@ def sample_masks(model: nn.Module, images) -> torch.Tensor:
 class MwT(Approach):
     name = "mwt"
     training = "mwt"
+    contract_hyperparameters = {"metric_samples": 8}
     composes_by_union = True
     # The paper's "accuracy loss" (1.13 pp) is the ST model's test accuracy minus the modular
     # model's own (modularizer.py checks the modular model; no per-class composition).
