@@ -10,7 +10,11 @@ summed over its phases. FLOPs come from the model's analytic forward count
 (:func:`dnnmod.modules.extract.count_flops`) times the images, passes and epochs the rule's
 work takes (:data:`RULE_WORK`); a backward pass counts two forward passes. Rates, step costs
 and fixed costs are per device class in ``reference/device_rates.csv`` (each with its source);
-``--calibrate`` measures this machine's CPU row in under a minute. The wall time on N devices
+``--calibrate`` measures this machine's CPU row in under a minute. A modular training kind
+(MwT, MODA) multiplies a step's cost by ``step_launches.<kind>``, its step's kernels over
+standard training's (counted on the CPU: benchmarks/training_step_dispatch.py), and its FLOPs'
+time by ``train_slowdown.<kind>``; CNNSplitter's fitness runs kept-channel sub-networks, on a
+GPU as grouped convolutions (:data:`GROUPED_PASS_OVERHEAD`). The wall time on N devices
 is a list schedule of the DAG: a job starts when its inputs are done and a device (for a CPU
 study, ``threads`` of the N cores) is free, longest remaining path first.
 
@@ -45,7 +49,12 @@ RATES_FILE = "device_rates.csv"
 #: Quantities a device row gives, by what they measure.
 QUANTITIES = ("job_s.gpu_rule", "job_s.data_rule", "job_s.report_rule", "flops_per_s.train",
               "flops_per_s.masked", "flops_per_s.inference", "step_s.train", "step_s.masked",
-              "train_slowdown.mwt", "train_slowdown.moda")
+              "train_slowdown.mwt", "train_slowdown.moda", "step_launches.mwt",
+              "step_launches.moda")
+#: FLOPs of CNNSplitter's grouped kept-channel pass (its device path) over the kept-channel
+#: sub-networks': kept channels padded to shared widths, 1.009-1.016x counted on the paper's
+#: models (benchmarks/cnnsplitter_generation.py --counts, docs/results/cnnsplitter_device_path.md)
+GROUPED_PASS_OVERHEAD = 1.02
 #: More threads than any job asks for.
 MAX_THREADS = 4096
 #: Training-set sizes of the registered datasets that are downloaded (official archives), used
@@ -148,13 +157,16 @@ class Phase:
     flops: float
     steps: int  # optimizer steps (0: no per-step cost)
     arch: str  # the architecture it runs, for architecture-specific rates
-    slowdown: str | None = None  # train_slowdown.<training kind> applying to it
-    # the share of ``flops`` a CPU computes: kept-channel sub-networks run there, batched
-    # masked passes over every channel on a GPU (dnnmod.modules.inference.kept_channel_pass)
+    # a modular training kind (mwt, moda): its rows train_slowdown.<kind> (the compute term's
+    # factor) and step_launches.<kind> (the launch-bound term's) apply to the phase
+    training: str | None = None
+    # the share of ``flops`` a CPU and a GPU compute: kept-channel sub-networks run on a CPU
+    # (dnnmod.modules.inference.kept_channel_pass), grouped kept-channel passes on a GPU
     cpu_share: float = 1.0
+    gpu_share: float = 1.0
 
     def device_flops(self, device: str) -> float:
-        return self.flops * (self.cpu_share if device == "cpu" else 1.0)
+        return self.flops * (self.cpu_share if device == "cpu" else self.gpu_share)
 
 
 @dataclass
@@ -376,7 +388,7 @@ def _training(job: PlanJob, context: Context) -> list[Phase]:
     # validation image, every epoch; the test images once
     train = Phase("train", 3 * model.flops * data.train * epochs,
                   epochs * math.ceil(data.train / batch), model.arch,
-                  None if training == "st" else f"train_slowdown.{training}")
+                  None if training == "st" else training)
     evaluation = Phase("inference", model.flops * (data.val * epochs + data.test), 0, model.arch)
     return [train, evaluation]
 
@@ -409,14 +421,15 @@ def _cnnsplitter(job: PlanJob, context: Context, hp: Mapping[str, Any]) -> list[
     if hp["selection_samples"] is not None:
         held_out = min(held_out, hp["selection_samples"])
     # a solution keeps a ratio r of each layer's kernels: as a kept-channel sub-network (on a
-    # CPU) its convolutions cost about r^2 of the model's
+    # CPU) its convolutions cost about r^2 of the model's, in the grouped kept-channel pass (on
+    # a GPU) that and the padding to shared widths
     ratios = [*hp["sensitive_keep_ratios"], *hp["other_keep_ratios"]]
     kept = (sum(ratios) / len(ratios)) ** 2
     solutions = classes * (hp["population"]
                            + hp["generations"] * (hp["population"] - hp["elites"]))
     return [Phase("inference",  # every new solution's fitness, each generation's selection
                   model.flops * (solutions * fitness + classes * hp["generations"] * held_out),
-                  0, model.arch, cpu_share=kept),
+                  0, model.arch, cpu_share=kept, gpu_share=kept * GROUPED_PASS_OVERHEAD),
             Phase("inference", model.flops * 2 * val, 0, model.arch)]  # scores, importance
 
 
@@ -538,8 +551,10 @@ def job_seconds(job: PlanJob, rates: DeviceRates) -> float:
         # a GPU's kernel launches bound a small model's steps (inference runs in large chunks)
         steps = 0.0 if phase.kind == "inference" else \
             phase.steps * rates.get(f"step_s.{phase.kind}")
-        slowdown = rates.get(phase.slowdown) if phase.slowdown else 1.0
-        seconds += max(compute, steps) * slowdown
+        if phase.training:  # its objective's extra compute, and its extra kernels a step
+            compute *= rates.get(f"train_slowdown.{phase.training}", phase.arch)
+            steps *= rates.get(f"step_launches.{phase.training}", phase.arch)
+        seconds += max(compute, steps)
     return seconds
 
 
