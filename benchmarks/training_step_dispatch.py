@@ -14,13 +14,15 @@ ops, and each kind's kernels over standard training's.
 
 Part 2 (``--compile``): the step of MwT and MODA on the first model, eager against compiled:
 ``torch.compile(trainer.backward, fullgraph=True)`` (forward, loss and backward as one graph,
-``torch._dynamo.config.trace_autograd_ops``) plus ``torch.compile(optimizer.step)`` (which
-breaks its own graph on purpose); the median milliseconds of ``--rounds`` steps after the
-warm-up, and eager over compiled. Compiling takes minutes on a small CPU. Times on a shared
-machine move by tens of percent; the counts of part 1 do not.
+``torch._dynamo.config.trace_autograd_ops``), then the optimizer's update eager in both (the
+foreach update is a handful of multi-tensor ops; ``Optimizer.step`` breaks a compiled graph
+on purpose). Per kind, ``--repeats`` times: the median milliseconds of ``--rounds`` steps
+after the warm-up, eager and compiled alternating; printed: the medians over the repeats and
+eager over compiled. Compiling takes minutes on a small CPU. Times on a shared machine move
+by tens of percent; the counts of part 1 do not.
 
     python benchmarks/training_step_dispatch.py
-    python benchmarks/training_step_dispatch.py --models simcnn:0.25 --compile --rounds 20
+    python benchmarks/training_step_dispatch.py --models simcnn:0.125 --compile --rounds 20
 """
 
 from __future__ import annotations
@@ -79,32 +81,38 @@ def median_step_ms(step, x, y, rounds: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def compiled_against_eager(arch: str, width: float, recipe: Recipe, x, y, rounds: int) -> None:
+def compiled_against_eager(arch: str, width: float, recipe: Recipe, x, y, rounds: int,
+                           repeats: int) -> None:
     print(f"\n{arch} w{width}, batch {len(y)}: eager against compiled step on the CPU "
-          f"({torch.get_num_threads()} threads; times under load are noisy)")
+          f"({torch.get_num_threads()} threads; medians of {repeats} repeats of {rounds} steps; "
+          "times under load are noisy)")
     print("| kind | eager ms | compiled ms | eager / compiled | compile s |")
     print("|---|---|---|---|---|")
     for kind in ("mwt", "moda"):
         eager, compiled = (trainer_for(arch, width, kind, recipe) for _ in range(2))
-        with eager.objective.capture(eager.model) as captured:
-            eager_ms = median_step_ms(partial(eager.step, captured=captured), x, y, rounds)
         backward = torch.compile(compiled.backward, fullgraph=True)
-        update = torch.compile(compiled.optimizer.step)
 
-        with (compiled.objective.capture(compiled.model) as captured,
+        def compiled_step(a, b, captured, backward=backward, optimizer=compiled.optimizer):
+            result = backward(a, b, captured)
+            optimizer.step()
+            return result
+
+        with (eager.objective.capture(eager.model) as eager_captured,
+              compiled.objective.capture(compiled.model) as captured,
               torch._dynamo.config.patch(trace_autograd_ops=True)):
-            def step(a, b, backward=backward, update=update, captured=captured):
-                result = backward(a, b, captured)
-                update()
-                return result
-
             compiled.step(x, y, captured)  # eager first: optimizer state, cached constants
             started = time.perf_counter()
-            step(x, y)
+            compiled_step(x, y, captured)
             compile_seconds = time.perf_counter() - started
-            compiled_ms = median_step_ms(step, x, y, rounds)
-        print(f"| {kind} | {eager_ms:.1f} | {compiled_ms:.1f} | {eager_ms / compiled_ms:.2f} | "
-              f"{compile_seconds:.0f} |")
+            eager_ms, compiled_ms = [], []
+            for _ in range(repeats):
+                eager_ms.append(median_step_ms(partial(eager.step, captured=eager_captured),
+                                               x, y, rounds))
+                compiled_ms.append(median_step_ms(partial(compiled_step, captured=captured),
+                                                  x, y, rounds))
+        eager_median, compiled_median = (statistics.median(ms) for ms in (eager_ms, compiled_ms))
+        print(f"| {kind} | {eager_median:.1f} | {compiled_median:.1f} | "
+              f"{eager_median / compiled_median:.2f} | {compile_seconds:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -116,6 +124,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time compiled against eager steps (first model)")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timings per kind (--compile); their median is printed")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -129,7 +139,7 @@ def main() -> None:
     for arch, width in models:
         print_counts(arch, width, recipe, x, y)
     if args.compile:
-        compiled_against_eager(*models[0], recipe, x, y, args.rounds)
+        compiled_against_eager(*models[0], recipe, x, y, args.rounds, args.repeats)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,16 @@ def tiny_cnn() -> nn.Module:
 
 @pytest.mark.parametrize("kind", ["mwt", "moda"])
 def test_forward_loss_and_backward_compile_as_one_graph(kind):
-    """``torch.compile(trainer.backward, fullgraph=True)`` with inductor: one graph (fullgraph
-    fails on any break), giving the eager step's loss, parts and gradients. The optimizer's
-    update is not in it: Optimizer.step breaks a compiled graph on purpose.
+    """``torch.compile(trainer.backward, fullgraph=True)``: one graph (fullgraph fails on any
+    break), forward and backward traced by AOTAutograd (MODA's pair terms, an autograd.Function,
+    included), giving the eager step's loss, parts and gradients. The optimizer's update is not
+    in it: Optimizer.step breaks a compiled graph on purpose.
 
-    Slow: 36 s (MwT) and 174 s (MODA) on 2 cores shared with other jobs, nearly all of it
-    inductor generating and compiling C++ kernels of the joint forward-backward graph; less
-    when inductor's on-disk cache already holds them."""
+    Backend ``aot_eager``: the same capture as inductor's (dynamo's graph, AOTAutograd's
+    forward and backward graphs: what CUDA graphs need) without inductor's lowering of them to
+    generated C++, which a lowering it lacks would not fail (it falls back to the aten op) and
+    which took 350 s a kind on the 2 shared cores (aot_eager: 15 s of CPU for both kinds).
+    benchmarks/training_step_dispatch.py --compile compiles the same step with inductor."""
     recipe = Recipe(epochs=1, batch_size=8, lr=0.05)
     trainers = []
     for _ in range(2):
@@ -40,7 +43,8 @@ def test_forward_loss_and_backward_compile_as_one_graph(kind):
     y = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3])
     results = []
     for trainer, backward in ((eager, eager.backward),
-                              (compiled, torch.compile(compiled.backward, fullgraph=True))):
+                              (compiled, torch.compile(compiled.backward, fullgraph=True,
+                                                       backend="aot_eager"))):
         with (trainer.objective.capture(trainer.model) as captured,
               torch._dynamo.config.patch(trace_autograd_ops=True)):
             trainer.step(x, y, captured)  # an eager step first: optimizer state, constants

@@ -49,7 +49,8 @@ from dnnmod.modules.structure import trace_structure
 from dnnmod.training.objectives import (
     Objective,
     layer_layout,
-    stacked_pair_similarities,
+    pair_loss,
+    pair_terms,
 )
 
 
@@ -71,16 +72,14 @@ class MODATraining(Objective):
 
     def loss(self, logits, labels, captured):
         cross_entropy = nn.functional.cross_entropy(logits, labels)
-        (affinity, dispersion), present, compactness = activation_terms(
-            list(captured.values()), labels)
+        means, present, compactness = activation_terms(list(captured.values()), labels)
         weights = self.hyperparameters
-        # A term the batch cannot form (no such pair) adds 0 and logs 0, chosen on the device.
-        loss = (cross_entropy + weights["gamma"] * compactness
-                + present[0] * (weights["alpha"] * (1 - affinity))
-                + present[1] * (weights["beta"] * dispersion))
+        loss = torch.add(pair_loss(cross_entropy, means, present, weights["alpha"],
+                                   weights["beta"]), compactness, alpha=weights["gamma"])
+        affinity, dispersion = means.detach()
         return loss, {"cross_entropy": cross_entropy.detach(),
-                      "compactness": compactness.detach(), "affinity": affinity.detach(),
-                      "dispersion": dispersion.detach()}
+                      "compactness": compactness.detach(), "affinity": affinity,
+                      "dispersion": dispersion}
 
 
 def activation_terms(activations: list[torch.Tensor], labels: torch.Tensor
@@ -88,15 +87,16 @@ def activation_terms(activations: list[torch.Tensor], labels: torch.Tensor
     """Affinity and dispersion with whether the batch has such pairs (``pair_similarities``'
     ``means`` and ``present``), and compactness of a batch, averaged over layers;
     ``activations``: one (batch, C) or (batch, C, H, W) tensor per layer."""
-    # Each layer's spatial sums side by side, then one division by each column's spatial size:
-    # the spatial means, bit for bit, in one op for all layers.
+    # A conv layer's vectors are its spatial sums, each layer's area divided out by pair_terms
+    # (the similarities do not see a per-layer scale): one op per layer, none for the division.
     layout = layer_layout([a.shape[1] for a in activations], labels.device,
                           [a.shape[2] * a.shape[3] if a.dim() == 4 else 1 for a in activations])
-    vectors = torch.cat([a.sum((2, 3), dtype=torch.float32) if a.dim() == 4 else a.float()
-                         for a in activations], dim=1) / layout.area
-    means, present = stacked_pair_similarities(vectors, layout, labels)
-    # The mean over layers of each layer's mean |activation|, as one weighted sum.
-    return means, present, (vectors.abs().mean(0) * layout.column_share).sum()
+    # float32 sums of float16 activations (CUDA's autocast); float64 stays (the parity check).
+    sums = torch.cat([a.sum((2, 3), dtype=torch.float64 if a.dtype == torch.float64
+                            else torch.float32)
+                      if a.dim() == 4 else a.float() for a in activations], dim=1)
+    means, present, compactness = pair_terms(sums, layout, labels, compactness=True)
+    return means, present, compactness
 
 
 class MODA(Approach):

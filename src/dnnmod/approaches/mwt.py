@@ -63,6 +63,7 @@ from dnnmod.modules.moduleset import ModuleSet, base_identity
 from dnnmod.modules.structure import trace_structure
 from dnnmod.training.objectives import (
     Objective,
+    pair_loss,
     pair_similarities,
     spatial_mean,
 )
@@ -169,12 +170,12 @@ class MwTTraining(Objective):
 
     def loss(self, logits, labels, captured):
         cross_entropy = nn.functional.cross_entropy(logits, labels)
-        (cohesion, coupling), present = pair_similarities(list(captured.values()), labels)
-        # A term the batch cannot form (no such pair) adds 0 and logs 0, chosen on the device.
-        loss = (cross_entropy + present[0] * (self.hyperparameters["alpha"] * (1 - cohesion))
-                + present[1] * (self.hyperparameters["beta"] * coupling))
-        return loss, {"cross_entropy": cross_entropy.detach(), "cohesion": cohesion.detach(),
-                      "coupling": coupling.detach()}
+        means, present = pair_similarities(list(captured.values()), labels)
+        loss = pair_loss(cross_entropy, means, present, self.hyperparameters["alpha"],
+                         self.hyperparameters["beta"])
+        cohesion, coupling = means.detach()
+        return loss, {"cross_entropy": cross_entropy.detach(), "cohesion": cohesion,
+                      "coupling": coupling}
 
 
 def threshold_with_fallback(frequency: torch.Tensor, threshold: float, step: float

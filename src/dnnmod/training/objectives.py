@@ -119,33 +119,122 @@ def pair_similarities(vectors: list[torch.Tensor], labels: torch.Tensor
     rather than testing it, so nothing here reads a value back to the host.
     """
     flat = torch.cat([layer.float() for layer in vectors], dim=1)
-    layout = layer_layout([layer.shape[1] for layer in vectors], flat.device)
-    return stacked_pair_similarities(flat, layout, labels)
+    means, present, _ = pair_terms(flat, layer_layout([layer.shape[1] for layer in vectors],
+                                                      flat.device), labels)
+    return means, present
 
 
-def stacked_pair_similarities(flat: torch.Tensor, layout: LayerLayout, labels: torch.Tensor
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_terms(flat: torch.Tensor, layout: LayerLayout, labels: torch.Tensor,
+               compactness: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`pair_similarities` of the layers' vectors laid side by side in ``flat``
-    (batch, columns), as ``layout`` says.
+    (batch, columns), as ``layout`` says, and with ``compactness`` the mean over layers of each
+    layer's mean value (MODA's compactness; the vectors are ReLU outputs, never negative, so
+    this is their mean absolute value). A column of ``flat`` may hold its layer's vector times
+    the layer's ``area`` (a spatial sum rather than mean): the similarities do not see a
+    per-layer scale and the compactness divides it out.
 
-    Every layer has the same pairs, so the mean over layers of a pair's similarities is the dot
-    product of the pair's unit vectors concatenated over layers, divided by the layer count: one
-    (batch, batch) product for all pairs and layers. Gathering both vectors of every pair instead
-    moves batch²/2 · K values per layer forward and scatters them back
-    (benchmarks/modular_training.py times both). The pairs weight that product rather than
-    select from it (boolean indexing has a data-dependent size, which a device answers only
-    after a sync): the means are sums over the whole (batch, batch) matrix, so the same terms
-    add in another order than in a mean over the selected pairs.
+    Returns ``(means, present, compactness)``, ``compactness`` None unless asked for. One
+    autograd node with a backward pass written out (:class:`_PairTerms`): autograd's own
+    derivative of the same ops dispatches about three times as many small kernels, and a
+    small model's step is bound by their launches.
     """
-    units = layout.units(flat)
-    similarity = (units @ units.T) / layout.layers
-    same_class = labels[:, None] == labels[None, :]
-    # (2, batch, batch): the same-class pairs i < j, then the different-class ones.
-    different, upper = _pair_constants(len(labels), labels.device)
-    pairs = (same_class != different) & upper
-    counts = pairs.sum((1, 2))
-    means = (pairs * similarity).sum((1, 2)) / counts.clamp(min=1)
-    return means, counts > 0
+    # The constants are float32; a float64 ``flat`` (the parity check) takes float64 copies.
+    same_pairs, different_pairs, scaled_indicator, floor, compact_share = (
+        constant.to(flat.dtype) for constant in (*_pair_weights(len(labels), flat.device),
+                                                 layout.scaled_indicator, layout.floor,
+                                                 layout.compact_share))
+    return _PairTerms.apply(flat, labels, scaled_indicator, floor, layout.layer_of_column,
+                            same_pairs, different_pairs, compact_share if compactness else None)
+
+
+
+def pair_loss(cross_entropy: torch.Tensor, means: torch.Tensor, present: torch.Tensor,
+              same_weight: float, different_weight: float) -> torch.Tensor:
+    """``cross_entropy + same_weight·(1 − means[0]) + different_weight·means[1]`` (MwT's
+    cohesion and coupling, MODA's affinity and dispersion), where a term the batch cannot form
+    (``present`` False: no such pair) adds 0, chosen on the device: one product of the present
+    terms' weights with the means less (1, 0)."""
+    key = (same_weight, different_weight, means.device)
+    if key not in _LOSS_CONSTANTS:
+        _LOSS_CONSTANTS[key] = (
+            torch.tensor([-same_weight, different_weight], device=means.device),
+            torch.tensor([1.0, 0.0], device=means.device))
+    weights, offsets = _LOSS_CONSTANTS[key]
+    return cross_entropy + (present * weights) @ (means - offsets)
+
+class _PairTerms(torch.autograd.Function):
+    """Forward and backward of :func:`pair_terms`.
+
+    Every layer has the same pairs, so the mean over layers of a pair's cosine similarities is
+    the dot product of the pair's per-layer unit vectors, concatenated over layers and scaled by
+    1/sqrt(layers): one (batch, batch) product for all pairs and layers. Each layer's part of a
+    row is normalised as ``nn.functional.normalize`` does (a norm below 1e-12 of the vector
+    divided by its area counts as 1e-12); the per-layer squared norms are one product with a 0/1
+    (columns, layers) matrix. The pairs weight the whole product, both triangles (the
+    similarities are symmetric), rather than select from it: boolean indexing has a
+    data-dependent size, which a device answers only after a sync. The same terms add in
+    another order than a mean over the selected pairs i < j does, and the norms in another
+    order than ``torch.linalg.vector_norm``'s, so values may differ from those in the last bits.
+
+    Backward, for units u = s·r (r = (layers·|s_layer|²)^-1/2 gathered per column) and the
+    similarity-weighted loss: du = 2·(pair weights / pair counts, weighted by the means'
+    gradients) @ u; ds = r·(du − u·layers·Σ_layer du·u), the second term only where the norm
+    was not floored (where it was, the floor does not depend on s); compactness adds its
+    constant per-column weight / batch. That is also its gradient at 0, where the derivative
+    of |x| is 0: the parameters' gradients are the same, because the ReLU's backward zeroes
+    the gradient wherever its output is 0 (a channel's sum is 0 only where all its values are).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, flat, labels, scaled_indicator, floor, layer_of_column, same_pairs,
+                different_pairs, compact_share):
+        squared = (flat * flat) @ scaled_indicator  # (batch, layers): layers·|s_layer|²
+        unfloored = squared >= floor
+        scale = squared.clamp_min(floor).rsqrt().index_select(1, layer_of_column)
+        units = flat * scale
+        similarity = units @ units.T
+        same_class = labels[:, None] == labels[None, :]
+        # (2, batch, batch) float: 1 at the same-class, then at the different-class pairs i != j
+        pairs = torch.where(same_class, same_pairs, different_pairs)
+        counts = pairs.sum((1, 2))
+        divisors = counts.clamp(min=1)
+        means = (pairs.view(2, -1) @ similarity.view(-1)) / divisors
+        present = counts > 0
+        ctx.mark_non_differentiable(present)
+        # Unused gradients stay None rather than zeros made for them (an op each).
+        ctx.set_materialize_grads(False)
+        if compact_share is None:
+            ctx.save_for_backward(units, scale, unfloored, scaled_indicator, layer_of_column,
+                                  pairs, divisors, None)
+            return means, present, None
+        compact_share = compact_share / len(flat)
+        ctx.save_for_backward(units, scale, unfloored, scaled_indicator, layer_of_column,
+                              pairs, divisors, compact_share)
+        return means, present, flat.sum(0) @ compact_share
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_means, _grad_present, grad_compactness):
+        (units, scale, unfloored, scaled_indicator, layer_of_column, pairs, divisors,
+         compact_share) = ctx.saved_tensors
+        # Compactness: a constant weight per column, the same for every sample.
+        compact_grad = (None if compact_share is None or grad_compactness is None
+                        else grad_compactness * compact_share)
+        if grad_means is None:
+            grad_flat = None if compact_grad is None else compact_grad.expand_as(units)
+        else:
+            batch = len(units)
+            pair_grad = torch.mv(pairs.view(2, -1).T, grad_means / divisors).view(batch, batch)
+            # addmm with beta 0 ignores its first argument: one op for 2·(pair_grad @ units).
+            grad_units = torch.addmm(units, pair_grad, units, beta=0, alpha=2)
+            radial = ((grad_units * units) @ scaled_indicator) * unfloored
+            tangent = torch.addcmul(grad_units, units, radial.index_select(1, layer_of_column),
+                                    value=-1)
+            grad_flat = (scale * tangent if compact_grad is None
+                         else torch.addcmul(compact_grad, scale, tangent))
+        return grad_flat, None, None, None, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -153,38 +242,25 @@ class LayerLayout:
     """Per-layer vectors laid side by side in one (batch, columns) tensor, and the constants that
     reduce it per layer in one op for all layers rather than a loop of small ops per layer.
 
-    ``indicator``: (columns, layers) float, 1 where a column belongs to a layer;
-    ``layer_of_column``: (columns,) the same as an index; ``area``: (columns,) float, the
-    spatial size its layer's vectors were summed over (1 for vectors of no spatial extent);
-    ``column_share``: (columns,) float, 1 / (layers · its layer's size), so that the dot product
-    of a row of per-column means with it is the mean over layers of each layer's mean.
+    ``scaled_indicator``: (columns, layers) float, ``layers`` where a column belongs to a layer,
+    else 0; ``floor``: (layers,) the least squared norm of a layer's part times ``layers``,
+    (1e-12 · area)² · layers, ``area`` the spatial size its vectors were summed over (1 for
+    vectors of no spatial extent); ``layer_of_column``: (columns,) each column's layer;
+    ``compact_share``: (columns,) 1 / (layers · its layer's size · area), so that the dot product
+    of a row of per-column sums with it is the mean over layers of each layer's mean.
     """
 
     layers: int
-    indicator: torch.Tensor
+    scaled_indicator: torch.Tensor
+    floor: torch.Tensor
     layer_of_column: torch.Tensor
-    area: torch.Tensor
-    column_share: torch.Tensor
-
-    def units(self, flat: torch.Tensor) -> torch.Tensor:
-        """Each layer's part of every row of ``flat`` scaled to unit L2 norm, as
-        ``nn.functional.normalize(part, dim=1)`` does (a norm below 1e-12 counts as 1e-12).
-
-        The squares' per-layer sums are one product with ``indicator``, in float32 whatever
-        autocast says, and each norm is gathered back to its layer's columns. They add in
-        another order than ``torch.linalg.vector_norm``'s, so a norm may differ from it in the
-        last bit. The floor applies to the squared norm, 1e-24, before the square root: an
-        all-zero part (a sample's dead layer) then gets a zero gradient, where the square
-        root's derivative at 0 times the floor's zero derivative would be 0 · ∞ = NaN.
-        """
-        with torch.autocast(flat.device.type, enabled=False):
-            norms = (flat.float().square() @ self.indicator).clamp_min(1e-24).sqrt()
-        return flat / norms.index_select(1, self.layer_of_column)
+    compact_share: torch.Tensor
 
 
 # Built once per layer sizes (batch size) and device rather than in every step.
 _LAYOUTS: dict[tuple[tuple[int, ...], tuple[int, ...], torch.device], LayerLayout] = {}
 _PAIRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+_LOSS_CONSTANTS: dict[tuple[float, float, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def layer_layout(sizes: Sequence[int], device: torch.device,
@@ -194,23 +270,25 @@ def layer_layout(sizes: Sequence[int], device: torch.device,
     areas = tuple(areas) if areas is not None else (1,) * len(sizes)
     key = (tuple(sizes), areas, torch.device(device))
     if key not in _LAYOUTS:
+        layers = len(sizes)
         layer_of_column = torch.cat([torch.full((size,), layer, dtype=torch.long)
                                      for layer, size in enumerate(sizes)])
-        per_layer = torch.tensor([[area, 1 / (len(sizes) * size)]
-                                  for size, area in zip(sizes, areas, strict=True)])
-        area, column_share = per_layer[layer_of_column].T
+        area = torch.tensor(areas, dtype=torch.float64)
+        share = 1 / (layers * torch.tensor(sizes, dtype=torch.float64) * area)
         _LAYOUTS[key] = LayerLayout(
-            len(sizes), nn.functional.one_hot(layer_of_column, len(sizes)).float().to(device),
-            layer_of_column.to(device), area.contiguous().to(device),
-            column_share.contiguous().to(device))
+            layers,
+            (layers * nn.functional.one_hot(layer_of_column, layers)).float().to(device),
+            (layers * (1e-12 * area) ** 2).float().to(device), layer_of_column.to(device),
+            share[layer_of_column].float().to(device))
     return _LAYOUTS[key]
 
 
-def _pair_constants(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool (2, 1, 1) [False, True], which compared with "same class" gives "same class" and
-    "different class"; bool (batch, batch), True above the diagonal: the pairs i < j."""
+def _pair_weights(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float (2, batch, batch) each: where two samples are of the same class, the pair weights
+    [1 off the diagonal, 0]; where they are not, [0, 1 off the diagonal]."""
     key = (batch, torch.device(device))
     if key not in _PAIRS:
-        _PAIRS[key] = (torch.tensor([False, True], device=device)[:, None, None],
-                       torch.ones(batch, batch, dtype=torch.bool, device=device).triu(1))
+        off_diagonal = 1 - torch.eye(batch, device=device)
+        zeros = torch.zeros_like(off_diagonal)
+        _PAIRS[key] = (torch.stack([off_diagonal, zeros]), torch.stack([zeros, off_diagonal]))
     return _PAIRS[key]
