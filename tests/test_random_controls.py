@@ -131,3 +131,16 @@ def test_a_control_refuses_modules_it_cannot_match(trained_bases, small_digits):
         run_approach("random_gradsplitter", model, meta, small_digits, {}, seed=0)
     with pytest.raises(ConfigError, match=r"approaches\.random_gradsplitter: unknown keys"):
         get_approach("random_gradsplitter").resolve({"match": "mwt"})
+
+
+def test_mwts_control_is_reused_on_sub_tasks_as_mwts_union_networks(trained_bases, small_digits):
+    """E5: the control of MwT composes sub-tasks as MwT does, one union network without the
+    mask generators, fine-tuned; on MwT's own modular-trained model."""
+    from dnnmod.reuse.subtasks import evaluate_subtasks
+
+    base = trained_bases("mwt")
+    control = _run("random_mwt", base, small_digits)
+    settings = {"max_subsets": 30, "samples_per_size": 1, "union_subsets": 1, "fine_tune_epochs": 1}
+    frame, summary = evaluate_subtasks(base[0], control, small_digits, settings, seed=0)
+    assert summary["union_subsets"] == 1
+    assert frame.union_accuracy.notna().sum() == 1 == frame.finetuned_accuracy.notna().sum()
