@@ -265,12 +265,11 @@ def patched_predictions(weak_probabilities: torch.Tensor, calibrated: torch.Tens
 def target_metrics(labels: torch.Tensor, predictions: torch.Tensor, tc_column: int
                    ) -> dict[str, float]:
     """TC precision, recall and F1 (binary, "is it the TC") and non-TC accuracy, in %."""
-    # lazily: scikit-learn costs ~2 s, and the workflow imports this module to plan E3
-    from sklearn.metrics import precision_recall_fscore_support
+    # lazily: the workflow imports this module to plan E3
+    from dnnmod.modules.metrics import binary_prf
 
     labels, predictions = labels.cpu().numpy(), predictions.cpu().numpy()
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        labels == tc_column, predictions == tc_column, average="binary", zero_division=0)
+    precision, recall, f1 = binary_prf(labels == tc_column, predictions == tc_column)
     others = labels != tc_column
     non_tc = (predictions[others] == labels[others]).mean() if others.any() else float("nan")
     return {"precision": 100 * float(precision), "recall": 100 * float(recall),
