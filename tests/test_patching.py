@@ -15,7 +15,7 @@ from workflow_helpers import TINY, copy_project, snakemake, write_config
 from dnnmod.errors import ArtifactError, ConfigError
 from dnnmod.models import build_model
 from dnnmod.report.patching import METRICS, WEAK_TYPES
-from dnnmod.reuse import patching, patching_moda
+from dnnmod.reuse import patch_scores, patching, patching_moda
 from dnnmod.training.train import Recipe, train
 
 # A tiny study with patching: three digits classes plus one target digit (the cheapest weak
@@ -71,21 +71,21 @@ def test_patch_on_hand_made_scores():
     assert probabilities[0, 2] == 0.1  # the weak model's output is left as it was
 
     # Weak: predicts TC only for sample 2 (wrong): P = R = F1 = 0; non-TC 1 of 2 right.
-    weak = patching.target_metrics(labels, probabilities.argmax(1), tc_column=2)
+    weak = patch_scores.target_metrics(labels, probabilities.argmax(1), tc_column=2)
     assert weak == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "non_tc_accuracy": 50.0}
     # Patched: TC claimed for 1, 2, 3 (2 right): P = 2/3, R = 1, F1 = 0.8; non-TC 1 of 2.
-    patched = patching.target_metrics(labels, predicted, tc_column=2)
+    patched = patch_scores.target_metrics(labels, predicted, tc_column=2)
     assert patched == pytest.approx({"precision": 200 / 3, "recall": 100.0, "f1": 80.0,
                                      "non_tc_accuracy": 50.0})
 
 
 def test_module_output_of_one_score_and_of_concern_votes():
-    assert patching.module_output(torch.tensor([[0.2], [0.9]])).tolist() == \
+    assert patch_scores.module_output(torch.tensor([[0.2], [0.9]])).tolist() == \
         pytest.approx([0.2, 0.9])
     votes = torch.tensor([[[3.0, 1.0]], [[0.5, 2.0]]])  # (V_c, V_uc) of one module
-    assert patching.module_output(votes).tolist() == [2.0, -1.5]
+    assert patch_scores.module_output(votes).tolist() == [2.0, -1.5]
     with pytest.raises(ArtifactError, match=r"shape \(1, 3\)"):
-        patching.module_output(torch.zeros(2, 1, 3))
+        patch_scores.module_output(torch.zeros(2, 1, 3))
 
 
 def test_calibration_needs_target_images_and_survives_a_constant_module():

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 
 from dnnmod.errors import ArtifactError, ConfigError, UnknownNameError
 from dnnmod.report.patching import WEAK_TYPES
+from dnnmod.reuse.patch_scores import compare_predictions, strong_module_scores
 
 PROTOCOLS = ("minmax", "moda")
 #: ``calibration_images`` that takes every validation image of the TC, as the authors do
@@ -262,20 +262,6 @@ def patched_predictions(weak_probabilities: torch.Tensor, calibrated: torch.Tens
     return patched.argmax(dim=1)
 
 
-def target_metrics(labels: torch.Tensor, predictions: torch.Tensor, tc_column: int
-                   ) -> dict[str, float]:
-    """TC precision, recall and F1 (binary, "is it the TC") and non-TC accuracy, in %."""
-    # lazily: the workflow imports this module to plan E3
-    from dnnmod.modules.metrics import binary_prf
-
-    labels, predictions = labels.cpu().numpy(), predictions.cpu().numpy()
-    precision, recall, f1 = binary_prf(labels == tc_column, predictions == tc_column)
-    others = labels != tc_column
-    non_tc = (predictions[others] == labels[others]).mean() if others.any() else float("nan")
-    return {"precision": 100 * float(precision), "recall": 100 * float(recall),
-            "f1": 100 * float(f1), "non_tc_accuracy": 100 * float(non_tc)}
-
-
 def target_of(task_meta: Mapping[str, Any], strong_dataset: str, where: str) -> tuple[int, int]:
     """(TC index in the strong model's dataset, TC column of the weak model) of a weak task:
     its last part, one class of the strong model's dataset."""
@@ -291,37 +277,6 @@ def target_of(task_meta: Mapping[str, Any], strong_dataset: str, where: str) -> 
                             f"{last['classes']}) is not one class of the strong model's dataset "
                             f"{strong_dataset!r}")
     return int(last["classes"][0]), int(task_meta["num_classes"]) - 1
-
-
-def module_output(scores: torch.Tensor) -> torch.Tensor:
-    """One module's output per image from its scores, (images, 1) or (images, 1, 2): a head
-    with one score gives it; a head with two, Pan & Rajan's concern votes (V_c, V_uc), gives the
-    margin V_c - V_uc, positive where the module claims its class (our choice: Pan & Rajan have
-    no patching experiment)."""
-    if scores.dim() == 2:
-        return scores[:, 0]
-    if scores.dim() == 3 and scores.shape[2] == 2:
-        return scores[:, 0, 0] - scores[:, 0, 1]
-    raise ArtifactError(f"module scores of shape {tuple(scores.shape[1:])} per image: patching "
-                        "takes one score, or two concern votes (V_c, V_uc), per module")
-
-
-def strong_module_scores(strong_model, modules, image_sets: Sequence,
-                         normalization: Mapping[str, Any]) -> list[torch.Tensor]:
-    """One score per image of each ImageSet in ``image_sets`` (:func:`module_output`) from
-    the one module in ``modules``, which sees the images normalised as its strong model was
-    trained (``normalization``), not with the weak task's statistics. The sets go through
-    one scoring call together, so the module's execution is set up once."""
-    from dnnmod.modules.metrics import module_scores
-
-    first = image_sets[0]
-    device = first.labels.device
-    together = replace(first, images=torch.cat([s.images for s in image_sets]),
-                       labels=torch.cat([s.labels for s in image_sets]),
-                       mean=torch.tensor(normalization["mean"], device=device),
-                       std=torch.tensor(normalization["std"], device=device))
-    scores = module_output(module_scores(strong_model, modules, together))
-    return list(scores.split([len(s) for s in image_sets]))
 
 
 def strong_calibration_images(strong_val, target_class: int, limit: int | None):
@@ -343,15 +298,6 @@ def calibrated_module_scores(strong_model, modules, calibration, test,
     low, high = minmax_calibration(calibration_scores)
     return calibrate(scores, low, high), {"min": low, "max": high,
                                           "strong_val_tc_images": len(calibration)}
-
-
-def compare_predictions(labels: torch.Tensor, weak: torch.Tensor, patched: torch.Tensor,
-                        tc_column: int) -> dict[str, float]:
-    """:func:`target_metrics` of the weak and of the patched predictions, prefixed."""
-    return {**{f"weak_{key}": value for key, value in
-               target_metrics(labels, weak, tc_column).items()},
-            **{f"patched_{key}": value for key, value in
-               target_metrics(labels, patched, tc_column).items()}}
 
 
 def weak_vs_patched(weak_model, test, calibrated: torch.Tensor, tc_column: int

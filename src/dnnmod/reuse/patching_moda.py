@@ -19,7 +19,7 @@ where MODA puts it. Everything but the patch is shared with the min-max protocol
 the three weak types and their training (``train_weak_model``; MODA trains one LeNet-5 with
 its own cosine run and modular loss and takes an early checkpoint, our weak types are E3's
 rule so that both protocols patch the same weak models), the module's score
-(:func:`dnnmod.reuse.patching.module_output`, any approach's module set) and the metrics.
+(:func:`dnnmod.reuse.patch_scores.module_output`, any approach's module set) and the metrics.
 Decisions where the paper is silent, configurable in ``reuse.patching.calibration_layer``:
 
 - the layer trains on the weak task's ``train`` split by default, as MODA's artifact does (the
@@ -38,6 +38,7 @@ from torch import nn
 
 from dnnmod.errors import ConfigError
 from dnnmod.hyperparameters import OneOf, Range, resolve
+from dnnmod.reuse.patch_scores import compare_predictions, strong_module_scores
 
 CALIBRATION_SPLITS = ("train", "val")
 #: the calibration layer's training (``reuse.patching.calibration_layer``): MODA's artifact
@@ -117,8 +118,6 @@ class ModaPatch:
     def __init__(self, strong_model: nn.Module, modules, weak_data,
                  normalization: Mapping[str, Any], tc_column: int,
                  settings: Mapping[str, Any], where: str) -> None:
-        from dnnmod.reuse.patching import strong_module_scores
-
         self.settings = resolve_calibration_layer("calibration_layer", settings)
         self.calibration = getattr(weak_data, self.settings["split"])
         tc_images = int((self.calibration.labels == tc_column).sum())
@@ -133,7 +132,6 @@ class ModaPatch:
     def patch(self, weak_model: nn.Module, seed: int) -> tuple[dict[str, float], dict[str, Any]]:
         """(weak vs patched metrics, the calibration record) of one weak model."""
         from dnnmod.modules.inference import run
-        from dnnmod.reuse.patching import compare_predictions
 
         inputs = calibration_inputs(run(weak_model, self.calibration), self.calibration_scores,
                                     self.tc_column)
