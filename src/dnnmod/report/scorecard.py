@@ -508,6 +508,15 @@ def _extreme(frame: pd.DataFrame, by: str, column: str, low: bool) -> tuple[str,
     return str(name), float(means[name])
 
 
+def _best_and_share(rows: pd.DataFrame, column: str, holds) -> tuple[str, float, float] | None:
+    """The approach of the highest mean ``column`` over ``rows``, that mean, and the share of
+    ``rows`` (%) whose ``column`` value ``holds`` (a test of a column); None without one."""
+    best = _extreme(rows, "approach", column, low=False)
+    if best is None:
+        return None
+    return (*best, holds(rows[column]).mean() * 100)
+
+
 def _furthest(frame: pd.DataFrame, difference: str) -> pd.Series | None:
     """The row whose ``difference`` (ours − published) is largest in size; None if none."""
     if difference not in frame or frame[difference].isna().all():
@@ -596,11 +605,10 @@ def _read_e3(tables: Path) -> list[str]:
         return []
     per_target = e3[e3.target.astype(str) != "average"] if "target" in e3 else e3
     rows = _approaches((per_target if len(per_target) else e3).dropna(subset=["f1_gain_pp"]))
-    best = _extreme(rows, "approach", "f1_gain_pp", low=False)
+    best = _best_and_share(rows, "f1_gain_pp", lambda gain: gain > 0)
     if best is None:
         return []
-    name, value = best
-    improved = (rows.f1_gain_pp > 0).mean() * 100
+    name, value, improved = best
     return [
         f"Largest mean F1 gain from patching: {name} ({value:+.2f} pp); patching raised "
         f"the target class's F1 in {improved:.0f} % of {len(rows)} weak-model/target rows."
@@ -629,11 +637,10 @@ def _e4_reading(rows: pd.DataFrame, where: str) -> list[str]:
     """The best approach against training from scratch over ``rows`` (pair tasks; the random
     controls' are read against their approaches instead)."""
     rows = _approaches(rows)
-    best = _extreme(rows, "approach", "accuracy_difference_pp", low=False)
+    best = _best_and_share(rows, "accuracy_difference_pp", lambda difference: difference >= 0)
     if best is None:
         return []
-    name, value = best
-    beaten = (rows.accuracy_difference_pp >= 0).mean() * 100
+    name, value, beaten = best
     return [
         f"Best against training from scratch{where}: {name} ({value:+.2f} pp on average); "
         f"composed models matched or beat the from-scratch model on {beaten:.0f} % of "
@@ -646,12 +653,9 @@ def _read_e5(tables: Path) -> list[str]:
     if e5 is None or e5.empty or "accuracy_diff_pp" not in e5:
         return []
     best = _extreme(_approaches(e5), "approach", "accuracy_diff_pp", low=False)
-    if best is None:
-        return []
-    return [
+    return [] if best is None else [
         f"Least accuracy lost on sub-tasks against the decomposed model: {best[0]} "
-        f"({best[1]:+.2f} pp averaged over sizes)."
-    ] + _against_controls(tables, "E5")
+        f"({best[1]:+.2f} pp averaged over sizes)."] + _against_controls(tables, "E5")
 
 
 def _read_e6(tables: Path) -> list[str]:
