@@ -40,6 +40,14 @@ def _modularize(data_root, model, out, hyperparameters):
             "--hyperparameters", json.dumps(hyperparameters)]
 
 
+def _missing(command: str, flag: str, name: str, error_file: str | None = None):
+    """A table or figure ``command`` whose ``flag`` names a file ``name`` that is not there
+    (the error names ``error_file``, the file it reads, where that is another)."""
+    return (lambda root, model, out: [*command.split(), flag, str(out.parent / name), "--out",
+                                      str(out)],
+            rf"{re.escape(error_file or name)}: file not found")
+
+
 BAD_INPUTS = {
     "recipe value of the wrong type": (
         lambda root, model, out: _train(root, out, {**RECIPE, "epochs": "1"}),
@@ -80,14 +88,8 @@ BAD_INPUTS = {
                                   "--spec", '{"parts": [{"dataset": "digits", "classes": [1, 2]}]'
                                             ', "dirichlet": {"alpha": 0, "split_seed": 0}}'],
         r"tasks\.pool\.dirichlet\.alpha: 0 is out of range"),
-    "E1 table of a missing model": (
-        lambda root, model, out: ["table", "base-models", "--models", str(out.parent / "m.st"),
-                                  "--out", str(out)],
-        r"m\.json: file not found"),
-    "E2 table of missing metrics": (
-        lambda root, model, out: ["table", "modularization", "--metrics",
-                                  str(out.parent / "x.json"), "--out", str(out)],
-        r"x\.json: file not found"),
+    "E1 table of a missing model": _missing("table base-models", "--models", "m.st", "m.json"),
+    "E2 table of missing metrics": _missing("table modularization", "--metrics", "x.json"),
     "unknown dataset": (
         lambda root, model, out: ["data", "prepare", "--dataset", "imagenet", "--root",
                                   str(out.parent)],
@@ -134,14 +136,8 @@ BAD_INPUTS = {
         lambda root, model, out: [*_patch(root, model, out, f"simple={model}"), "--protocol",
                                   "moda", "--calibration-layer", '{"split": "test"}'],
         r"--calibration-layer\.split: 'test' is not one of \['train', 'val'\]"),
-    "E3 table of missing patch records": (
-        lambda root, model, out: ["reuse", "patch-table", "--metrics",
-                                  str(out.parent / "patch.json"), "--out", str(out)],
-        r"patch\.json: file not found"),
-    "E3 figure of missing patch records": (
-        lambda root, model, out: ["reuse", "patch-figure", "--metrics",
-                                  str(out.parent / "patch.json"), "--out", str(out)],
-        r"patch\.json: file not found"),
+    "E3 table of missing patch records": _missing("reuse patch-table", "--metrics", "patch.json"),
+    "E3 figure of missing patch records": _missing("reuse patch-figure", "--metrics", "patch.json"),
     "E5 sub-task settings with an unknown key": (
         lambda root, model, out: _subtasks(root, model, out, '{"max_subset": 3}'),
         r"reuse\.subtasks: unknown keys \['max_subset'\]"),
@@ -149,14 +145,10 @@ BAD_INPUTS = {
         lambda root, model, out: _subtasks(root, model, out, "{}",
                                            modules=out.parent / "gone.safetensors"),
         r"gone\.json: file not found"),
-    "E5 table of a missing sub-task table": (
-        lambda root, model, out: ["reuse", "subtasks-table", "--subtasks",
-                                  str(out.parent / "subtasks.csv"), "--out", str(out)],
-        r"subtasks\.csv: file not found"),
-    "E5 figure of a missing sub-task table": (
-        lambda root, model, out: ["reuse", "subtasks-figure", "--subtasks",
-                                  str(out.parent / "subtasks.csv"), "--out", str(out)],
-        r"subtasks\.csv: file not found"),
+    "E5 table of a missing sub-task table": _missing("reuse subtasks-table", "--subtasks",
+                                                     "subtasks.csv"),
+    "E5 figure of a missing sub-task table": _missing("reuse subtasks-figure", "--subtasks",
+                                                      "subtasks.csv"),
     "E8 cost of a study without benchmark files": (
         lambda root, model, out: ["table", "cost", "--results", str(out.parent), "--out",
                                   str(out), "--scenarios", str(out.with_suffix(".json"))],
@@ -176,10 +168,7 @@ BAD_INPUTS = {
                                   "--out", str(out), "--hyperparameters",
                                   '{"tangling_rate": 2}'],
         r"approaches\.pan_rajan\.tangling_rate: 2 is out of range"),
-    "Table 1 of a missing decomposition record": (
-        lambda root, model, out: ["table", "pan-rajan", "--costs", str(out.parent / "c.json"),
-                                  "--out", str(out)],
-        r"c\.json: file not found"),
+    "Table 1 of a missing decomposition record": _missing("table pan-rajan", "--costs", "c.json"),
     "E6 replacement with a missing module set": (
         lambda root, model, out: ["reuse", "replace", "--weaker-model", str(model),
                                   "--weaker-modules", str(out.parent / "weak.safetensors"),
@@ -187,10 +176,7 @@ BAD_INPUTS = {
                                   str(out.parent / "weak.safetensors"), "--data-root",
                                   str(root), "--device", "cpu", "--out", str(out)],
         r"weak\.json: file not found"),
-    "E6 table of a missing record": (
-        lambda root, model, out: ["reuse", "replace-table", "--records",
-                                  str(out.parent / "r.json"), "--out", str(out)],
-        r"r\.json: file not found"),
+    "E6 table of a missing record": _missing("reuse replace-table", "--records", "r.json"),
     "E7 table of a missing metrics record": (
         lambda root, model, out: _sensitivity_table(out, [_E7_POINT]),
         r"m\.json: file not found"),
@@ -201,14 +187,9 @@ BAD_INPUTS = {
         lambda root, model, out: _sensitivity_table(
             out, [{k: v for k, v in _E7_POINT.items() if k != "value"}]),
         r"--points\[0\]: missing keys \['value'\]"),
-    "E7 figure of a missing table": (
-        lambda root, model, out: ["sensitivity", "figure", "--table",
-                                  str(out.parent / "e7.csv"), "--out", str(out)],
-        r"e7\.csv: file not found"),
-    "GA convergence of a missing module set": (
-        lambda root, model, out: ["curves", "ga-convergence", "--inputs",
-                                  str(out.parent / "gone.safetensors"), "--out", str(out)],
-        r"gone\.json: file not found"),
+    "E7 figure of a missing table": _missing("sensitivity figure", "--table", "e7.csv"),
+    "GA convergence of a missing module set": _missing("curves ga-convergence", "--inputs",
+                                                       "gone.safetensors", "gone.json"),
     "loss curves of a standard-trained model": (
         lambda root, model, out: ["curves", "modular-training", "--inputs", str(model),
                                   "--out", str(out)],
