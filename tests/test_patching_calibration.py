@@ -9,7 +9,7 @@ import argparse
 import pytest
 import torch
 
-from dnnmod.cli import _image_count
+from dnnmod.cli.reuse import image_count
 from dnnmod.data.dataset import ImageSet
 from dnnmod.errors import ConfigError
 from dnnmod.reuse import patching
@@ -74,11 +74,11 @@ def test_the_job_gets_the_configured_count_and_all_by_default():
 
 
 def test_the_count_option_takes_a_positive_number_or_all():
-    assert _image_count("all") is None
-    assert _image_count("1000") == 1000
+    assert image_count("all") is None
+    assert image_count("1000") == 1000
     for bad in ("0", "-3", "many"):
         with pytest.raises(argparse.ArgumentTypeError, match="positive number of images or 'all'"):
-            _image_count(bad)
+            image_count(bad)
 
 
 @pytest.mark.parametrize(
