@@ -4,19 +4,15 @@ naming the requirement, where an approach breaks it."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from dnnmod.approaches import APPROACHES, get_approach
-from dnnmod.approaches.base import Approach
+from dnnmod.approaches.base import Approach, Decomposition
 from dnnmod.approaches.contract import Bench, check_approach, load_approach_class
 from dnnmod.cli import main
 from dnnmod.errors import ConfigError
 from dnnmod.modules.heads import OwnLogitHead
-from dnnmod.modules.moduleset import ModuleSet, base_identity
-from dnnmod.modules.structure import trace_structure
 
 REQUIREMENTS = 8
 
@@ -43,22 +39,12 @@ class Unchecked(Approach):
     def resolve(self, overrides=None):
         return {**self.defaults, **(overrides or {})}
 
-    def modularize(self, model, base_meta, data, hyperparameters, *, seed, device="cpu",
-                   checkpoint=None, progress=None, references=None):
-        structure = trace_structure(model, (1, *data.train.images.shape[1:]))
-        classes = list(range(data.num_classes))
-        masks = {group.name: torch.rand(len(classes), group.size) < hyperparameters["keep"]
-                 for group in structure.conv_groups}
+    def decompose(self, context):
+        masks = {group.name: torch.rand(len(context.classes), group.size)
+                 < context.hyperparameters["keep"] for group in context.structure.conv_groups}
         for mask in masks.values():
             mask[:, 0] = True  # no empty module
-        return ModuleSet(approach=self.name, classes=classes, masks=masks,
-                         head=OwnLogitHead(classes, data.num_classes), combination="argmax",
-                         base=base_identity(base_meta), structure=structure,
-                         provenance=self.provenance(hyperparameters, seed))
-
-    def provenance(self, hyperparameters, seed):
-        return {"approach": self.name, "hyperparameters": hyperparameters, "seed": seed,
-                "wall_seconds": time.monotonic()}
+        return Decomposition(masks, OwnLogitHead(context.classes, context.data.num_classes))
 
 
 class Forgetful(Unchecked):
@@ -66,9 +52,10 @@ class Forgetful(Unchecked):
 
     name = "forgetful"
 
-    def provenance(self, hyperparameters, seed):
-        return {key: value for key, value in super().provenance(hyperparameters, seed).items()
-                if key != "seed"}
+    def modularize(self, *args, **kwargs):
+        modules = super().modularize(*args, **kwargs)
+        del modules.provenance["seed"]
+        return modules
 
 
 def test_the_checks_name_each_broken_requirement(bench):

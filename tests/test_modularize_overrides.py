@@ -83,7 +83,7 @@ class Reader(Approach):
     def references(self, hyperparameters):
         return [hyperparameters["reads"]]
 
-    def modularize(self, *args, **kwargs):
+    def decompose(self, context):
         raise AssertionError("only the config is checked")
 
 

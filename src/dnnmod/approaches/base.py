@@ -4,7 +4,9 @@ An approach takes a trained base model (of the training kind it declares: ``st``
 splitters, its own modular training for MwT and MODA) and returns a
 :class:`~dnnmod.modules.moduleset.ModuleSet`. Everything after that (extraction, metrics,
 composition, reuse experiments, tables) is shared, so a new approach is one subclass of
-:class:`Approach` in one file, registered in :mod:`dnnmod.approaches`.
+:class:`Approach` in one file, registered in :mod:`dnnmod.approaches`. The subclass writes only
+its own algorithm, :meth:`Approach.decompose`; :meth:`Approach.modularize` does what every
+approach does around it.
 
 What the contract promises, and :mod:`dnnmod.approaches.contract` checks for every registered
 approach (tests/test_approach_contract.py) and for a third party's (``dnnmod check-approach``):
@@ -17,16 +19,55 @@ approach (tests/test_approach_contract.py) and for a third party's (``dnnmod che
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from dnnmod.hyperparameters import OneOf, Range, resolve
 from dnnmod.modules.metrics import SHARED_KRR, kernel_retention
-from dnnmod.modules.moduleset import ModuleSet
+from dnnmod.modules.moduleset import ModuleSet, base_identity
+from dnnmod.modules.structure import ModelStructure, trace_structure
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What an approach's algorithm (:meth:`Approach.decompose`) starts from: the arguments of
+    :meth:`Approach.modularize`, the model moved to ``device`` in eval mode, its traced
+    ``structure`` and the ``classes`` to cut a module for (every class of ``data``)."""
+
+    model: nn.Module
+    base_meta: dict[str, Any]
+    data: Any  # DatasetSplits
+    hyperparameters: dict[str, Any]
+    structure: ModelStructure
+    classes: list[int]
+    seed: int
+    device: str
+    checkpoint: Path | None
+    progress: bool | None
+    references: Mapping[str, ModuleSet]
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """What an approach's algorithm finds: a mask per channel group (a row per module), the
+    head that scores the modules, how their scores combine, and the approach's own provenance
+    entries; an entry named like a shared one replaces it (the ``wall_seconds`` of a resumed
+    run, the ``hyperparameters`` as the run derived them). ``structure``: the structure the
+    module set records where it is not the traced one (a random control keeps its reference
+    set's)."""
+
+    masks: dict[str, torch.Tensor]
+    head: nn.Module
+    combination: str = "argmax"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    structure: ModelStructure | None = None
 
 
 class Approach(ABC):
@@ -96,7 +137,6 @@ class Approach(ABC):
         it for a sub-task; by default as extracted."""
         return network
 
-    @abstractmethod
     def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
                    hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",
                    checkpoint: Path | None = None, progress: bool | None = None,
@@ -106,5 +146,29 @@ class Approach(ABC):
         ``checkpoint``: where to keep resumable state; ``references``: the module sets named
         by :meth:`references`, by approach name. The provenance of the result holds at least
         :data:`~dnnmod.modules.moduleset.REQUIRED_PROVENANCE`.
-        """
 
+        What every approach does around its algorithm, once: the model on ``device`` in eval
+        mode, its structure traced, one module per class, the wall clock, and the module set
+        built from what :meth:`decompose` finds.
+        """
+        started = time.monotonic()
+        model = model.to(device).eval()
+        context = RunContext(model=model, base_meta=base_meta, data=data,
+                             hyperparameters=hyperparameters,
+                             structure=trace_structure(model,
+                                                       (1, *data.train.images.shape[1:])),
+                             classes=list(range(data.num_classes)), seed=seed,
+                             device=device, checkpoint=checkpoint, progress=progress,
+                             references=references or {})
+        found = self.decompose(context)
+        provenance = {"approach": self.name, "hyperparameters": hyperparameters, "seed": seed,
+                      "wall_seconds": time.monotonic() - started, **found.provenance}
+        return ModuleSet(approach=self.name, classes=context.classes, masks=found.masks,
+                         head=found.head, combination=found.combination,
+                         base=base_identity(base_meta),
+                         structure=found.structure or context.structure, provenance=provenance)
+
+    @abstractmethod
+    def decompose(self, context: RunContext) -> Decomposition:
+        """The approach's own algorithm: the modules of ``context.model``, one per class of
+        ``context.classes``."""

@@ -86,7 +86,6 @@ import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,7 +93,7 @@ import torch
 from deap import base, tools
 from torch import nn
 
-from dnnmod.approaches.base import Approach
+from dnnmod.approaches.base import Approach, Decomposition, RunContext
 from dnnmod.artifacts import config_hash
 from dnnmod.errors import ConfigError
 from dnnmod.modules.activations import activation_statistics
@@ -103,8 +102,8 @@ from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.inference import kept_channel_pass, run
 from dnnmod.modules.masking import KeptChannelPass
 from dnnmod.modules.metrics import PER_LAYER_KRR, layer_kernel_retention
-from dnnmod.modules.moduleset import ModuleSet, base_identity
-from dnnmod.modules.structure import ModelStructure, trace_structure
+from dnnmod.modules.moduleset import ModuleSet
+from dnnmod.modules.structure import ModelStructure
 from dnnmod.resumable import ResumableLoop
 
 DEFAULTS: dict[str, Any] = {
@@ -612,14 +611,10 @@ class CNNSplitter(Approach):
                  "every validation image, and the generation is selected on them)")
         return hp
 
-    def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
-                   hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",
-                   checkpoint: Path | None = None, progress: bool | None = None,
-                   references=None) -> ModuleSet:
-        hp = hyperparameters
-        model = model.to(device).eval()
-        structure = trace_structure(model, (1, *data.train.images.shape[1:]))
-        classes = list(range(data.num_classes))
+    def decompose(self, context: RunContext) -> Decomposition:
+        model, base_meta, data = context.model, context.base_meta, context.data
+        hp = context.hyperparameters
+        structure, classes, seed = context.structure, context.classes, context.seed
         if len(classes) < 2:
             raise ConfigError(f"{self.name}: needs at least two classes to compose")
         images, held_out = data.val.sample_and_rest(hp["fitness_samples"], seed)
@@ -647,8 +642,8 @@ class CNNSplitter(Approach):
 
         fingerprint = config_hash({"approach": self.name, "hyperparameters": hp, "seed": seed,
                                    "base": base_meta.get("weights_sha256")})
-        loop = ResumableLoop(checkpoint, fingerprint, hp["generations"] + 1, desc=self.name,
-                             unit="generation", progress=progress)
+        loop = ResumableLoop(context.checkpoint, fingerprint, hp["generations"] + 1, desc=self.name,
+                             unit="generation", progress=context.progress)
         logbook = tools.Logbook()
         statistics = tools.Statistics(key=lambda solution: solution.fitness.values[1])
         for name, reduce in (("mean", np.mean), ("max", np.max), ("min", np.min)):
@@ -743,7 +738,6 @@ class CNNSplitter(Approach):
         masks = {group: torch.cat([layout.decode(genes[c:c + 1], c)[group] for c in classes])
                  for group in layout.groups}
         provenance = {
-            "approach": self.name, "hyperparameters": hp, "seed": seed,
             "wall_seconds": loop.wall_seconds, "selected_generation": selected,
             "val_accuracy": records[selected]["val_accuracy"],
             "base_val_accuracy": base_accuracy, "fitness_samples": len(images),
@@ -753,7 +747,4 @@ class CNNSplitter(Approach):
             "sensitive_layers": [g for g, s in zip(layout.groups, sensitive, strict=True) if s],
             "logbook": records,
         }
-        return ModuleSet(approach=self.name, classes=classes, masks=masks,
-                         head=OwnLogitHead(classes, len(classes)), combination="argmax",
-                         base=base_identity(base_meta), structure=structure,
-                         provenance=provenance)
+        return Decomposition(masks, OwnLogitHead(classes, len(classes)), provenance=provenance)

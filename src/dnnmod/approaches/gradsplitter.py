@@ -40,13 +40,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dnnmod.approaches.base import Approach
+from dnnmod.approaches.base import Approach, Decomposition, RunContext
 from dnnmod.artifacts import config_hash
 from dnnmod.hyperparameters import Range
 from dnnmod.modules.activations import activation_sites
@@ -55,7 +54,6 @@ from dnnmod.modules.inference import accuracy, kept_channel_pass, run
 from dnnmod.modules.masking import check_sites_cover, ensure_nonempty, masked_logits
 from dnnmod.modules.metrics import PER_LAYER_KRR, composed_accuracy, layer_kernel_retention
 from dnnmod.modules.moduleset import ModuleSet, base_identity
-from dnnmod.modules.structure import trace_structure
 from dnnmod.resumable import ResumableLoop, epoch_generator
 
 DEFAULTS: dict[str, Any] = {
@@ -135,18 +133,16 @@ class GradSplitter(Approach):
     def paper_kernel_retention(self, model: nn.Module, modules: ModuleSet) -> list[float]:
         return layer_kernel_retention(modules)
 
-    def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
-                   hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",
-                   checkpoint: Path | None = None, progress: bool | None = None,
-                   references=None) -> ModuleSet:
-        model = model.to(device).eval()
+    def decompose(self, context: RunContext) -> Decomposition:
+        model, base_meta, data = context.model, context.base_meta, context.data
+        hyperparameters, structure, classes = (context.hyperparameters, context.structure,
+                                               context.classes)
+        seed, device = context.seed, context.device
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        structure = trace_structure(model, (1, *data.train.images.shape[1:]))
         sites = activation_sites(model, structure)
         check_sites_cover(model, structure, sites,
                           [group.name for group in structure.conv_groups])
-        classes = list(range(data.num_classes))
         torch.manual_seed(seed)
         scores = {group.name: torch.ones(len(classes), group.size, device=device,
                                          requires_grad=True) for group in structure.conv_groups}
@@ -161,8 +157,8 @@ class GradSplitter(Approach):
         kept_pass = kept_channel_pass(model, structure)
         fingerprint = config_hash({"approach": self.name, "hyperparameters": hyperparameters,
                                    "seed": seed, "base": base_meta.get("weights_sha256")})
-        loop = ResumableLoop(checkpoint, fingerprint, len(plan), desc=self.name,
-                             progress=progress)
+        loop = ResumableLoop(context.checkpoint, fingerprint, len(plan), desc=self.name,
+                             progress=context.progress)
 
         history, candidates = [], []
         optimizer, optimizer_phase = None, None
@@ -238,13 +234,13 @@ class GradSplitter(Approach):
         head.load_state_dict(candidates[chosen]["head"])
         masks = {n: m.to(device) for n, m in candidates[chosen]["masks"].items()}
         provenance = {
-            "approach": self.name, "hyperparameters": hyperparameters, "seed": seed,
-            "selected_epoch": history[chosen]["epoch"], "base_val_accuracy": base_val_accuracy,
+            "hyperparameters": hyperparameters, "selected_epoch": history[chosen]["epoch"],
+            "base_val_accuracy": base_val_accuracy,
             "effective_mask_lr": hyperparameters["mask_lr"],
             "history": history, "train_samples": len(train_set),
             "wall_seconds": loop.wall_seconds,
         }
-        return _module_set(base_meta, structure, masks, head.cpu(), provenance)
+        return Decomposition(masks, head.cpu(), provenance=provenance)
 
 
 def mask_loss(model: nn.Module, structure, sites: dict[str, str] | None,

@@ -29,23 +29,19 @@ Deviations from the paper:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dnnmod.approaches.base import Approach
+from dnnmod.approaches.base import Approach, Decomposition, RunContext
 from dnnmod.hyperparameters import OneOf, Range
 from dnnmod.modules.activations import REDUCTIONS, activation_statistics, capture_activations
 from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.masking import ensure_nonempty
 from dnnmod.modules.metrics import SHARED_KRR
-from dnnmod.modules.moduleset import ModuleSet, base_identity
-from dnnmod.modules.structure import trace_structure
 from dnnmod.training.objectives import (
     Objective,
     layer_layout,
@@ -115,21 +111,11 @@ class MODA(Approach):
 
     constraints = {"threshold": Range(0, 1, low_open=True), "residual_skip": OneOf(REDUCTIONS)}
 
-    def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
-                   hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",
-                   checkpoint: Path | None = None, progress: bool | None = None,
-                   references: Mapping[str, ModuleSet] | None = None) -> ModuleSet:
-        started = time.monotonic()
-        model = model.to(device).eval()
-        structure = trace_structure(model, (1, *data.train.images.shape[1:]))
-        classes = list(range(data.num_classes))
-        statistics = activation_statistics(model, structure, data.train, classes=classes)
+    def decompose(self, context: RunContext) -> Decomposition:
+        model, data, hyperparameters = context.model, context.data, context.hyperparameters
+        statistics = activation_statistics(model, context.structure, data.train,
+                                           classes=context.classes)
         rates = statistics.group_view("frequency", hyperparameters["residual_skip"])
         masks = ensure_nonempty({group: rate >= hyperparameters["threshold"]
                                  for group, rate in rates.items()}, rates)
-        provenance = {"approach": self.name, "hyperparameters": hyperparameters, "seed": seed,
-                      "wall_seconds": time.monotonic() - started}
-        return ModuleSet(approach=self.name, classes=classes, masks=masks,
-                         head=OwnLogitHead(classes, data.num_classes), combination="argmax",
-                         base=base_identity(base_meta), structure=structure,
-                         provenance=provenance)
+        return Decomposition(masks, OwnLogitHead(context.classes, data.num_classes))

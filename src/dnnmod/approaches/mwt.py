@@ -43,24 +43,21 @@ Deviations from the paper and its code:
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dnnmod.approaches.base import Approach
+from dnnmod.approaches.base import Approach, Decomposition, RunContext
 from dnnmod.errors import ConfigError
 from dnnmod.hyperparameters import Range
 from dnnmod.modules.activations import activation_statistics, capture_activations
 from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.inference import batches, eval_mode
 from dnnmod.modules.metrics import layer_kernel_retention
-from dnnmod.modules.moduleset import ModuleSet, base_identity
-from dnnmod.modules.structure import trace_structure
+from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.training.objectives import (
     Objective,
     pair_loss,
@@ -248,18 +245,14 @@ class MwT(Approach):
     def reuse_network(self, network: nn.Module) -> nn.Module:
         return without_mask_generators(network)
 
-    def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
-                   hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",
-                   checkpoint: Path | None = None, progress: bool | None = None,
-                   references: Mapping[str, ModuleSet] | None = None) -> ModuleSet:
-        started = time.monotonic()
+    def decompose(self, context: RunContext) -> Decomposition:
+        model, base_meta, data = context.model, context.base_meta, context.data
+        hyperparameters = context.hyperparameters
+        structure, classes = context.structure, context.classes
         if not gated_convs(model):
             raise ConfigError(f"mwt decomposes models trained with training kind 'mwt'; this "
                               f"{base_meta.get('arch')} (training {base_meta.get('training')!r})"
                               " has no mask generators")
-        model = model.to(device).eval()
-        structure = trace_structure(model, (1, *data.train.images.shape[1:]))
-        classes = list(range(data.num_classes))
         statistics = activation_statistics(model, structure, data.train, classes=classes,
                                            sites=gate_sites(model, structure))
         masks = {group: threshold_with_fallback(frequency, hyperparameters["threshold"],
@@ -272,10 +265,5 @@ class MwT(Approach):
         sample = data.train.take(chosen.to(data.train.labels.device))
         cohesion, coupling = jaccard_cohesion_coupling(sample_masks(model, sample),
                                                        sample.labels.cpu())
-        provenance = {"approach": self.name, "hyperparameters": hyperparameters, "seed": seed,
-                      "wall_seconds": time.monotonic() - started,
-                      "cohesion": cohesion, "coupling": coupling}
-        return ModuleSet(approach=self.name, classes=classes, masks=masks,
-                         head=OwnLogitHead(classes, data.num_classes), combination="argmax",
-                         base=base_identity(base_meta), structure=structure,
-                         provenance=provenance)
+        return Decomposition(masks, OwnLogitHead(classes, data.num_classes),
+                             provenance={"cohesion": cohesion, "coupling": coupling})

@@ -47,15 +47,13 @@ Deviations and decisions, each also in the report:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dnnmod.approaches.base import Approach
+from dnnmod.approaches.base import Approach, Decomposition, RunContext
 from dnnmod.errors import ConfigError
 from dnnmod.hyperparameters import Range
 from dnnmod.modules.activations import ActivationStatistics, activation_statistics
@@ -70,8 +68,8 @@ from dnnmod.modules.metrics import (
     module_scores,
     top_k_accuracy,
 )
-from dnnmod.modules.moduleset import ModuleSet, base_identity
-from dnnmod.modules.structure import ChannelGroup, ModelStructure, probe, trace_structure
+from dnnmod.modules.moduleset import ModuleSet
+from dnnmod.modules.structure import ChannelGroup, ModelStructure, probe
 
 
 class PanRajan(Approach):
@@ -90,14 +88,10 @@ class PanRajan(Approach):
     }
     constraints = {"tangling_rate": Range(0, 1), "delta": Range(0, 1)}
 
-    def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
-                   hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",
-                   checkpoint: Path | None = None, progress: bool | None = None,
-                   references: Mapping[str, ModuleSet] | None = None) -> ModuleSet:
-        started = time.monotonic()
-        model = model.to(device).eval()
-        structure = trace_structure(model, (1, *data.train.images.shape[1:]))
-        classes = list(range(data.num_classes))
+    def decompose(self, context: RunContext) -> Decomposition:
+        model, base_meta, data = context.model, context.base_meta, context.data
+        hyperparameters = context.hyperparameters
+        structure, classes, seed = context.structure, context.classes, context.seed
         if len(classes) < 2:
             raise ConfigError(f"pan_rajan: {base_meta.get('dataset')} has "
                               f"{len(classes)} class; V_uc needs at least two")
@@ -121,17 +115,13 @@ class PanRajan(Approach):
         importance = element_rates(concern, structure)
         masks = ensure_nonempty(active, importance)
         kinds = {group.name: group.kind for group in structure.groups}
-        provenance = {"approach": self.name, "hyperparameters": hyperparameters, "seed": seed,
-                      "wall_seconds": time.monotonic() - started,
-                      "batch_norm": any(group.norms for group in structure.groups),
+        provenance = {"batch_norm": any(group.norms for group in structure.groups),
                       # conv groups without one spatial shape: masked per channel, not position
                       "channel_masked_groups": [name for name, mask in masks.items()
                                                 if mask.dim() == 2 and kinds[name] == "conv"],
                       **details}
-        return ModuleSet(approach=self.name, classes=classes, masks=masks,
-                         head=ConcernVotesHead(classes, data.num_classes),
-                         combination="voting", base=base_identity(base_meta),
-                         structure=structure, provenance=provenance)
+        return Decomposition(masks, ConcernVotesHead(classes, data.num_classes), "voting",
+                             provenance)
 
 
 def element_rates(statistics: ActivationStatistics, structure: ModelStructure

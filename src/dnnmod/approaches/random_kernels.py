@@ -14,20 +14,17 @@ to A's kernels.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dnnmod.approaches.base import Approach
+from dnnmod.approaches.base import Approach, Decomposition, RunContext
 from dnnmod.controls import control_name
 from dnnmod.errors import ConfigError
 from dnnmod.modules.heads import OwnLogitHead
-from dnnmod.modules.moduleset import ModuleSet, base_identity
-from dnnmod.modules.structure import trace_structure
+from dnnmod.modules.moduleset import ModuleSet
 
 
 class RandomControl(Approach):
@@ -60,23 +57,14 @@ class RandomControl(Approach):
     def reuse_network(self, network: nn.Module) -> nn.Module:
         return self.of.reuse_network(network)
 
-    def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
-                   hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",
-                   checkpoint: Path | None = None, progress: bool | None = None,
-                   references: Mapping[str, ModuleSet] | None = None) -> ModuleSet:
-        started = time.monotonic()
-        reference = (references or {})[self.of.name]
-        structure = trace_structure(model, (1, *data.train.images.shape[1:]))
-        classes = list(range(data.num_classes))
-        masks = draw_like(reference, structure, classes, seed)
-        provenance = {"approach": self.name, "hyperparameters": hyperparameters, "seed": seed,
-                      "wall_seconds": time.monotonic() - started,
-                      "matched": {"approach": self.of.name,
-                                  "base_weights_sha256": reference.base.get("weights_sha256")}}
-        return ModuleSet(approach=self.name, classes=classes, masks=masks,
-                         head=OwnLogitHead(classes, data.num_classes), combination="argmax",
-                         base=base_identity(base_meta), structure=reference.structure,
-                         provenance=provenance)
+    def decompose(self, context: RunContext) -> Decomposition:
+        reference = context.references[self.of.name]
+        masks = draw_like(reference, context.structure, context.classes, context.seed)
+        return Decomposition(
+            masks, OwnLogitHead(context.classes, context.data.num_classes),
+            provenance={"matched": {"approach": self.of.name,
+                                    "base_weights_sha256": reference.base.get("weights_sha256")}},
+            structure=reference.structure)
 
 
 def draw_like(reference: ModuleSet, structure, classes: list[int],
