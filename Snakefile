@@ -18,6 +18,11 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/helpers/data.smk"
+include: "workflow/rules/helpers/training.smk"
+include: "workflow/rules/helpers/modularization.smk"
+include: "workflow/rules/helpers/reuse.smk"
+include: "workflow/rules/helpers/report.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/modularize.smk"

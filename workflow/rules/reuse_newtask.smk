@@ -1,6 +1,6 @@
 # E4 new tasks (reuse.new_tasks in config): per setting and approach, class pairs composed from
 # the modules chosen by best F1; the same architecture trained from scratch on each pair (a
-# derived task, see common.smk); the table and the figure are separate rules.
+# derived task, see helpers/reuse.smk); the table and the figure are separate rules.
 
 
 rule train_new_task_scratch:
