@@ -52,6 +52,7 @@ import argparse
 import importlib
 import sys
 import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,6 +82,51 @@ def difference(theirs: torch.Tensor, ours: torch.Tensor) -> tuple[float, float]:
     largest = theirs.abs().max().item()
     gap = (ours - theirs).abs().max().item()
     return gap, gap / largest if largest else (0.0 if gap == 0 else float("inf"))
+
+
+def authors_sgd(network: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of MODA's model_trainer and MwT's modular_trainer at their READMEs'
+    learning rate: SGD 0.05, momentum 0.9, Nesterov, no weight decay."""
+    return torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+
+
+@dataclass(frozen=True)
+class StepGaps:
+    """One modular-training step, the authors' against dnnmod's: the relative gaps of the loss
+    and of each loss part, and (absolute, relative) of the gradients and updated weights."""
+
+    loss: float
+    parts: list[float]
+    grad: tuple[float, float]
+    weights: tuple[float, float]
+
+    @classmethod
+    def of(cls, their_loss, our_loss, their_parts, our_parts, their_grad, our_grad,
+           theirs: nn.Module, ours: nn.Module) -> StepGaps:
+        return cls(
+            loss=abs(our_loss.item() - their_loss.item()) / abs(their_loss.item()),
+            parts=[abs(float(o) - float(t.detach())) / max(abs(float(t.detach())), 1e-300)
+                   for o, t in zip(our_parts, their_parts, strict=True)],
+            grad=difference(their_grad, our_grad),
+            weights=difference(torch.cat([p.detach().flatten() for p in theirs.parameters()]),
+                               torch.cat([p.detach().flatten() for p in ours.parameters()])))
+
+    @property
+    def decisive(self) -> float:
+        """The largest gap that decides parity. The parts are printed; the loss, gradients and
+        weights decide (a part such as 1 − cohesion near 0 magnifies float32 rounding of the
+        similarity)."""
+        return max(self.loss, self.grad[1], self.weights[1])
+
+    @staticmethod
+    def header(parts: str, parts_width: int) -> str:
+        return (f"{'step':>4} {'loss theirs':>12} {'loss gap':>9} {parts:>{parts_width}} "
+                f"{'grad gap':>16} {'weight gap':>10}")
+
+    def row(self, step: int, their_loss: float, parts_width: int) -> str:
+        return (f"{step:4d} {their_loss:12.6f} {self.loss:9.1e} "
+                f"{' '.join(f'{gap:8.1e}' for gap in self.parts):>{parts_width}} "
+                f"{self.grad[0]:7.1e}/{self.grad[1]:7.1e} {self.weights[1]:10.1e}")
 
 
 def randomise_norms(model: nn.Module, generator: torch.Generator) -> None:
@@ -276,17 +322,11 @@ def moda_parity(args) -> bool:
     model.train()  # both: BatchNorm on batch statistics, as in training
     weights = {"alpha": args.affinity, "beta": args.dispersion, "gamma": args.compactness}
     objective = get_objective("moda", weights)
-
-    def optimizer(network: nn.Module) -> torch.optim.Optimizer:
-        # Their model_trainer's optimizer (the learning rate of their README).
-        return torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-
-    their_optimizer, our_optimizer = optimizer(theirs), optimizer(model)
+    their_optimizer, our_optimizer = authors_sgd(theirs), authors_sgd(model)
     print(f"moda vgg16 (512-512 classifier): {tensors} tensors mapped; weights affinity "
           f"{args.affinity}, dispersion {args.dispersion}, compactness {args.compactness}; "
           f"batch {args.batch}; SGD 0.05, momentum 0.9, Nesterov")
-    print(f"{'step':>4} {'loss theirs':>12} {'loss gap':>9} {'part gaps (ce/aff/dis/comp)':>36} "
-          f"{'grad gap':>16} {'weight gap':>10}")
+    print(StepGaps.header("part gaps (ce/aff/dis/comp)", 36))
     worst = 0.0
     for step in range(1, args.steps + 1):
         x = torch.randn(args.batch, 3, 32, 32, generator=generator)
@@ -314,18 +354,10 @@ def moda_parity(args) -> bool:
         our_parts = [parts["cross_entropy"], 1 - parts["affinity"], parts["dispersion"],
                      parts["compactness"]]
 
-        part_gaps = [abs(float(o) - float(t.detach())) / max(abs(float(t.detach())), 1e-300)
-                     for o, t in zip(our_parts, their_parts, strict=True)]
-        loss_gap = abs(our_loss.item() - their_loss.item()) / abs(their_loss.item())
-        grad_gap = difference(their_grad, our_grad)
-        weight_gap = difference(torch.cat([p.detach().flatten() for p in theirs.parameters()]),
-                                torch.cat([p.detach().flatten() for p in model.parameters()]))
-        # The parts are printed; the loss, gradients and weights decide (a part such as
-        # 1 − cohesion near 0 magnifies float32 rounding of the similarity).
-        worst = max(worst, loss_gap, grad_gap[1], weight_gap[1])
-        print(f"{step:4d} {their_loss.item():12.6f} {loss_gap:9.1e} "
-              f"{' '.join(f'{gap:8.1e}' for gap in part_gaps):>36} "
-              f"{grad_gap[0]:7.1e}/{grad_gap[1]:7.1e} {weight_gap[1]:10.1e}")
+        gaps = StepGaps.of(their_loss, our_loss, their_parts, our_parts, their_grad, our_grad,
+                           theirs, model)
+        worst = max(worst, gaps.decisive)
+        print(gaps.row(step, their_loss.item(), 36))
     agree = worst <= args.tolerance
     print(f"{'parity' if agree else 'DIFFERENT'}: largest relative gap {worst:.1e} "
           f"(tolerance {args.tolerance:.0e}); a training step has no masks to compare")
@@ -368,17 +400,11 @@ def mwt_parity(args) -> bool:
     tensors = map_weights(theirs, model)
     theirs.train()
     model.train()
-
-    def optimizer(network: nn.Module) -> torch.optim.Optimizer:
-        # Their modular_trainer's optimizer and learning rate (README), no weight decay.
-        return torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-
-    their_optimizer, our_optimizer = optimizer(theirs), optimizer(model)
+    their_optimizer, our_optimizer = authors_sgd(theirs), authors_sgd(model)
     print(f"mwt vgg16 (every conv but the first gated): {tensors} tensors mapped (generators "
           f"included); alpha {args.alpha}, beta {args.beta}; batch {args.batch}; SGD 0.05, "
           f"momentum 0.9, Nesterov")
-    print(f"{'step':>4} {'loss theirs':>12} {'loss gap':>9} {'part gaps (ce/coh/coup)':>27} "
-          f"{'grad gap':>16} {'weight gap':>10} {'masks >0 differ':>15}")
+    print(f"{StepGaps.header('part gaps (ce/coh/coup)', 27)} {'masks >0 differ':>15}")
     worst, masks_differ = 0.0, 0
     for step in range(1, args.steps + 1):
         x = torch.randn(args.batch, 3, 32, 32, generator=generator)
@@ -407,18 +433,10 @@ def mwt_parity(args) -> bool:
 
         masks_differ = sum(int(((t > 0) != (o > 0)).sum())
                            for t, o in zip(their_masks, our_masks, strict=True))
-        part_gaps = [abs(float(o) - float(t.detach())) / max(abs(float(t.detach())), 1e-300)
-                     for o, t in zip(our_parts, their_parts, strict=True)]
-        loss_gap = abs(our_loss.item() - their_loss.item()) / abs(their_loss.item())
-        grad_gap = difference(their_grad, our_grad)
-        weight_gap = difference(torch.cat([p.detach().flatten() for p in theirs.parameters()]),
-                                torch.cat([p.detach().flatten() for p in model.parameters()]))
-        # The parts are printed; the loss, gradients and weights decide (a part such as
-        # 1 − cohesion near 0 magnifies float32 rounding of the similarity).
-        worst = max(worst, loss_gap, grad_gap[1], weight_gap[1])
-        print(f"{step:4d} {their_loss.item():12.6f} {loss_gap:9.1e} "
-              f"{' '.join(f'{gap:8.1e}' for gap in part_gaps):>27} "
-              f"{grad_gap[0]:7.1e}/{grad_gap[1]:7.1e} {weight_gap[1]:10.1e} {masks_differ:15d}")
+        gaps = StepGaps.of(their_loss, our_loss, their_parts, our_parts, their_grad, our_grad,
+                           theirs, model)
+        worst = max(worst, gaps.decisive)
+        print(f"{gaps.row(step, their_loss.item(), 27)} {masks_differ:15d}")
     agree = worst <= args.tolerance and masks_differ == 0
     print(f"{'parity' if agree else 'DIFFERENT'}: largest relative gap {worst:.1e} "
           f"(tolerance {args.tolerance:.0e}), {masks_differ} per-sample masks (> 0) differ at "
