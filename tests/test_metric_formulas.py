@@ -79,9 +79,9 @@ def test_metric_jobs_import_no_scikit_learn():
 import sys
 import torch
 import dnnmod.approaches, dnnmod.data, dnnmod.modules.moduleset, dnnmod.training.model_io
-import dnnmod.reuse.newtask
+import dnnmod.reuse.newtask, dnnmod.reuse.patching
 from dnnmod.modules.metrics import binary_prf, top_k_accuracy
-from dnnmod.reuse.patching import target_metrics
+from dnnmod.reuse.patch_scores import target_metrics
 binary_prf(torch.tensor([True, False]), torch.tensor([True, True]))
 top_k_accuracy(torch.rand(3, 6), list(range(6)), torch.tensor([0, 1, 2]), 2)
 target_metrics(torch.tensor([0, 1, 1]), torch.tensor([1, 1, 0]), 1)
