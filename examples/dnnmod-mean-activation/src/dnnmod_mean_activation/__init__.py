@@ -16,20 +16,14 @@ Linear layers are kept whole: the approach selects kernels.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
-from dnnmod.approaches.base import Approach
+from dnnmod.approaches.base import Approach, Decomposition, RunContext
 from dnnmod.hyperparameters import OneOf, Range
 from dnnmod.modules.activations import REDUCTIONS, activation_statistics
 from dnnmod.modules.heads import OwnLogitHead
-from dnnmod.modules.moduleset import ModuleSet, base_identity
-from dnnmod.modules.structure import trace_structure
 
 __all__ = ["MeanActivation", "top_fraction_masks"]
 
@@ -44,25 +38,16 @@ class MeanActivation(Approach):
     }
     constraints = {"keep": Range(0, 1, low_open=True), "residual_sites": OneOf(REDUCTIONS)}
 
-    def modularize(self, model: nn.Module, base_meta: dict[str, Any], data,
-                   hyperparameters: dict[str, Any], *, seed: int, device: str = "cpu",
-                   checkpoint: Path | None = None, progress: bool | None = None,
-                   references: Mapping[str, ModuleSet] | None = None) -> ModuleSet:
-        started = time.monotonic()
-        model = model.to(device).eval()
-        structure = trace_structure(model, (1, *data.train.images.shape[1:]))
-        classes = list(range(data.num_classes))
-        statistics = activation_statistics(model, structure, data.train, classes=classes)
-        means = statistics.group_view("mean", hyperparameters["residual_sites"])
+    def decompose(self, context: RunContext) -> Decomposition:
+        statistics = activation_statistics(context.model, context.structure,
+                                           context.data.train, classes=context.classes)
+        means = statistics.group_view("mean", context.hyperparameters["residual_sites"])
         masks = top_fraction_masks({group.name: means[group.name]
-                                    for group in structure.conv_groups if group.name in means},
-                                   hyperparameters["keep"])
-        provenance = {"approach": self.name, "hyperparameters": hyperparameters, "seed": seed,
-                      "wall_seconds": time.monotonic() - started}
-        return ModuleSet(approach=self.name, classes=classes, masks=masks,
-                         head=OwnLogitHead(classes, data.num_classes), combination="argmax",
-                         base=base_identity(base_meta), structure=structure,
-                         provenance=provenance)
+                                    for group in context.structure.conv_groups
+                                    if group.name in means},
+                                   context.hyperparameters["keep"])
+        return Decomposition(masks=masks,
+                             head=OwnLogitHead(context.classes, context.data.num_classes))
 
 
 def top_fraction_masks(scores: Mapping[str, torch.Tensor], keep: float
