@@ -1,4 +1,4 @@
-# What every rule file shares: the study's checked configuration and names, where jobs run,
+# Shared by every stage's rules. The study's checked configuration and names, where jobs run,
 # the wildcards. Each stage's helpers are in helpers/ (included next, see Snakefile).
 
 import json
