@@ -42,19 +42,43 @@ tolerance is 1e-6.
         --model rescnn --alpha 0
     python benchmarks/reference_parity.py gradsplitter --authors ../refs/GradSplitter \\
         --placement outputs
+cnnsplitter (qibinhang/CNNSplitter, ``src/utils/module_tools.py``'s ``cal_fitness`` and
+``src/module_recorder.py``'s ``cal_diff_with_multiprocess`` and ``cal_fitness``): the fitness of
+one population, generation 0. CNNSplitter's SimCNN (no BatchNorm, 512-512 classifier; their
+``models/simcnn.py`` built with ``--width``'s channels) is trained by dnnmod for ``--epochs`` on
+the bundled digits and mapped tensor by tensor onto the authors' model; dnnmod's kernel
+importance orders the kernels for both; dnnmod's initialiser (:func:`initial_genes`, their
+SimCNN/CIFAR-10 keep ratios and sensitive layers 0-6) draws ``--population`` solutions per
+class. Their explorer extracts each solution's module and runs it on ``--images`` validation
+images; dnnmod runs the masked model (float64; the search's kept-channel pass is float32 and
+is compared apart). Compared: each solution's own-class logits and kept kernels, the 1 −
+Jaccard table, the surviving 10-class compositions (fitness, accuracy, diff, in fitness order)
+and every solution's fitness (theirs 0 outside a surviving composition; dnnmod's DEAP fitness
+then ranks by the deepest level reached, a stated deviation, so only scored solutions are
+compared). Patched at run time: their recorder's globals (set by its ``__main__``), float64 as
+the default dtype (their extraction builds a fresh module), and their ``np.argsort`` made
+stable: numpy's default quicksort orders equal accuracies arbitrarily, dnnmod's sort keeps
+them in composition order, and a tie at a survivor cut would otherwise pick different
+compositions. The class order is their ``random.seed(10)`` shuffle, handed to dnnmod's scorer.
+
     python benchmarks/reference_parity.py mwt --authors ../refs/MwT
     python benchmarks/reference_parity.py moda --authors ../refs/MODA
+    python benchmarks/reference_parity.py cnnsplitter --authors ../refs/CNNSplitter
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import random
 import sys
+import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -444,6 +468,167 @@ def mwt_parity(args) -> bool:
     return agree
 
 
+class _StableArgsort(types.ModuleType):
+    """numpy, with ``argsort`` stable (equal values keep their order)."""
+
+    def __getattr__(self, name: str):
+        return getattr(np, name)
+
+    @staticmethod
+    def argsort(values, *args, **kwargs):
+        return np.argsort(values, kind="stable")
+
+
+def cnnsplitter_parity(args) -> bool:
+    from dnnmod.approaches.cnnsplitter import (
+        CNNSplitter,
+        gene_layout,
+        initial_genes,
+        jaccard_difference,
+        kernel_importance,
+        population_logits,
+        score_in_class_order,
+    )
+    from dnnmod.data import load_dataset, make_splits, prepare
+    from dnnmod.modules.inference import kept_channel_pass
+    from dnnmod.modules.masking import masked_logits
+    from dnnmod.training.train import Recipe, train
+
+    source = authors_source(args.authors, "module_recorder.py")
+    sys.path.insert(0, str(source))
+    module_tools = importlib.import_module("utils.module_tools")
+    recorder = importlib.import_module("module_recorder")  # random.seed(10) at its import
+    their_simcnn = importlib.import_module("models.simcnn")
+
+    with tempfile.TemporaryDirectory() as root:
+        prepare("digits", Path(root))
+        make_splits(Path(root), "digits", seed=args.seed)
+        data = load_dataset(Path(root), "digits", seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = build_model("simcnn", CLASSES, width=args.width, batch_norm=False,
+                        hidden_features=round(512 / args.width))  # 512 units, as theirs
+    convs = [layer for layer in model.modules() if isinstance(layer, nn.Conv2d)]
+    theirs = their_simcnn.SimCNN(num_classes=CLASSES, conv_configs=[
+        (conv.in_channels, conv.out_channels) for conv in convs])
+    tensors = map_weights(theirs, model)
+    model = train(model, data, Recipe(epochs=args.epochs, batch_size=64, lr=0.05),
+                  seed=args.seed).model.eval()
+    map_weights(model, theirs)
+    print(f"trained {args.epochs} epoch(s); scoring the population", flush=True)
+    hp = CNNSplitter().resolve({})
+    images = data.val.take(range(min(args.images, len(data.val))))
+    structure = trace_structure(model, (1, *images.images.shape[1:]))
+    importance, _ = kernel_importance(model, structure, images, CLASSES, hp["confidence"])
+    order = {name: torch.sort(value, dim=1, descending=True, stable=True).indices
+             for name, value in importance.items()}
+    layout = gene_layout(structure, order, hp)
+    groups = list(layout.groups)
+    sizes = [group.size for group in structure.conv_groups]
+    if any(size < hp["small_layer_groups"] for size in sizes):
+        raise SystemExit(f"--width {args.width}: a layer of fewer than 10 kernels, which the "
+                         f"authors cut into 10 groups, some empty (dnnmod: one per kernel)")
+    # their SimCNN/CIFAR-10 configure: conv_0..conv_6 sensitive
+    sensitive = [layer < 7 for layer in range(len(groups))]
+    numbers = np.random.default_rng(args.seed)
+    populations = torch.stack([initial_genes(layout, sensitive, args.population, hp, numbers)
+                               for _ in range(CLASSES)])
+    x, labels = images.float_batch(torch.arange(len(images)))
+    x, labels = x.double(), labels.cpu()
+
+    # dnnmod: own-class logits of the masked model in float64, and the search's float32 pass
+    model64 = build_model("simcnn", CLASSES, width=args.width, batch_norm=False,
+                          hidden_features=round(512 / args.width)).double().eval()
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        ours = torch.stack([masked_logits(model64, structure, layout.decode(populations[c], c),
+                                          x)[:, :, c] for c in range(CLASSES)])
+    search, _ = population_logits(model, structure, images, layout, populations,
+                                  [{} for _ in range(CLASSES)],
+                                  kept_channel_pass(model, structure))
+    kernel_sets = [layout.kernel_sets(populations[c], c) for c in range(CLASSES)]
+
+    # theirs: each solution's module extracted and run, then the recorder's fitness
+    configs = types.SimpleNamespace(
+        model_name="simcnn", sorted_kernel_idx=None, num_sol_per_pop=args.population,
+        sensitive_layer_idx=[i for i, s in enumerate(sensitive) if s],
+        sensitive_layer_kernel=[n for n, s in zip(sizes, sensitive, strict=True) if s],
+        sensitive_layer_group=[g for g, s in zip(layout.genes_per_group, sensitive,
+                                                 strict=True) if s],
+        non_sensitive_layer_idx=[i for i, s in enumerate(sensitive) if not s],
+        non_sensitive_layer_kernel=[n for n, s in zip(sizes, sensitive, strict=True) if not s],
+        non_sensitive_layer_group=[g for g, s in zip(layout.genes_per_group, sensitive,
+                                                     strict=True) if not s])
+    batches = [(x[i:i + 100], labels[i:i + 100]) for i in range(0, len(x), 100)]
+    theirs.double().eval()
+    torch.set_default_dtype(torch.float64)  # their extraction builds each module afresh
+    explorer_outputs = []
+    for c in range(CLASSES):
+        configs.sorted_kernel_idx = [order[g][c].tolist() for g in groups]
+        explorer_outputs.append([
+            (*module_tools.cal_fitness(populations[c, s].numpy(), theirs, c, batches, configs),
+             s) for s in range(args.population)])
+    torch.set_default_dtype(torch.float32)
+    print("their modules run; their recorder's fitness", flush=True)
+    recorder.number_class, recorder.configs, recorder.NUM_CPU = CLASSES, configs, args.threads
+    recorder.alpha = hp["alpha"]
+    recorder.acc_thresholds = {2: hp["accuracy_thresholds"][0], 4: hp["accuracy_thresholds"][1],
+                               8: hp["accuracy_thresholds"][2],
+                               CLASSES: hp["final_accuracy_threshold"]}
+    recorder.np = _StableArgsort("numpy")
+    diff = recorder.cal_diff_with_multiprocess(explorer_outputs)
+    random.seed(10)  # their recorder's state at generation 0: its class order is this shuffle
+    state, class_order = random.getstate(), list(range(CLASSES))
+    random.shuffle(class_order)
+    random.setstate(state)
+    fitness, top = recorder.cal_fitness(generation_idx=0, explorer_outputs=explorer_outputs,
+                                        diff=diff, acc_ratio=hp["alpha"])
+    scores = score_in_class_order(
+        class_order, list(ours), labels, kernel_sets, accuracy_weight=hp["alpha"],
+        alpha=hp["alpha"], accuracy_thresholds=hp["accuracy_thresholds"],
+        final_accuracy_threshold=hp["final_accuracy_threshold"], survivors=hp["survivors"])
+
+    their_logits = torch.tensor(np.stack([[o[0][:, 0] for o in per] for per in
+                                          explorer_outputs]))
+    logit_gap = difference(their_logits, ours)
+    search_gap = difference(their_logits, search.double())
+    names = [[{f"conv_{layer}_k_{k}" for layer, group in enumerate(groups)
+               for k in layout.decode(populations[c][s:s + 1], c)[group][0].nonzero().flatten()
+               .tolist()} for s in range(args.population)] for c in range(CLASSES)]
+    kernels_differ = sum(set(explorer_outputs[c][s][2]) != names[c][s]
+                         for c in range(CLASSES) for s in range(args.population))
+    diff_gap = max(float((torch.tensor(diff[i, j]).double()
+                          - jaccard_difference(kernel_sets[i], kernel_sets[j])).abs().max())
+                   for i in range(CLASSES) for j in range(i + 1, CLASSES))
+    theirs_top = torch.tensor(top[:, 1:4])
+    ours_top = torch.stack([scores.fitness_of, scores.accuracy, scores.difference], 1).double()
+    same_count = theirs_top.shape == ours_top.shape
+    top_gap = (theirs_top - ours_top).abs().max(0).values.tolist() if same_count else None
+    scored = scores.fitness[:, :, 0] == CLASSES
+    solution_gap = float((torch.tensor(fitness, dtype=torch.float64)
+                          - torch.where(scored, scores.fitness[:, :, 1], 0.0)).abs().max())
+    print(f"cnnsplitter simcnn (CNNSplitter's, width {args.width}): {tensors} tensors mapped, "
+          f"trained {args.epochs} epoch(s) on digits; {CLASSES} classes x {args.population} "
+          f"solutions (dnnmod's initialiser), {len(images)} validation images; class order "
+          f"{class_order}")
+    print(f"own-class logits, max |gap|: {logit_gap[0]:.1e} (masked model, float64), "
+          f"{search_gap[0]:.1e} (the search's float32 kept-channel pass)")
+    print(f"kept kernel sets differing: {kernels_differ} of {CLASSES * args.population}; "
+          f"1 - Jaccard table, max |gap|: {diff_gap:.1e} (theirs is float32)")
+    if same_count:
+        print(f"surviving 10-class compositions: {len(ours_top)} on both sides; max |gap| "
+              f"fitness {top_gap[0]:.1e}, accuracy {top_gap[1]:.1e}, diff {top_gap[2]:.1e}")
+    else:
+        print(f"surviving 10-class compositions: {len(theirs_top)} theirs, {len(ours_top)} "
+              f"dnnmod's")
+    print(f"solution fitness: {int(scored.sum())} solutions in a surviving composition (theirs "
+          f"non-zero: {int((fitness > 0).sum())}), max |gap| {solution_gap:.1e}")
+    worst = max(logit_gap[1], diff_gap, solution_gap, *(top_gap or [math.inf]))
+    agree = worst <= args.tolerance and kernels_differ == 0
+    print(f"{'parity' if agree else 'DIFFERENT'}: largest gap {worst:.1e} (tolerance "
+          f"{args.tolerance:.0e})")
+    return agree
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     approaches = parser.add_subparsers(dest="approach", required=True)
@@ -474,9 +659,18 @@ def main() -> None:
     mwt.add_argument("--batch", type=int, default=16)
     mwt.add_argument("--alpha", type=float, default=0.5)
     mwt.add_argument("--beta", type=float, default=1.5)
+    splitter = approaches.add_parser("cnnsplitter", help="CNNSplitter's fitness of a population")
+    splitter.add_argument("--authors", type=Path, required=True,
+                          help="checkout of qibinhang/CNNSplitter")
+    splitter.add_argument("--width", type=float, default=0.25,
+                          help="channel multiplier of SimCNN (every layer keeps >= 10 kernels)")
+    splitter.add_argument("--epochs", type=int, default=2)
+    splitter.add_argument("--population", type=int, default=10)
+    splitter.add_argument("--images", type=int, default=300)
     # dnnmod's MODA terms sum spatial means and norms in float32 whatever the activations'
-    # dtype (training/objectives.py, for mixed precision): float32 rounding, not 1e-9.
-    for sub, tolerance in ((grad, 1e-9), (mwt, 1e-6), (moda, 1e-6)):
+    # dtype (training/objectives.py, for mixed precision): float32 rounding, not 1e-9. Their
+    # CNNSplitter diff table is float32.
+    for sub, tolerance in ((grad, 1e-9), (mwt, 1e-6), (moda, 1e-6), (splitter, 1e-6)):
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--threads", type=int, default=2)
         sub.add_argument("--tolerance", type=float, default=tolerance,
@@ -485,8 +679,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not args.authors.is_dir():
         raise SystemExit(f"--authors {args.authors}: no such directory")
-    agree = {"gradsplitter": gradsplitter_parity, "mwt": mwt_parity,
-             "moda": moda_parity}[args.approach](args)
+    agree = {"gradsplitter": gradsplitter_parity, "mwt": mwt_parity, "moda": moda_parity,
+             "cnnsplitter": cnnsplitter_parity}[args.approach](args)
     sys.exit(0 if agree else 1)
 
 

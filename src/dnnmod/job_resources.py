@@ -41,6 +41,9 @@ GPU_RULES = {
     "train_sensitivity_model": RuleDefaults(720, 16000, False, "model"),
     "modularize": RuleDefaults(720, 16000, True, "model"),
     "modularize_sensitivity": RuleDefaults(720, 16000, True, "model"),
+    # CNNSplitter's layer sensitivity sweep: 9 ratios x conv layers x classes forward passes
+    # of the validation images (SimCNN on CIFAR-10: 1,170 passes of 10,000 images)
+    "cnnsplitter_layer_sensitivity": RuleDefaults(240, 8000, False, "model"),
     "evaluate_modules": RuleDefaults(60, 8000, True, "model"),
     "evaluate_decomposition": RuleDefaults(60, 8000, True, "model"),
     "patch_weak_models": RuleDefaults(120, 8000, True, "model"),

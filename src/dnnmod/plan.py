@@ -359,6 +359,10 @@ class Context:
                                          options, data.classes, data.image_size)
         return Model(job.params["arch"], flops, data)
 
+    def model_job(self, job: PlanJob) -> PlanJob:
+        """The training job of the model a job reads."""
+        return job if job.rule in TRAINING_RULES else self._first_training(job)
+
     def _first_training(self, job: PlanJob) -> PlanJob:
         seen, queue = set(), list(job.dependencies)
         while queue:
@@ -374,7 +378,7 @@ class Context:
     def hyperparameters(self, job: PlanJob) -> dict[str, Any]:
         from dnnmod.approaches import get_approach
 
-        return get_approach(job.wildcards["approach"]).resolve(
+        return get_approach(job.wildcards.get("approach", "cnnsplitter")).resolve(
             json.loads(job.params["hyperparameters"]))
 
 
@@ -431,6 +435,28 @@ def _cnnsplitter(job: PlanJob, context: Context, hp: Mapping[str, Any]) -> list[
                   model.flops * (solutions * fitness + classes * hp["generations"] * held_out),
                   0, model.arch, cpu_share=kept, gpu_share=kept * GROUPED_PASS_OVERHEAD),
             Phase("inference", model.flops * 2 * val, 0, model.arch)]  # scores, importance
+
+
+def _cnnsplitter_sweep(job: PlanJob, context: Context) -> list[Phase]:
+    """Each conv layer pruned alone at every swept ratio below 1, for every class's module:
+    about a whole forward pass each (one layer narrower), on the search's fitness images."""
+    from torch import nn
+
+    from dnnmod.approaches.cnnsplitter import SWEEP_RATIOS
+    from dnnmod.models import build_model
+
+    model = context.model(job)
+    hp = context.hyperparameters(job)
+    val = model.data.val
+    fitness = val if hp["fitness_samples"] is None else min(hp["fitness_samples"], val)
+    producer = context.model_job(job)
+    # convs, an upper bound on the conv groups (coupled convs share one)
+    layers = sum(isinstance(layer, nn.Conv2d) for layer in build_model(
+        producer.params["arch"], model.data.classes, float(producer.params["width"]),
+        **json.loads(producer.params["options"])).modules())
+    passes = layers * (len(SWEEP_RATIOS) - 1) * model.data.classes + 1  # + the whole model
+    # and one pass over the validation split for kernel importance
+    return [Phase("inference", model.flops * (fitness * passes + val), 0, model.arch)]
 
 
 def _statistics_pass(job: PlanJob, context: Context, passes: float) -> list[Phase]:
@@ -526,6 +552,7 @@ RULE_WORK: dict[str, Callable[[PlanJob, Context], list[Phase]]] = {
     **{rule: _training for rule in TRAINING_RULES},
     "modularize": _modularize,
     "modularize_sensitivity": _modularize,
+    "cnnsplitter_layer_sensitivity": _cnnsplitter_sweep,
     "evaluate_modules": lambda job, context: _module_passes(job, context, 1.0),
     "evaluate_decomposition": lambda job, context: _module_passes(job, context, 1.0),
     "reuse_replace": lambda job, context: _module_passes(job, context, 2.0),

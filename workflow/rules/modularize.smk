@@ -2,6 +2,11 @@ rule modularize:
     input:
         weights=decomposed_model,
         references=reference_module_sets,
+        layer_sensitivity=lambda wc: layer_sensitivity_input(
+            wc.approach,
+            modularization_hyperparameters(config, wc.approach, wc.dataset, wc.model),
+            wc,
+        ),
         split=rules.split_dataset.output,
     output:
         modules=f"{RESULTS}/modules/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}/modules.safetensors",
@@ -24,11 +29,12 @@ rule modularize:
             f"--reference {name}={path}"
             for name, path in zip(references_of(wc.approach), input.references)
         ),
+        layer_sensitivity=lambda wc, input: layer_sensitivity_argument(input),
         # Outside the declared outputs: Snakemake does not delete it when a killed job reruns.
         checkpoint=f"{RESULTS}/resume/modules/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.pt",
     shell:
         "dnnmod modularize --approach {wildcards.approach} --model {input.weights} "
-        "--hyperparameters {params.hyperparameters:q} {params.references} --seed {wildcards.seed} --data-root {params.data_root} "
+        "--hyperparameters {params.hyperparameters:q} {params.references} {params.layer_sensitivity} --seed {wildcards.seed} --data-root {params.data_root} "
         "--threads {threads} --checkpoint {params.checkpoint} --out {output.modules} 2> {log}"
 
 

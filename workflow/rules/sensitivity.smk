@@ -34,6 +34,12 @@ rule modularize_sensitivity:
         weights=lambda wc: sensitivity_weights(sensitivity_point(wc), wc.seed),
         st=st_model_weights,
         references=sensitivity_references,
+        # the study's model's sweep: CNNSplitter's points vary decomposition settings only
+        layer_sensitivity=lambda wc: layer_sensitivity_input(
+            wc.approach,
+            sensitivity.approach_overrides(config, sensitivity_point(wc)),
+            wc,
+        ),
         split=rules.split_dataset.output,
     output:
         modules=f"{RESULTS}/sensitivity/modules/{{dataset}}/{{model}}/{{approach}}/{{variant}}/seed{{seed}}/modules.safetensors",
@@ -57,11 +63,12 @@ rule modularize_sensitivity:
             f"--reference {name}={path}"
             for name, path in zip(sensitivity_reference_names(wc), input.references)
         ),
+        layer_sensitivity=lambda wc, input: layer_sensitivity_argument(input),
         # Outside the declared outputs: Snakemake does not delete it when a killed job reruns.
         checkpoint=f"{RESULTS}/resume/sensitivity/modules/{{dataset}}/{{model}}/{{approach}}/{{variant}}/seed{{seed}}.pt",
     shell:
         "dnnmod modularize --approach {wildcards.approach} --model {input.weights} "
-        "--hyperparameters {params.hyperparameters:q} {params.references} --seed {wildcards.seed} --data-root {params.data_root} "
+        "--hyperparameters {params.hyperparameters:q} {params.references} {params.layer_sensitivity} --seed {wildcards.seed} --data-root {params.data_root} "
         "--threads {threads} --checkpoint {params.checkpoint} --out {output.modules} "
         "--metrics {output.metrics} --st-model {input.st} 2> {log}"
 

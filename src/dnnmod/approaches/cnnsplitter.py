@@ -9,12 +9,17 @@ gene (bit) per group, 1 = keep it. Importance = the mean L1 norm of the kernel's
 over validation images of class c predicted as c with confidence >= ``confidence``
 (:func:`~dnnmod.modules.activations.activation_statistics`, ``l1``).
 
-Initial population. Layer sensitivity: each group alone keeps the top ``sensitivity_ratio``
-kernels of every module (all other layers whole); the composed validation accuracy dropping
-more than ``sensitivity_margin_pp`` below the base model's marks the layer sensitive. Per
-solution and layer a keep ratio is drawn from ``sensitive_keep_ratios`` or
-``other_keep_ratios`` and floor(groups × ratio) groups are activated, drawn without replacement
-with probability ∝ exp((groups − 1 − rank) / 10).
+Initial population. Layer sensitivity: each group alone keeps the top int(size × r) kernels
+of every module (all other layers whole; at least one) and the modules are composed on the
+validation images (:func:`layer_sensitivity`). With ``keep_ratios: listed`` only r =
+``sensitivity_ratio`` is scored, and the composed accuracy dropping more than
+``sensitivity_margin_pp`` below the base model's marks the layer sensitive; the keep ratios
+are ``sensitive_keep_ratios`` and ``other_keep_ratios`` as given. With ``keep_ratios: sweep``
+the layer sensitivity sweep of the authors' analyser (r = 0.1, ..., 1.0 for every layer; the
+workflow's ``cnnsplitter_layer_sensitivity`` step, read from ``layer_sensitivity``) gives the
+sensitive layers and both lists (:func:`keep_ratios_from_sweep`, which states the rule). Per
+solution and layer a keep ratio is drawn from its list and floor(groups × ratio) groups are
+activated, drawn without replacement with probability ∝ exp((groups − 1 − rank) / 10).
 
 Search. One population per class, bred with DEAP's operators: the ``parents`` best solutions
 (steady-state selection) are paired at random, crossed at one point, and every gene of a child
@@ -35,8 +40,10 @@ model's device and carried to the next generation (elites are not run again), an
 compositions are scored from the cached logits with tensor operations on that device.
 
 Deviations from the paper and the reference implementation, all deliberate:
-- Sensitive layers are found automatically (accuracy drop at r = ``sensitivity_ratio`` above a
-  margin); the paper inspected the r = 0.1..1.0 curves by hand.
+- Sensitive layers and keep ratios are chosen by a rule, not by hand: the authors read their
+  r = 0.1..1.0 curves and wrote each model's lists (configures/*.py). With ``keep_ratios:
+  listed`` the sensitive layers are those losing more than a margin at r =
+  ``sensitivity_ratio``; with ``sweep`` the rule of :func:`keep_ratios_from_sweep` sets both.
 - A class with no validation image predicted as itself with confidence >= ``confidence``
   falls back to its correctly predicted images, then to all its images; the basis used per
   class is recorded in the provenance (``importance_basis``). A channel group no ReLU carries
@@ -84,6 +91,7 @@ import contextlib
 import logging
 import math
 import random
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -103,7 +111,7 @@ from dnnmod.modules.inference import kept_channel_pass, run
 from dnnmod.modules.masking import KeptChannelPass
 from dnnmod.modules.metrics import PER_LAYER_KRR, layer_kernel_retention
 from dnnmod.modules.moduleset import ModuleSet
-from dnnmod.modules.structure import ModelStructure
+from dnnmod.modules.structure import ModelStructure, trace_structure
 from dnnmod.resumable import ResumableLoop
 
 DEFAULTS: dict[str, Any] = {
@@ -128,6 +136,13 @@ DEFAULTS: dict[str, Any] = {
     "sensitivity_margin_pp": 5.0,  # accuracy drop (pp) that marks a layer sensitive
     "sensitive_keep_ratios": [0.6, 0.7, 0.8],
     "other_keep_ratios": [0.4, 0.5, 0.6, 0.7],
+    # "listed": the two lists above, sensitive layers at sensitivity_ratio; "sweep": both
+    # lists and the sensitive layers from the layer sensitivity sweep (keep_ratios_from_sweep)
+    "keep_ratios": "listed",
+    # the sweep "sweep" reads: {"base_accuracy", "ratios", "accuracy": {group: [% per
+    # ratio]}}, the cnnsplitter_layer_sensitivity step's (dnnmod modularize
+    # --layer-sensitivity fills it in)
+    "layer_sensitivity": None,
     "grouping": "importance",   # ablation: "random" cuts randomly ordered kernels into groups
     "initialisation": "heuristic",  # ablation: "random" draws every gene uniformly
     "fitness_samples": None,    # validation images scored per generation (None: all)
@@ -136,6 +151,9 @@ DEFAULTS: dict[str, Any] = {
     "selection_samples": None,
 }
 GROUPINGS = ("importance", "random")
+KEEP_RATIO_SOURCES = ("listed", "sweep")
+#: the ratios the authors' analyser keeps of each layer (layer_sensitivity_analyzer.py)
+SWEEP_RATIOS = tuple(k / 10 for k in range(1, 11))
 INITIALISATIONS = ("heuristic", "random")
 
 log = logging.getLogger(__name__)
@@ -239,26 +257,112 @@ def kernel_importance(model: nn.Module, structure: ModelStructure, images, num_c
     return importance, basis
 
 
-def sensitive_layers(model: nn.Module, structure: ModelStructure, images,
-                     order: Mapping[str, torch.Tensor], hyperparameters: Mapping[str, Any],
-                     kept_pass: KeptChannelPass | None = None) -> dict[str, float]:
-    """Group → composed accuracy (%) when that layer alone keeps the top
-    ``sensitivity_ratio`` kernels of every module, all layers' compositions in one batched
-    pass (module (layer, c) masks only that layer)."""
+def layer_sensitivity(model: nn.Module, structure: ModelStructure, images,
+                      order: Mapping[str, torch.Tensor], ratios: Sequence[float],
+                      kept_pass: KeptChannelPass | GroupedKeptPass | None = None
+                      ) -> dict[str, list[float]]:
+    """Group → composed accuracy (%) at each of ``ratios`` when that layer alone keeps the top
+    int(size × ratio) kernels (at least one; the authors' rounding) of every module by its
+    class's importance ``order``, all other layers whole, the modules composed by the argmax
+    of their own-class logits (layer_sensitivity_analyzer.py). All settings run as the masks of
+    one pass (module (setting, c) masks only that setting's layer); a layer kept whole is the
+    base model, whose composition is scored once."""
     groups = structure.conv_groups
     classes = next(iter(order.values())).shape[0]
-    masks = {group.name: torch.ones(len(groups), classes, group.size, dtype=torch.bool)
+    labels = images.labels.cpu()
+    # as the search's base accuracy (search_inputs), so a layer kept whole reads the same
+    whole = 100.0 * (run(model, images).argmax(1).cpu() == labels).float().mean().item()
+    settings = [(group, max(1, int(group.size * ratio))) for group in groups for ratio in ratios]
+    pruned = [(group, kept) for group, kept in settings if kept < group.size]
+    masks = {group.name: torch.ones(len(pruned), classes, group.size, dtype=torch.bool)
              for group in groups}
-    for layer, group in enumerate(groups):
-        kept = max(1, math.ceil(hyperparameters["sensitivity_ratio"] * group.size))
-        masks[group.name][layer] = torch.zeros(classes, group.size, dtype=torch.bool).scatter_(
+    for index, (group, kept) in enumerate(pruned):
+        masks[group.name][index] = torch.zeros(classes, group.size, dtype=torch.bool).scatter_(
             1, order[group.name][:, :kept], True)
-    head = OwnLogitHead(list(range(classes)) * len(groups), classes)
-    scores = run(model, images, structure=structure, head=head, kept_pass=kept_pass,
-                 masks={name: mask.flatten(0, 1) for name, mask in masks.items()}).cpu()
-    predicted = scores.view(len(images), len(groups), classes).argmax(2)
-    correct = (predicted == images.labels.cpu()[:, None]).double().mean(0)
-    return {group.name: 100.0 * float(correct[layer]) for layer, group in enumerate(groups)}
+    accuracy = iter([])
+    if pruned:
+        head = OwnLogitHead(list(range(classes)) * len(pruned), classes)
+        scores = run(model, images, structure=structure, head=head, kept_pass=kept_pass,
+                     masks={name: mask.flatten(0, 1) for name, mask in masks.items()}).cpu()
+        predicted = scores.view(len(images), len(pruned), classes).argmax(2)
+        accuracy = iter((100.0 * (predicted == labels[:, None]).double().mean(0)).tolist())
+    sweep: dict[str, list[float]] = {group.name: [] for group in groups}
+    for group, kept in settings:
+        sweep[group.name].append(next(accuracy) if kept < group.size else whole)
+    return sweep
+
+
+def keep_ratios_from_sweep(sweep: Mapping[str, Any], groups: Sequence[str],
+                           hyperparameters: Mapping[str, Any]
+                           ) -> tuple[list[bool], list[float], list[float]]:
+    """Sensitive layers (in ``groups`` order), sensitive and other keep ratios from a layer
+    sensitivity sweep ({"base_accuracy", "ratios", "accuracy": {group: [% per ratio]}}).
+
+    The authors chose them by hand from their curves (configures/*.py; the paper gives no
+    rule). The rule here is fitted to their six published settings:
+    - a layer *tolerates* the smallest swept ratio from which on its accuracy stays within
+      ``sensitivity_margin_pp`` of the base model's (``base_accuracy``), at every larger
+      ratio too; it is *sensitive* when that ratio exceeds ``sensitivity_ratio`` (the
+      ``listed`` mode's test, read off the whole curve);
+    - the sensitive list is three swept ratios from the largest ratio a sensitive layer
+      tolerates (three in five of the authors' six settings; SimCNN on SVHN-5 has four);
+    - the other list runs from the largest ratio a non-sensitive layer tolerates up to the
+      sensitive list's first ratio, at most four ratios (the authors' other lists: two to
+      four ratios, ending at the sensitive list's first in four of six settings, one step
+      above it in SimCNN/CIFAR-10, one below in ResCNN/CIFAR-10);
+    - with no sensitive layer, the sensitive list (then unused) starts at the first swept
+      ratio above ``sensitivity_ratio``.
+    The result cannot be checked against the authors' own curves, which they did not
+    publish; it makes every layer's initial keep ratio one at which that layer alone costs
+    at most the margin, as their lists do for the layers their configures mark.
+    """
+    ratios = sorted(float(r) for r in sweep["ratios"])
+    accuracy = sweep["accuracy"]
+    floor = float(sweep["base_accuracy"]) - hyperparameters["sensitivity_margin_pp"]
+
+    def tolerated(group: str) -> float:
+        by_ratio = dict(zip(sweep["ratios"], accuracy[group], strict=True))
+        within = ratios[:]
+        for ratio in reversed(ratios):
+            if by_ratio[ratio] < floor:
+                within = [r for r in ratios if r > ratio]
+                break
+        return within[0] if within else ratios[-1]
+
+    level = {group: tolerated(group) for group in groups}
+    sensitive = [level[group] > hyperparameters["sensitivity_ratio"] + 1e-9 for group in groups]
+    others = [level[g] for g, s in zip(groups, sensitive, strict=True) if not s]
+    above = [r for r in ratios if r > hyperparameters["sensitivity_ratio"] + 1e-9]
+    start = max((level[g] for g, s in zip(groups, sensitive, strict=True) if s),
+                default=above[0] if above else ratios[-1])
+    sensitive_ratios = [r for r in ratios if r >= start][:3]
+    other_start = max(others, default=ratios[0])
+    other_ratios = [r for r in ratios if other_start <= r <= start][:4]
+    return sensitive, sensitive_ratios, other_ratios
+
+
+def checked_sweep(sweep: Any, groups: Sequence[str] | None) -> Mapping[str, Any]:
+    """``sweep`` if it is a layer sensitivity sweep (of exactly ``groups``, when given), else a
+    ConfigError naming what is wrong."""
+    where = "approaches.cnnsplitter.layer_sensitivity"
+    if sweep is None:
+        raise ConfigError(f"{where}: keep_ratios 'sweep' needs the layer sensitivity sweep of "
+                          "the same model and images (dnnmod cnnsplitter-sweep; dnnmod "
+                          "modularize --layer-sensitivity reads its output)")
+    ratios = sweep.get("ratios") if isinstance(sweep, Mapping) else None
+    accuracy = sweep.get("accuracy") if isinstance(sweep, Mapping) else None
+    if not (isinstance(ratios, list) and ratios
+            and all(isinstance(r, (int, float)) and 0 < r <= 1 for r in ratios)
+            and isinstance(sweep.get("base_accuracy"), (int, float))
+            and isinstance(accuracy, Mapping)
+            and all(isinstance(v, list) and len(v) == len(ratios) for v in accuracy.values())):
+        raise ConfigError(f"{where}: expected {{base_accuracy, ratios: [ratios in (0, 1]], "
+                          f"accuracy: {{group: [% per ratio]}}}}, got keys "
+                          f"{sorted(sweep) if isinstance(sweep, Mapping) else type(sweep)}")
+    if groups is not None and sorted(accuracy) != sorted(groups):
+        raise ConfigError(f"{where}: a sweep of groups {sorted(accuracy)[:5]}, but the model's "
+                          f"conv groups are {sorted(groups)[:5]}: another model's sweep?")
+    return sweep
 
 
 def rank_weights(count: int) -> np.ndarray:
@@ -545,6 +649,89 @@ def score_in_class_order(class_order: Sequence[int], logits: Sequence[torch.Tens
     return replace(scores, fitness=scores.fitness[place], solutions=scores.solutions[:, place])
 
 
+@dataclass
+class SearchInputs:
+    """What the search and the layer sensitivity sweep read of a model and its data."""
+
+    structure: ModelStructure
+    images: Any  # the validation images fitness scores (an ImageSet)
+    held_out: Any  # the other validation images (None without fitness_samples)
+    base_accuracy: float  # the model's accuracy (%) on ``images``
+    order: dict[str, torch.Tensor]  # group → (N, size) kernels by importance, per class
+    basis: dict[int, str]  # the images each class's importance rests on
+    kept_pass: KeptChannelPass | GroupedKeptPass | None
+
+
+def search_inputs(model: nn.Module, structure: ModelStructure, data,
+                  hyperparameters: Mapping[str, Any], seed: int) -> SearchInputs:
+    """The fitness images (``fitness_samples`` of the validation split, seeded), the base
+    accuracy on them, kernel importance order and the pass modules run by, for an eval-mode
+    ``model`` on its device and its traced ``structure``."""
+    if data.num_classes < 2:
+        raise ConfigError("cnnsplitter: needs at least two classes to compose")
+    images, held_out = data.val.sample_and_rest(hyperparameters["fitness_samples"], seed)
+    base_accuracy = 100.0 * (run(model, images).argmax(1).cpu()
+                             == images.labels.cpu()).float().mean().item()
+    importance, basis = kernel_importance(model, structure, data.val, data.num_classes,
+                                          hyperparameters["confidence"])
+    order = {name: torch.sort(value, dim=1, descending=True, stable=True).indices
+             for name, value in importance.items()}
+    kept_pass = kept_channel_pass(model, structure) or GroupedKeptPass.build(model, structure)
+    return SearchInputs(structure, images, held_out, base_accuracy, order, basis, kept_pass)
+
+
+def layer_sensitivity_sweep(model: nn.Module, base_meta: Mapping[str, Any], data,
+                            hyperparameters: Mapping[str, Any], *, seed: int,
+                            device: str = "cpu") -> dict[str, Any]:
+    """The layer sensitivity sweep of the authors' analyser (every conv group at every ratio
+    of :data:`SWEEP_RATIOS`) on the images a search with ``hyperparameters`` and ``seed``
+    scores, as the record ``keep_ratios: sweep`` reads, with what it was made from and the
+    keep ratios :func:`keep_ratios_from_sweep` derives from it at these hyperparameters."""
+    started = time.perf_counter()
+    model = model.to(device).eval()
+    structure = trace_structure(model, (1, *data.train.images.shape[1:]))
+    search = search_inputs(model, structure, data, hyperparameters, seed)
+    accuracy = layer_sensitivity(model, search.structure, search.images, search.order,
+                                 SWEEP_RATIOS, search.kept_pass)
+    sweep = {"base_accuracy": search.base_accuracy, "ratios": list(SWEEP_RATIOS),
+             "accuracy": accuracy}
+    groups = [group.name for group in search.structure.conv_groups]
+    sensitive, sensitive_ratios, other_ratios = keep_ratios_from_sweep(sweep, groups,
+                                                                       hyperparameters)
+    return {
+        "sweep": sweep,
+        "made_from": {"weights_sha256": base_meta.get("weights_sha256"), "seed": seed,
+                      "fitness_samples": hyperparameters["fitness_samples"],
+                      "confidence": hyperparameters["confidence"],
+                      "images": len(search.images)},
+        "derived": {"sensitive_layers": [g for g, s in zip(groups, sensitive, strict=True)
+                                         if s],
+                    "sensitive_keep_ratios": sensitive_ratios,
+                    "other_keep_ratios": other_ratios,
+                    "sensitivity_ratio": hyperparameters["sensitivity_ratio"],
+                    "sensitivity_margin_pp": hyperparameters["sensitivity_margin_pp"]},
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def sweep_for(record: Mapping[str, Any], base_meta: Mapping[str, Any],
+              hyperparameters: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """The sweep of a :func:`layer_sensitivity_sweep` record, checked to be of the model
+    (``base_meta``) and the images a search with ``hyperparameters`` and ``seed`` scores."""
+    made_from = record.get("made_from", {})
+    expected = {"weights_sha256": base_meta.get("weights_sha256"), "seed": seed,
+                "fitness_samples": hyperparameters["fitness_samples"],
+                "confidence": hyperparameters["confidence"]}
+    differing = {key: (made_from.get(key), value) for key, value in expected.items()
+                 if made_from.get(key) != value}
+    if differing:
+        raise ConfigError("cnnsplitter layer sensitivity sweep: made from another model or "
+                          "other images than this search scores (recorded, expected): "
+                          + ", ".join(f"{key} {got!r}, {want!r}"
+                                      for key, (got, want) in differing.items()))
+    return dict(checked_sweep(record.get("sweep"), None))
+
+
 class CNNSplitter(Approach):
     name = "cnnsplitter"
     defaults = DEFAULTS
@@ -552,7 +739,7 @@ class CNNSplitter(Approach):
     # shared definition for models without coupled convs (SimCNN), coupled convs (ResCNN's
     # residual additions) counted once per layer.
     krr_definition = PER_LAYER_KRR
-    types = {"fitness_samples": int, "selection_samples": int}
+    types = {"fitness_samples": int, "selection_samples": int, "layer_sensitivity": dict}
     contract_hyperparameters = {"population": 4, "generations": 2, "parents": 2, "elites": 1,
                                 "survivors": [4, 6], "fitness_samples": 40}
 
@@ -601,6 +788,13 @@ class CNNSplitter(Approach):
             fail("grouping", f"one of {list(GROUPINGS)}")
         if hp["initialisation"] not in INITIALISATIONS:
             fail("initialisation", f"one of {list(INITIALISATIONS)}")
+        if hp["keep_ratios"] not in KEEP_RATIO_SOURCES:
+            fail("keep_ratios", f"one of {list(KEEP_RATIO_SOURCES)}")
+        if hp["layer_sensitivity"] is not None:
+            if hp["keep_ratios"] != "sweep":
+                fail("layer_sensitivity", "null unless keep_ratios is 'sweep' (nothing else "
+                     "reads it)")
+            checked_sweep(hp["layer_sensitivity"], None)
         for key in ("fitness_samples", "selection_samples"):
             samples = hp[key]
             if samples is not None and (not isinstance(samples, int)
@@ -615,25 +809,30 @@ class CNNSplitter(Approach):
         model, base_meta, data = context.model, context.base_meta, context.data
         hp = context.hyperparameters
         structure, classes, seed = context.structure, context.classes, context.seed
-        if len(classes) < 2:
-            raise ConfigError(f"{self.name}: needs at least two classes to compose")
-        images, held_out = data.val.sample_and_rest(hp["fitness_samples"], seed)
+        search = search_inputs(model, structure, data, hp, seed)
+        images, order, held_out = search.images, search.order, search.held_out
+        kept_pass, base_accuracy = search.kept_pass, search.base_accuracy
         if held_out is not None:
             held_out = held_out.sample(hp["selection_samples"], seed)
         labels = images.labels.cpu()
-        base_scores = run(model, images).cpu()
-        base_accuracy = 100.0 * (base_scores.argmax(1) == labels).float().mean().item()
-
-        importance, basis = kernel_importance(model, structure, data.val, len(classes),
-                                              hp["confidence"])
-        order = {name: torch.sort(value, dim=1, descending=True, stable=True).indices
-                 for name, value in importance.items()}
-        kept_pass = kept_channel_pass(model, structure) or GroupedKeptPass.build(model,
-                                                                                  structure)
-        sensitivity = (sensitive_layers(model, structure, images, order, hp, kept_pass)
-                       if hp["initialisation"] == "heuristic" else {})
-        sensitive = [base_accuracy - sensitivity.get(g.name, base_accuracy)
-                     > hp["sensitivity_margin_pp"] for g in structure.conv_groups]
+        group_names = [group.name for group in structure.conv_groups]
+        keep_ratios = {"sensitive": hp["sensitive_keep_ratios"],
+                       "other": hp["other_keep_ratios"]}
+        sensitivity: dict[str, Any] = {}
+        sensitive = [False] * len(group_names)
+        if hp["initialisation"] == "heuristic" and hp["keep_ratios"] == "sweep":
+            sweep = checked_sweep(hp["layer_sensitivity"], group_names)
+            sensitive, keep_ratios["sensitive"], keep_ratios["other"] = \
+                keep_ratios_from_sweep(sweep, group_names, hp)
+            sensitivity = sweep["accuracy"]
+        elif hp["initialisation"] == "heuristic":
+            at_ratio = layer_sensitivity(model, structure, images, order,
+                                         [hp["sensitivity_ratio"]], kept_pass)
+            sensitivity = {name: values[0] for name, values in at_ratio.items()}
+            sensitive = [base_accuracy - sensitivity[name] > hp["sensitivity_margin_pp"]
+                         for name in group_names]
+        initialising = {**hp, "sensitive_keep_ratios": keep_ratios["sensitive"],
+                        "other_keep_ratios": keep_ratios["other"]}
         if hp["grouping"] == "random":
             shuffler = torch.Generator().manual_seed(seed)
             order = {g.name: torch.stack([torch.randperm(g.size, generator=shuffler)
@@ -665,7 +864,8 @@ class CNNSplitter(Approach):
             if populations is None:
                 numbers = np.random.default_rng(stream)
                 populations = torch.stack([initial_genes(layout, sensitive, hp["population"],
-                                                         hp, numbers) for _ in classes])
+                                                         initialising, numbers)
+                                           for _ in classes])
             else:
                 draws = random.Random(stream)
                 populations = torch.stack([breed(populations[c], fitness[c], layout, hp, draws,
@@ -742,8 +942,9 @@ class CNNSplitter(Approach):
             "val_accuracy": records[selected]["val_accuracy"],
             "base_val_accuracy": base_accuracy, "fitness_samples": len(images),
             "selection_samples": len(images if held_out is None else held_out),
-            "genes": layout.length, "importance_basis": {str(c): basis[c] for c in classes},
-            "layer_sensitivity": sensitivity,
+            "genes": layout.length,
+            "importance_basis": {str(c): search.basis[c] for c in classes},
+            "layer_sensitivity": sensitivity, "keep_ratios": keep_ratios,
             "sensitive_layers": [g for g, s in zip(layout.groups, sensitive, strict=True) if s],
             "logbook": records,
         }

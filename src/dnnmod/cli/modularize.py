@@ -1,6 +1,7 @@
-"""``dnnmod check-approach`` (the approach contract), ``dnnmod modularize`` and the evaluation
-of a module set: ``evaluate-modules`` (the shared metrics, E2) and ``evaluate-decomposition``
-(Pan & Rajan's Table 1)."""
+"""``dnnmod check-approach`` (the approach contract), ``dnnmod modularize``, CNNSplitter's
+layer sensitivity sweep (``cnnsplitter-sweep``, what its ``keep_ratios: sweep`` reads) and the
+evaluation of a module set: ``evaluate-modules`` (the shared metrics, E2) and
+``evaluate-decomposition`` (Pan & Rajan's Table 1)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,37 @@ def cmd_check_approach(args: argparse.Namespace) -> int:
     return check_approach_command(args.approach, Path(args.work_dir) if args.work_dir else None)
 
 
+def cmd_cnnsplitter_sweep(args: argparse.Namespace) -> None:
+    from dnnmod.approaches import get_approach
+
+    hyperparameters = get_approach("cnnsplitter").resolve(args.hyperparameters)
+    claim = select_device(args.device)
+    from dnnmod.approaches.cnnsplitter import layer_sensitivity_sweep
+    from dnnmod.artifacts import write_json
+    from dnnmod.data import load_dataset
+    from dnnmod.training.model_io import load_model
+
+    configure_torch(claim.device, args.threads)
+    model, meta = load_model(args.model, device=claim.device)
+    data = load_dataset(Path(args.data_root), meta["dataset"], meta["seed"], device=claim.device)
+    record = layer_sensitivity_sweep(model, meta, data, hyperparameters, seed=args.seed,
+                                     device=claim.device)
+    record["device"] = device_name(claim.device)
+    write_json(args.out, record)
+    log.info("cnnsplitter layer sensitivity: sensitive %s, keep ratios %s / %s (%.1f s)",
+             record["derived"]["sensitive_layers"], record["derived"]["sensitive_keep_ratios"],
+             record["derived"]["other_keep_ratios"], record["wall_seconds"])
+    claim.release()
+
+
 def cmd_modularize(args: argparse.Namespace) -> None:
     from dnnmod.approaches import get_approach, run_approach
 
     approach = get_approach(args.approach)  # fail on bad names and values before loading
     hyperparameters = approach.resolve(args.hyperparameters)
+    if args.layer_sensitivity and args.approach != "cnnsplitter":
+        raise ConfigError(f"--layer-sensitivity: only cnnsplitter reads a layer sensitivity "
+                          f"sweep, not {args.approach}")
     reference_paths = dict(args.reference)
     claim = select_device(args.device)
     from dnnmod.data import load_dataset
@@ -42,6 +69,13 @@ def cmd_modularize(args: argparse.Namespace) -> None:
 
     configure_torch(claim.device, args.threads)
     model, meta = load_model(args.model, device=claim.device)
+    if args.layer_sensitivity:
+        from dnnmod.approaches.cnnsplitter import sweep_for
+        from dnnmod.artifacts import read_json
+
+        hyperparameters = approach.resolve({
+            **args.hyperparameters, "layer_sensitivity": sweep_for(
+                read_json(args.layer_sensitivity), meta, hyperparameters, args.seed)})
     training = approach.training_for(hyperparameters)
     if meta.get("training") != training:
         raise ConfigError(f"{args.model}: a model of training kind {meta.get('training')!r}; "
@@ -141,6 +175,9 @@ def add_commands(commands: Commands) -> None:
                             metavar="APPROACH=PATH",
                             help="a module set the approach reads (random_mwt: mwt's), cut "
                                  "from the same base model; repeatable")
+    modularize.add_argument("--layer-sensitivity", metavar="PATH",
+                            help="cnnsplitter: the layer sensitivity sweep (dnnmod "
+                                 "cnnsplitter-sweep) that keep_ratios 'sweep' reads")
     modularize.add_argument("--seed", type=int, required=True)
     modularize.add_argument("--data-root", default="data")
     modularize.add_argument("--out", required=True, help="module set path (*.safetensors)")
@@ -151,6 +188,20 @@ def add_commands(commands: Commands) -> None:
     add_st_model_argument(modularize)
     modularize.add_argument("--threads", type=int, help="CPU threads for torch")
     add_device_argument(modularize)
+
+    sweep = commands.add("cnnsplitter-sweep",
+                         "CNNSplitter's layer sensitivity sweep of a trained model (each conv "
+                         "layer alone pruned to r = 0.1..1.0; the keep ratios of keep_ratios "
+                         "'sweep' derive from it)", cmd_cnnsplitter_sweep)
+    sweep.add_argument("--model", required=True, help="base model weights (*.safetensors)")
+    sweep.add_argument("--hyperparameters", type=json_arg, default={},
+                       help="JSON cnnsplitter hyperparameters of the search that reads it (its "
+                            "fitness_samples and confidence choose the images)")
+    sweep.add_argument("--seed", type=int, required=True, help="the search's seed")
+    sweep.add_argument("--data-root", default="data")
+    sweep.add_argument("--out", required=True, help="sweep JSON path")
+    sweep.add_argument("--threads", type=int, help="CPU threads for torch")
+    add_device_argument(sweep)
 
     evaluate = commands.add("evaluate-modules",
                             "shared metrics of a module set on the test split",

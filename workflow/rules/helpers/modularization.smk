@@ -27,6 +27,30 @@ def decomposed_model(wildcards):
     )
 
 
+def cnnsplitter_sweep_path(dataset, model, seed):
+    """CNNSplitter's layer sensitivity sweep of a model (cnnsplitter_layer_sensitivity)."""
+    return f"{RESULTS}/modules/{dataset}/{model}/cnnsplitter/seed{seed}/layer_sensitivity.json"
+
+
+def reads_layer_sensitivity(approach, overrides):
+    """Whether a run of ``approach`` with ``overrides`` takes its keep ratios from the sweep."""
+    if approach != "cnnsplitter":
+        return False
+    hp = get_approach(approach).resolve(overrides)
+    return hp["keep_ratios"] == "sweep" and hp["initialisation"] == "heuristic"
+
+
+def layer_sensitivity_input(approach, overrides, wildcards):
+    """The sweep a decomposition reads (CNNSplitter's keep_ratios: sweep), as a list."""
+    if not reads_layer_sensitivity(approach, overrides):
+        return []
+    return [cnnsplitter_sweep_path(wildcards.dataset, wildcards.model, wildcards.seed)]
+
+
+def layer_sensitivity_argument(input):
+    return " ".join(f"--layer-sensitivity {path}" for path in input.layer_sensitivity)
+
+
 def reference_module_sets(wildcards):
     return [
         f"{RESULTS}/modules/{wildcards.dataset}/{wildcards.model}/{name}/seed{wildcards.seed}/modules.safetensors"
