@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dnnmod.approaches.cnnsplitter import (
     DEFAULTS,
+    PAPER_MODELS,
     CNNSplitter,
     gene_layout,
     initial_genes,
@@ -66,10 +67,6 @@ from dnnmod.modules.masking import masked_logits
 from dnnmod.modules.structure import trace_structure
 
 CLASSES = 10
-#: the paper's models (GradSplitter's, and CNNSplitter's own: config/config.yaml)
-PAPER_MODELS = [("simcnn", {}), ("rescnn", {}), ("incecnn", {}),
-                ("simcnn", {"batch_norm": False, "hidden_features": 512}),
-                ("rescnn", {"batch_norm": False, "dropout": 0.4})]
 
 
 def _images(count: int) -> ImageSet:

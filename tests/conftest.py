@@ -34,6 +34,14 @@ def small_digits(digits):
 
 
 @pytest.fixture(scope="session")
+def small_simcnn(small_digits):
+    """A width-0.0625 simcnn trained one epoch on ``small_digits`` (copy it before changing it)."""
+    torch.manual_seed(0)
+    net = build_model("simcnn", small_digits.num_classes, width=0.0625)
+    return train(net, small_digits, Recipe(epochs=1, batch_size=64, lr=0.05), seed=0).model
+
+
+@pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory):
     """A project with the TINY study run to the end, once per session. Tests only read it,
     or copy it (``workflow_helpers.copy_project``) to run more on top."""

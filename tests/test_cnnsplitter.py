@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import deap.creator
@@ -28,7 +29,6 @@ from dnnmod.modules.extract import extract_module
 from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.inference import kept_channel_pass, run
 from dnnmod.modules.structure import trace_structure
-from dnnmod.training.train import Recipe, train
 
 TINY = {"population": 4, "generations": 2, "parents": 2, "elites": 1, "survivors": [4, 6],
         "fitness_samples": 40}
@@ -36,10 +36,8 @@ META = {"arch": "simcnn", "dataset": "digits", "num_classes": 10, "width": 0.062
 
 
 @pytest.fixture(scope="module")
-def model(small_digits):
-    torch.manual_seed(0)
-    net = build_model("simcnn", small_digits.num_classes, width=0.0625)
-    return train(net, small_digits, Recipe(epochs=1, batch_size=64, lr=0.05), seed=0).model
+def model(small_simcnn):
+    return copy.deepcopy(small_simcnn)
 
 
 @pytest.fixture(scope="module")

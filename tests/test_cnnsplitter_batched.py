@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dnnmod.approaches.cnnsplitter import (
+    PAPER_MODELS,
     CNNSplitter,
     gene_layout,
     initial_genes,
@@ -26,9 +27,7 @@ from dnnmod.modules.structure import trace_structure
 CLASSES = 10
 #: the paper's models: GradSplitter's (BatchNorm, folded into the convs) and CNNSplitter's own
 #: (no BatchNorm: the convs' biases are gathered)
-MODELS = [("simcnn", {}), ("rescnn", {}), ("incecnn", {}),
-          ("simcnn", {"batch_norm": False, "hidden_features": 512}),
-          ("rescnn", {"batch_norm": False, "dropout": 0.4})]
+MODELS = PAPER_MODELS
 IDS = ["simcnn", "rescnn", "incecnn", "simcnn-no-bn", "rescnn-no-bn"]
 
 

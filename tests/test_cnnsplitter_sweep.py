@@ -21,11 +21,9 @@ from dnnmod.approaches.cnnsplitter import (
 )
 from dnnmod.artifacts import read_json
 from dnnmod.errors import ConfigError
-from dnnmod.models import build_model
 from dnnmod.modules.masking import masked_logits
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.modules.structure import trace_structure
-from dnnmod.training.train import Recipe, train
 
 SEARCH = {"population": 4, "generations": 1, "parents": 2, "elites": 1, "survivors": [4, 6],
           "fitness_samples": 60}
@@ -34,10 +32,8 @@ META = {"arch": "simcnn", "dataset": "digits", "num_classes": 10, "width": 0.062
 
 
 @pytest.fixture(scope="module")
-def model(small_digits):
-    torch.manual_seed(0)
-    net = build_model("simcnn", small_digits.num_classes, width=0.0625)
-    return train(net, small_digits, Recipe(epochs=1, batch_size=64, lr=0.05), seed=0).model
+def model(small_simcnn):
+    return copy.deepcopy(small_simcnn)
 
 
 @pytest.fixture(scope="module")

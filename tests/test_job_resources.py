@@ -61,7 +61,8 @@ def test_the_most_specific_entry_wins_key_by_key():
 
 @pytest.mark.parametrize("resources, message", [
     ({"rules": {"table_cost": {"runtime": 5}}},
-     "resources.rules.table_cost: 'table_cost' is not a GPU rule; GPU rules: cnnsplitter_layer_sensitivity, compose_new_tasks"),
+     "resources.rules.table_cost: 'table_cost' is not a GPU rule; GPU rules: "
+     "cnnsplitter_layer_sensitivity, compose_new_tasks"),
     ({"models": {"alexnet": {"modularize": {"runtime": 5}}}},
      "resources.models.alexnet: no model 'alexnet' under models"),
     ({"approaches": {"cnnsplitter": {"train_base_model": {"runtime": 5}}}},

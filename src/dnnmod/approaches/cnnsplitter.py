@@ -155,6 +155,12 @@ KEEP_RATIO_SOURCES = ("listed", "sweep")
 #: the ratios the authors' analyser keeps of each layer (layer_sensitivity_analyzer.py)
 SWEEP_RATIOS = tuple(k / 10 for k in range(1, 11))
 INITIALISATIONS = ("heuristic", "random")
+#: the models (arch, options) the CNNSplitter papers decompose: GradSplitter's SimCNN, ResCNN and
+#: InceCNN (BatchNorm) and CNNSplitter's own BatchNorm-free SimCNN and ResCNN (config.yaml's
+#: cnnsplitter_simcnn and cnnsplitter_rescnn)
+PAPER_MODELS = (("simcnn", {}), ("rescnn", {}), ("incecnn", {}),
+                ("simcnn", {"batch_norm": False, "hidden_features": 512}),
+                ("rescnn", {"batch_norm": False, "dropout": 0.4}))
 
 log = logging.getLogger(__name__)
 
