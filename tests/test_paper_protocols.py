@@ -4,6 +4,7 @@ approach), KRR per paper definition, and E5's union networks reused as MwT's aut
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -15,12 +16,14 @@ from dnnmod.approaches import APPROACHES, get_approach, run_approach
 from dnnmod.approaches.mwt import MaskGenerator, gated_convs
 from dnnmod.errors import ConfigError
 from dnnmod.models import build_model
+from dnnmod.modules.extract import count_parameters, extract_module
 from dnnmod.modules.heads import OwnLogitHead
 from dnnmod.modules.metrics import (
     evaluate,
     headline_accuracy_loss,
     kernel_retention,
     layer_kernel_retention,
+    module_costs,
 )
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.modules.structure import trace_structure
@@ -84,12 +87,35 @@ def test_mwt_headline_is_the_st_model_against_the_modular_model(mwt_unit, small_
     with torch.no_grad():
         expected = 100.0 * (union(x).argmax(1) == labels).float().mean().item()
     assert result["union_accuracy"] == pytest.approx(expected)
-    assert result["union_size"] == pytest.approx(
-        sum(p.numel() for p in union.parameters()) / sum(p.numel() for p in model.parameters()))
+    # of the model without generators: the ST model's size, as MwT's authors count it
+    st_params = count_parameters(build_model("simcnn", 10, width=0.0625))
+    assert result["union_size"] == pytest.approx(count_parameters(union) / st_params)
     shared = evaluate(model, modules, small_digits.test, base_accuracy=70.0, with_costs=False)
     assert shared["accuracy_protocol"] == "composed"
     assert shared["accuracy_loss_pp"] == pytest.approx(shared["composed_loss_pp"])
     assert shared["composed_accuracy"] == pytest.approx(result["composed_accuracy"])
+
+
+def test_mwt_module_costs_leave_out_the_generators(mwt_unit, small_digits):
+    model, modules = mwt_unit
+    mwt = get_approach("mwt")
+    st_params = count_parameters(build_model("simcnn", 10, width=0.0625))
+    assert count_parameters(mwt.reuse_network(copy.deepcopy(model))) == st_params
+    assert count_parameters(model) > st_params  # the generators
+    costs = module_costs(model, modules, mwt.reuse_network)
+    for position, cost in enumerate(costs):
+        extracted = extract_module(model, modules.structure, modules.module_masks(position))
+        module = mwt.reuse_network(nn.Sequential(extracted, modules.head.for_module(position)))
+        assert not gated_convs(module)
+        assert cost["size_fraction"] == pytest.approx(count_parameters(module) / st_params)
+    result = evaluate(model, modules, small_digits.test, base_accuracy=70.0, approach=mwt,
+                      st_accuracy=72.5)
+    assert result["module_size"] == pytest.approx(
+        sum(cost["size_fraction"] for cost in costs) / len(costs))
+    assert gated_convs(model)  # measured on copies: the model keeps its generators
+    counting_generators = module_costs(model, modules)
+    assert all(counted["params"] > cost["params"]
+               for counted, cost in zip(counting_generators, costs, strict=True))
 
 
 # ------------------------------------------------------------------------ KRR per paper

@@ -30,9 +30,10 @@ positions; see :mod:`dnnmod.modules.masking`); every metric below states how it 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -196,15 +197,28 @@ def model_module_jaccard(modules: ModuleSet) -> list[float]:
     return (kept / total).tolist() if total else [1.0] * len(modules)
 
 
-def module_costs(model: nn.Module, modules: ModuleSet) -> list[dict[str, float]]:
-    """Parameters and FLOPs of each extracted module (with its head) relative to the base."""
+def deployed(network: nn.Module, reuse: Callable[[nn.Module], nn.Module] | None) -> nn.Module:
+    """``network`` as its approach deploys it: ``reuse`` (the approach's
+    :meth:`~dnnmod.approaches.base.Approach.reuse_network`, which may change its argument in
+    place) applied to a copy; ``network`` itself without ``reuse``."""
+    return network if reuse is None else reuse(copy.deepcopy(network))
+
+
+def module_costs(model: nn.Module, modules: ModuleSet,
+                 reuse: Callable[[nn.Module], nn.Module] | None = None
+                 ) -> list[dict[str, float]]:
+    """Parameters and FLOPs of each extracted module (with its head) relative to the base.
+    What ``reuse`` removes (MwT's mask generators) counts neither in a module nor in the base
+    model: MwT's modules are measured against the model without generators, the ST model's
+    size, as its authors count them."""
     input_shape = tuple(modules.structure.input_shape)
-    base_params, base_flops = count_parameters(model), count_flops(model, input_shape)
+    base = deployed(model, reuse)
+    base_params, base_flops = count_parameters(base), count_flops(base, input_shape)
     rows = []
     for position in range(len(modules)):
         extracted = extract_module(model, modules.structure, modules.module_masks(position))
         head = modules.head.for_module(position)
-        standalone = nn.Sequential(extracted, head)
+        standalone = deployed(nn.Sequential(extracted, head), reuse)
         rows.append({
             "params": count_parameters(standalone),
             "size_fraction": count_parameters(standalone) / base_params,
@@ -228,7 +242,7 @@ def union_composition(model: nn.Module, modules: ModuleSet, test, base_accuracy:
     # T's images, labelled in the network's output order
     accuracy = model_accuracy(network, test.subset(modules.classes))
     return {"union_accuracy": accuracy, "union_loss_pp": base_accuracy - accuracy,
-            "union_size": count_parameters(network) / count_parameters(model)}
+            "union_size": count_parameters(network) / count_parameters(deployed(model, reuse))}
 
 
 #: How a paper states its approach's accuracy loss (``Approach.accuracy_protocol``).
@@ -300,7 +314,8 @@ def evaluate(model: nn.Module, modules: ModuleSet, test, base_accuracy: float | 
         result.update(union_composition(model, modules, test, base_accuracy,
                                         None if approach is None else approach.reuse_network))
     if with_costs:
-        costs = module_costs(model, modules)
+        costs = module_costs(model, modules,
+                             None if approach is None else approach.reuse_network)
         result["module_size"] = sum(c["size_fraction"] for c in costs) / len(costs)
         result["flops_fraction"] = sum(c["flops_fraction"] for c in costs) / len(costs)
         for row, cost in zip(result["modules"], costs, strict=True):

@@ -302,9 +302,9 @@ def evaluate_subtasks(model: nn.Module, modules: ModuleSet, data, settings: Mapp
     else:
         st_logits = run(st_model, test)
     approach = APPROACHES.get(modules.approach)
-    costs = UnionCosts(model, modules.structure,
-                       None if approach is None else approach.reuse_network)
-    separate = module_costs(model, modules)
+    reuse = None if approach is None else approach.reuse_network
+    costs = UnionCosts(model, modules.structure, reuse)
+    separate = module_costs(model, modules, reuse)
     shared_seconds = time.perf_counter() - started
 
     classes = torch.tensor(modules.classes, device=test.labels.device)
