@@ -178,6 +178,20 @@ def test_train_command_names_a_bad_architecture(data_root, tmp_path, capsys):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_diverged_training_is_an_error_and_saves_no_model(data_root, tmp_path, capsys):
+    """A learning rate this model cannot train with turns the loss into NaN: the command fails
+    naming the epoch and the rate instead of saving a model at chance accuracy."""
+    out = tmp_path / "m" / "model.safetensors"
+    status = main(["train", "--dataset", "digits", "--arch", "simcnn", "--width", "0.0625",
+                   "--recipe", '{"epochs": 3, "batch_size": 64, "lr": 1e12}', "--seed", "0",
+                   "--data-root", str(data_root), "--device", "cpu", "--out", str(out)])
+    assert status == 2
+    message = capsys.readouterr().err
+    assert "st training diverged: epoch 1/3 ended with mean loss nan" in message
+    assert "learning rate 1e+12" in message and "lower the recipe's lr" in message
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
 def test_full_disk_is_reported_and_leaves_nothing(tmp_path, monkeypatch):
     import errno
     import os

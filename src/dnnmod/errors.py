@@ -34,3 +34,8 @@ class ArtifactError(DnnmodError):
 
 class ConfigError(DnnmodError):
     """A configuration value that is invalid for the step that reads it."""
+
+
+class TrainingDivergedError(DnnmodError):
+    """Training whose loss became NaN or infinite: a recipe (usually its learning rate) that
+    this model and dataset cannot train with."""

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dnnmod.artifacts import config_hash
-from dnnmod.errors import ConfigError
+from dnnmod.errors import ConfigError, TrainingDivergedError
 from dnnmod.hyperparameters import resolve
 from dnnmod.modules.inference import accuracy
 from dnnmod.resumable import ResumableLoop, epoch_generator
@@ -342,6 +342,13 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
         schedule.step()
         val_accuracy = accuracy(model, data.val)
         train_loss, train_accuracy, losses = sums.means()
+        if not math.isfinite(train_loss):
+            # A diverged model would otherwise be saved and decomposed at chance accuracy.
+            raise TrainingDivergedError(
+                f"{objective.name} training diverged: epoch {epoch + 1}/{recipe.epochs} ended "
+                f"with mean loss {train_loss} at learning rate {lr:g} (the recipe's lr "
+                f"{recipe.lr:g}, batch {recipe.batch_size}); lower the recipe's lr; no model "
+                f"was saved")
         record = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=train_loss,
                              train_accuracy=train_accuracy, val_accuracy=val_accuracy,
                              seconds=time.monotonic() - epoch_started, losses=losses)
