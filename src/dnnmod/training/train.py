@@ -339,8 +339,6 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
                 x, y = train_set.float_batch(order[start:start + recipe.batch_size])
                 sums.add(*trainer.step(augment(x, recipe.augmentation, generator), y, captured),
                          y)
-        schedule.step()
-        val_accuracy = accuracy(model, data.val)
         train_loss, train_accuracy, losses = sums.means()
         if not math.isfinite(train_loss):
             # A diverged model would otherwise be saved and decomposed at chance accuracy.
@@ -349,6 +347,8 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
                 f"with mean loss {train_loss} at learning rate {lr:g} (the recipe's lr "
                 f"{recipe.lr:g}, batch {recipe.batch_size}); lower the recipe's lr; no model "
                 f"was saved")
+        schedule.step()
+        val_accuracy = accuracy(model, data.val)
         record = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=train_loss,
                              train_accuracy=train_accuracy, val_accuracy=val_accuracy,
                              seconds=time.monotonic() - epoch_started, losses=losses)
