@@ -7,7 +7,10 @@ socket, a generated slurm.conf (no accounting database, no cgroups, random ports
 slurmd, one node with two fake GPUs in partition `gpu` (the shipped profile's default) and in
 partition `cpu` (for light jobs, when the study config names it). Snakemake then submits the
 DAG with `--profile workflow/profiles/slurm`, and the tests check both the study's outputs and
-where every job ran. The cluster is stopped afterwards, also when a test fails.
+where every job ran. The module's tests share one cluster, stopped afterwards, also when a
+test fails. The three slow scenarios (the study, the light jobs, the time limit) are started
+together and each test checks its own: they mostly wait on SLURM, and take 2 min 40 s side by
+side on 2 cores against 5 min 51 s one after another.
 """
 
 from __future__ import annotations
@@ -73,9 +76,10 @@ MinJobAge=3600
 KillWait=5
 ReturnToService=2
 # Trust the node line below rather than the hardware (any CI machine registers the same node).
+# Six CPUs on a 2-core host: the tests' scenarios run side by side and mostly wait.
 SlurmdParameters=config_overrides
 GresTypes=gpu
-NodeName={node} NodeAddr=127.0.0.1 CPUs=2 RealMemory=8000 Gres=gpu:2 State=UNKNOWN
+NodeName={node} NodeAddr=127.0.0.1 CPUs=6 RealMemory=8000 Gres=gpu:2 State=UNKNOWN
 PartitionName=gpu Nodes={node} Default=YES MaxTime=INFINITE State=UP
 PartitionName=cpu Nodes={node} MaxTime=INFINITE State=UP
 """
@@ -244,12 +248,13 @@ class Cluster:
                 return
 
 
-@pytest.fixture
-def slurm_cluster(tmp_path):
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """One cluster for the module's tests: each test's jobs are told apart by their ids."""
     reason = missing_requirements()
     if reason:
         pytest.skip(reason)
-    cluster = Cluster(tmp_path / "slurm")
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
         yield cluster
@@ -257,103 +262,106 @@ def slurm_cluster(tmp_path):
         cluster.stop()
 
 
-@pytest.fixture
-def project(tmp_path):
-    root = make_project(tmp_path / "project")
-    write_config(root, SLURM_TINY)
-    return root
+class SnakemakeThroughSlurm:
+    """Snakemake with the shipped SLURM profile on config/tiny.yaml of ``project``, started in
+    the background; `result()` waits for it."""
+
+    def __init__(self, cluster: Cluster, project: Path, *targets: str):
+        self.cluster = cluster
+        self.project = project
+        self.pool = project.parent / "gpu-pool"  # a pool the jobs must not use
+        self.output = project.parent / "snakemake.out"
+        # Command-line additions for the test cluster only; the shipped profile is used as is
+        # (its default partition `gpu` exists here):
+        #   squeue as status command: without slurmdbd `sacct` fails, and the plugin picks
+        #     sacct whenever the binary is installed;
+        #   a 2 s first status check instead of 40 s, so the test takes minutes, not ten;
+        #   no account: this cluster has none (and no sacctmgr to guess one from);
+        #   keep the SLURM logs of successful jobs, to check them.
+        with self.output.open("w") as out:
+            self.process = subprocess.Popen(
+                [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm",
+                 "--configfile", "config/tiny.yaml",
+                 "--slurm-status-command", "squeue",
+                 "--slurm-init-seconds-before-status-checks", "2",
+                 "--slurm-no-account", "--slurm-keep-successful-logs", *targets],
+                cwd=project, env={**cluster.env, "DNNMOD_GPU_POOL": str(self.pool)},
+                stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def result(self) -> tuple[str, dict[str, tuple[str, Path]], set[str], set[str]]:
+        """Snakemake's output, rule -> (SLURM job id, log) of the submitted jobs, and the rules
+        run as submitted jobs and as local ones."""
+        returncode = self.process.wait(timeout=900)
+        output = self.output.read_text()
+        assert returncode == 0, output[-4000:] + "\n" + self.cluster.logs()
+        submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)", output)
+        jobs = {re.search(r"/rule_(\w+)/", log).group(1): (job_id, Path(log))
+                for job_id, log in submitted}
+        ran = set(re.findall(r"^rule (\w+):$", output, flags=re.MULTILINE))
+        local = set(re.findall(r"^localrule (\w+):$", output, flags=re.MULTILINE))
+        assert set(jobs) == ran, output[-4000:]
+        assert len({job_id for job_id, _ in jobs.values()}) == len(ran)
+        return output, jobs, ran, local
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
 
-def run_through_slurm(cluster: Cluster, project: Path, env: dict[str, str], *targets: str
-                      ) -> tuple[str, dict[str, tuple[str, Path]], set[str], set[str]]:
-    """Snakemake with the shipped SLURM profile on config/tiny.yaml of ``project``; returns
-    its output, rule -> (SLURM job id, log) of the submitted jobs, and the rules run as
-    submitted jobs and as local ones."""
-    # Command-line additions for the test cluster only; the shipped profile is used as is
-    # (its default partition `gpu` exists here):
-    #   squeue as status command: without slurmdbd `sacct` fails, and the plugin picks sacct
-    #     whenever the binary is installed;
-    #   a 2 s first status check instead of 40 s, so the test takes minutes, not ten;
-    #   no account: this cluster has none (and no sacctmgr to guess one from);
-    #   keep the SLURM logs of successful jobs, to check them.
-    run = subprocess.run(
-        [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm",
-         "--configfile", "config/tiny.yaml",
-         "--slurm-status-command", "squeue",
-         "--slurm-init-seconds-before-status-checks", "2",
-         "--slurm-no-account", "--slurm-keep-successful-logs", *targets],
-        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + "\n" + cluster.logs()
-    submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)", run.stdout)
-    jobs = {re.search(r"/rule_(\w+)/", log).group(1): (job_id, Path(log))
-            for job_id, log in submitted}
-    ran = set(re.findall(r"^rule (\w+):$", run.stdout, flags=re.MULTILINE))
-    local = set(re.findall(r"^localrule (\w+):$", run.stdout, flags=re.MULTILINE))
-    assert set(jobs) == ran, run.stdout[-4000:]
-    assert len({job_id for job_id, _ in jobs.values()}) == len(ran)
-    return run.stdout, jobs, ran, local
+class TrainingPastItsTimeLimit:
+    """A training far longer than its 1-minute limit, submitted as a plain sbatch job: SLURM
+    ends it (SIGTERM, SIGKILL after KillWait), and the same script submitted again continues
+    after the last saved epoch."""
+
+    def __init__(self, cluster: Cluster, root: Path, data_root: Path):
+        self.cluster = cluster
+        self.checkpoint = root / "resume" / "model.pt"
+        self.script = root / "train.sh"
+        self.script.write_text(
+            "#!/bin/sh\n"
+            # niced: it only has to train some epochs before its limit, and yields the CPU to
+            # the jobs of the scenarios running beside it
+            f"exec nice -n 19 {BIN / 'dnnmod'} train --dataset digits --arch simcnn --width 0.0625 "
+            "--options '{}' --recipe '{\"epochs\": 100000, \"batch_size\": 64, \"lr\": 0.05}' "
+            f"--seed 0 --data-root {data_root} --threads 1 --device cpu "
+            f"--checkpoint {self.checkpoint} --out {root}/model.safetensors\n")
+        self.first_log, self.second_log = root / "first.log", root / "second.log"
+        self.started = time.monotonic()
+        self.first = self.submit(1, self.first_log)
+
+    def submit(self, limit_minutes: int, log: Path) -> str:
+        return subprocess.run(
+            ["sbatch", "--parsable", f"--time={limit_minutes}", f"--output={log}",
+             str(self.script)], env=self.cluster.env, check=True, text=True,
+            stdout=subprocess.PIPE).stdout.strip().split(";")[0]
 
 
-@pytest.mark.slow
-def test_tiny_study_runs_through_slurm(slurm_cluster, project, tmp_path):
-    env = {**slurm_cluster.env, "DNNMOD_GPU_POOL": str(tmp_path / "gpu-pool")}
-    output, jobs, ran, local = run_through_slurm(slurm_cluster, project, env)
-
-    # The study's outputs, as in a local run.
-    model = json.loads((project / "results/tiny/models/digits/simcnn/st/seed0/model.json")
-                       .read_text())
-    assert model["arch"] == "simcnn"
-    assert len(model["history"]) == SLURM_TINY["recipes"]["tiny"]["epochs"]
-    modules = project / "results/tiny/modules/digits/simcnn/gradsplitter/seed0"
-    metrics = json.loads((modules / "metrics.json").read_text())
-    assert 0 < metrics["krr"] <= 1 and len(metrics["modules"]) == 10
-    e1 = (project / "results/tiny/tables/e1_base_models.csv").read_text().splitlines()
-    e2 = (project / "results/tiny/tables/e2_modularization.csv").read_text().splitlines()
-    assert len(e1) == 2 and len(e2) == 3
-
-    # Every GPU job went through sbatch, every light job ran on this host.
-    assert ran == CORE_RULES & set(GPU_RULES), output[-4000:]
-    assert local >= (CORE_RULES - ran) | {"all"}, output[-4000:]
-    for rule, (job_id, log) in jobs.items():
-        info = slurm_cluster.job(job_id)
-        assert "JobState=COMPLETED" in info, info
-        assert "Partition=gpu" in info, info
-        assert log.is_file() and f"rule {rule}:" in log.read_text(), log
-        # `gpu: 1` became a GPU request that the node's gres satisfied; the job used the GPU
-        # that SLURM assigned, without the host's slot pool.
-        assert "gpu:1" in info, info
-        # resources.gpu_jobs of the config became the job's time limit (10 min).
-        assert "TimeLimit=00:10:00" in info, info
-    assert not (tmp_path / "gpu-pool").exists()
-
-
-@pytest.mark.slow
-def test_light_jobs_go_to_the_configured_cpu_partition(slurm_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def slow_runs(slurm_cluster, tmp_path_factory, data_root):
+    """The three slow scenarios, started together: each spends nearly all its time waiting on
+    SLURM (the plugin's status polls, which back off by 10 s per unfinished check; the
+    1-minute minimum time limit), not computing, so side by side they take about the longest
+    one's time instead of the sum of all three (5 min 51 s one after another). The node
+    declares more CPUs than the host has, so that the scenarios' 1-CPU jobs do not queue
+    behind each other; each test checks its own scenario's jobs."""
+    study = make_project(tmp_path_factory.mktemp("study") / "project")
+    write_config(study, SLURM_TINY)
     # E1 of the tiny study: the data preparation, the split and the table are light jobs,
     # submitted to partition `cpu` without a GPU; the training goes to `gpu` with one.
-    project = make_project(tmp_path / "project")
-    light = {"partition": "cpu", "runtime": 5, "mem_mb": 500}
-    write_config(project, {**SLURM_TINY, "resources": {**SLURM_TINY["resources"],
-                                                       "light": light}})
-    env = {**slurm_cluster.env, "DNNMOD_GPU_POOL": str(tmp_path / "gpu-pool")}
-    output, jobs, ran, local = run_through_slurm(
-        slurm_cluster, project, env, "results/tiny/tables/e1_base_models.csv")
-    assert ran == {"prepare_dataset", "split_dataset", "train_base_model",
-                   "table_base_models"}, output[-4000:]
-    assert not local, output[-4000:]  # nothing ran on the submitting host
-    for rule, (job_id, log) in jobs.items():
-        info = slurm_cluster.job(job_id)
-        assert "JobState=COMPLETED" in info, info
-        assert log.is_file() and f"rule {rule}:" in log.read_text(), log
-        if rule in GPU_RULES:
-            assert "Partition=gpu" in info and "gpu:1" in info, info
-            assert "TimeLimit=00:10:00" in info, info
-        else:
-            # resources.light: its partition, wall time and memory, no GPU
-            assert "Partition=cpu" in info and "gpu" not in info.replace("Partition=gpu", ""), info
-            assert "TimeLimit=00:05:00" in info and "MinMemoryNode=500M" in info, info
-    assert len((project / "results/tiny/tables/e1_base_models.csv").read_text().splitlines()) == 2
+    light = make_project(tmp_path_factory.mktemp("light") / "project")
+    write_config(light, {**SLURM_TINY, "resources": {
+        **SLURM_TINY["resources"], "light": {"partition": "cpu", "runtime": 5, "mem_mb": 500}}})
+    runs = {"training": TrainingPastItsTimeLimit(slurm_cluster, tmp_path_factory.mktemp("tl"),
+                                                 data_root),
+            "study": SnakemakeThroughSlurm(slurm_cluster, study),
+            "light": SnakemakeThroughSlurm(slurm_cluster, light,
+                                           "results/tiny/tables/e1_base_models.csv")}
+    try:
+        yield runs
+    finally:
+        for run in (runs["study"], runs["light"]):
+            run.stop()
 
 
 def wait_for_state(cluster: Cluster, job_id: str, states: tuple[str, ...],
@@ -387,6 +395,8 @@ while len(list(shared.glob("*.held"))) < 2:
 
 
 def test_two_gpu_jobs_on_one_node_both_see_gpu0_and_run_at_once(slurm_cluster, tmp_path):
+    # First in the module, on the idle cluster: the node's two GPUs must both be free.
+    assert not slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.strip()
     shared = tmp_path / "held"
     shared.mkdir()
     program = tmp_path / "hold_a_gpu.py"
@@ -411,40 +421,79 @@ def test_two_gpu_jobs_on_one_node_both_see_gpu0_and_run_at_once(slurm_cluster, t
     print(f"two GPU jobs side by side: {time.monotonic() - started:.1f} s")
 
 
-def test_a_job_killed_at_its_time_limit_resumes_from_its_checkpoint(slurm_cluster, tmp_path,
-                                                                     data_root):
-    # A training far longer than its 1-minute limit: SLURM ends it (SIGTERM, SIGKILL after
-    # KillWait), and the same command submitted again continues after the last saved epoch.
-    checkpoint = tmp_path / "resume" / "model.pt"
-    script = tmp_path / "train.sh"
-    script.write_text(
-        "#!/bin/sh\n"
-        f"exec {BIN / 'dnnmod'} train --dataset digits --arch simcnn --width 0.0625 "
-        "--options '{}' --recipe '{\"epochs\": 100000, \"batch_size\": 64, \"lr\": 0.05}' "
-        f"--seed 0 --data-root {data_root} --threads 1 --device cpu "
-        f"--checkpoint {checkpoint} --out {tmp_path}/model.safetensors\n")
+@pytest.mark.slow
+def test_tiny_study_runs_through_slurm(slurm_cluster, slow_runs):
+    run = slow_runs["study"]
+    output, jobs, ran, local = run.result()
+    project = run.project
 
-    def submit(limit_minutes: int, log: Path) -> str:
-        return subprocess.run(
-            ["sbatch", "--parsable", f"--time={limit_minutes}", f"--output={log}",
-             str(script)], env=slurm_cluster.env, check=True, text=True,
-            stdout=subprocess.PIPE).stdout.strip().split(";")[0]
+    # The study's outputs, as in a local run.
+    model = json.loads((project / "results/tiny/models/digits/simcnn/st/seed0/model.json")
+                       .read_text())
+    assert model["arch"] == "simcnn"
+    assert len(model["history"]) == SLURM_TINY["recipes"]["tiny"]["epochs"]
+    modules = project / "results/tiny/modules/digits/simcnn/gradsplitter/seed0"
+    metrics = json.loads((modules / "metrics.json").read_text())
+    assert 0 < metrics["krr"] <= 1 and len(metrics["modules"]) == 10
+    e1 = (project / "results/tiny/tables/e1_base_models.csv").read_text().splitlines()
+    e2 = (project / "results/tiny/tables/e2_modularization.csv").read_text().splitlines()
+    assert len(e1) == 2 and len(e2) == 3
 
-    started = time.monotonic()
-    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    first = submit(1, first_log)
-    info = wait_for_state(slurm_cluster, first, ("TIMEOUT", "COMPLETED", "FAILED"), 180)
+    # Every GPU job went through sbatch, every light job ran on this host.
+    assert ran == CORE_RULES & set(GPU_RULES), output[-4000:]
+    assert local >= (CORE_RULES - ran) | {"all"}, output[-4000:]
+    for rule, (job_id, log) in jobs.items():
+        info = slurm_cluster.job(job_id)
+        assert "JobState=COMPLETED" in info, info
+        assert "Partition=gpu" in info, info
+        assert log.is_file() and f"rule {rule}:" in log.read_text(), log
+        # `gpu: 1` became a GPU request that the node's gres satisfied; the job used the GPU
+        # that SLURM assigned, without the host's slot pool.
+        assert "gpu:1" in info, info
+        # resources.gpu_jobs of the config became the job's time limit (10 min).
+        assert "TimeLimit=00:10:00" in info, info
+    assert not run.pool.exists()
+
+
+@pytest.mark.slow
+def test_light_jobs_go_to_the_configured_cpu_partition(slurm_cluster, slow_runs):
+    run = slow_runs["light"]
+    output, jobs, ran, local = run.result()
+    assert ran == {"prepare_dataset", "split_dataset", "train_base_model",
+                   "table_base_models"}, output[-4000:]
+    assert not local, output[-4000:]  # nothing ran on the submitting host
+    for rule, (job_id, log) in jobs.items():
+        info = slurm_cluster.job(job_id)
+        assert "JobState=COMPLETED" in info, info
+        assert log.is_file() and f"rule {rule}:" in log.read_text(), log
+        if rule in GPU_RULES:
+            assert "Partition=gpu" in info and "gpu:1" in info, info
+            assert "TimeLimit=00:10:00" in info, info
+        else:
+            # resources.light: its partition, wall time and memory, no GPU
+            assert "Partition=cpu" in info and "gpu" not in info.replace("Partition=gpu", ""), info
+            assert "TimeLimit=00:05:00" in info and "MinMemoryNode=500M" in info, info
+    assert len((run.project / "results/tiny/tables/e1_base_models.csv").read_text()
+               .splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_a_job_killed_at_its_time_limit_resumes_from_its_checkpoint(slurm_cluster, slow_runs):
+    training = slow_runs["training"]
+    first_log, second_log = training.first_log, training.second_log
+    info = wait_for_state(slurm_cluster, training.first, ("TIMEOUT", "COMPLETED", "FAILED"), 180)
     assert "JobState=TIMEOUT" in info, info + first_log.read_text()[-2000:]
     done = [int(n) for n in re.findall(r"epoch (\d+)/100000", first_log.read_text())]
-    assert done and checkpoint.is_file(), first_log.read_text()[-2000:]
-    killed_after = time.monotonic() - started
+    assert done and training.checkpoint.is_file(), first_log.read_text()[-2000:]
+    killed_after = time.monotonic() - training.started
 
-    second = submit(5, second_log)
+    second = training.submit(5, second_log)
     deadline = time.monotonic() + 120
     resumed = None
     while time.monotonic() < deadline:
         text = second_log.read_text() if second_log.exists() else ""
-        resumed = re.search(rf"train: resuming from {checkpoint} after epoch (\d+)", text)
+        resumed = re.search(rf"train: resuming from {training.checkpoint} after epoch (\d+)",
+                            text)
         if resumed and f"epoch {int(resumed.group(1)) + 1}/100000" in text:
             break
         time.sleep(1)
@@ -455,4 +504,4 @@ def test_a_job_killed_at_its_time_limit_resumes_from_its_checkpoint(slurm_cluste
     assert int(resumed.group(1)) in (done[-1], done[-1] + 1), (done, resumed.group(0))
     assert "epoch 1/100000" not in second_log.read_text()
     print(f"killed at the time limit after {killed_after:.0f} s ({done[-1]} epochs), resumed "
-          f"and trained on; {time.monotonic() - started:.0f} s in all")
+          f"and trained on; {time.monotonic() - training.started:.0f} s in all")
