@@ -12,14 +12,18 @@ MwT-gated model (the mask generators are MwT's model, not its objective): kernel
 are no views; on a device each launches at least one kernel), views, all ops, the syncing
 ops, and each kind's kernels over standard training's.
 
-Part 2 (``--compile``): the step of MwT and MODA on the first model, eager against compiled:
-``torch.compile(trainer.backward, fullgraph=True)`` (forward, loss and backward as one graph,
-``torch._dynamo.config.trace_autograd_ops``), then the optimizer's update eager in both (the
-foreach update is a handful of multi-tensor ops; ``Optimizer.step`` breaks a compiled graph
-on purpose). Per kind, ``--repeats`` times: the median milliseconds of ``--rounds`` steps
-after the warm-up, eager and compiled alternating; printed: the medians over the repeats and
-eager over compiled. Compiling takes minutes on a small CPU. Times on a shared machine move
-by tens of percent; the counts of part 1 do not.
+Part 2 (``--compile``): the step of ST, MwT, MODA and ST on MwT's gated model, on the first
+model, eager against compiled: ``torch.compile(trainer.backward, fullgraph=True)`` (forward,
+loss and backward as one graph, ``torch._dynamo.config.trace_autograd_ops``), then the
+optimizer's update eager in both (the foreach update is a handful of multi-tensor ops;
+``Optimizer.step`` breaks a compiled graph on purpose). Per kind, ``--repeats`` times: the
+median milliseconds of ``--rounds`` steps after the warm-up, eager and compiled alternating;
+printed: the medians over the repeats and eager over compiled. Also the compiled step's kernel
+launches, what a CUDA graph of it would replay: the calls in the ``call`` function of
+inductor's generated code (its fused kernels, and the aten ops it calls rather than lowers:
+convolutions, matrix products), plus the kernels of the eager update and epoch sums.
+Compiling takes about a minute a kind on a small CPU. Times on a shared machine move by tens
+of percent; the counts do not.
 
     python benchmarks/training_step_dispatch.py
     python benchmarks/training_step_dispatch.py --models simcnn:0.125 --compile --rounds 20
@@ -28,15 +32,17 @@ by tens of percent; the counts of part 1 do not.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from collections import Counter
 from functools import partial
 
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from dnnmod.models import build_model
-from dnnmod.training.dispatch import count_training_step
+from dnnmod.training.dispatch import count_dispatched_ops, count_training_step
 from dnnmod.training.objectives import get_objective
 from dnnmod.training.train import EpochSums, Recipe, Trainer
 
@@ -81,15 +87,46 @@ def median_step_ms(step, x, y, rounds: int) -> float:
     return 1000 * statistics.median(times)
 
 
+# A kernel launch in the ``call`` function of inductor's generated wrapper: a generated (fused)
+# kernel, or an aten op it did not lower (convolutions, matrix products); allocations, views
+# (reinterpret_tensor) and shape asserts are none.
+_LAUNCH = re.compile(r"^\s+(?:[\w, ]+ = )?(cpp_fused_\w+|extern_kernels\.\w+|"
+                     r"torch\.ops\.aten\.\w+\.\w+|aten\.\w+\.\w+)\(", re.MULTILINE)
+
+
+def generated_launches(sources: list[str]) -> Counter:
+    """Kernel calls of inductor's generated code per kind: ``fused`` (its own kernels) or the
+    aten op it calls."""
+    calls = Counter()
+    for source in sources:
+        body = source[source.index("def call("):]
+        for name in _LAUNCH.findall(body):
+            calls["fused" if name.startswith("cpp_fused_") else name] += 1
+    return calls
+
+
+def eager_rest_of_step(optimizer, sums: EpochSums, result, y) -> None:
+    """What a compiled step runs eagerly after the compiled graph."""
+    optimizer.step()
+    sums.add(*result, y)
+
+
 def compiled_against_eager(arch: str, width: float, recipe: Recipe, x, y, rounds: int,
                            repeats: int) -> None:
     print(f"\n{arch} w{width}, batch {len(y)}: eager against compiled step on the CPU "
           f"({torch.get_num_threads()} threads; medians of {repeats} repeats of {rounds} steps; "
-          "times under load are noisy)")
-    print("| kind | eager ms | compiled ms | eager / compiled | compile s |")
-    print("|---|---|---|---|---|")
-    for kind in ("mwt", "moda"):
-        eager, compiled = (trainer_for(arch, width, kind, recipe) for _ in range(2))
+          "times under load are noisy). Kernels: eager, the dispatched ops that are no views "
+          "(part 1); compiled, the launches of inductor's generated code (its fused kernels and "
+          "the aten ops it calls) plus the eager optimizer update and epoch sums")
+    print("| kind | eager ms | compiled ms | eager / compiled | compile s | eager kernels | "
+          "compiled kernels (fused + aten + eager) | compiled kernels / st's |")
+    print("|---|---|---|---|---|---|---|---|")
+    launches_of = {}
+    for row, kind, gated in (("st", "st", False), ("mwt", "mwt", False),
+                             ("moda", "moda", False), ("st on mwt's model", "st", True)):
+        eager, compiled, counted = (trainer_for(arch, width, kind, recipe, gated)
+                                    for _ in range(3))
+        eager_kernels = count_training_step(counted, x, y).kernels
         backward = torch.compile(compiled.backward, fullgraph=True)
 
         def compiled_step(a, b, captured, backward=backward, optimizer=compiled.optimizer):
@@ -102,17 +139,32 @@ def compiled_against_eager(arch: str, width: float, recipe: Recipe, x, y, rounds
               torch._dynamo.config.patch(trace_autograd_ops=True)):
             compiled.step(x, y, captured)  # eager first: optimizer state, cached constants
             started = time.perf_counter()
-            compiled_step(x, y, captured)
+            result, sources = run_and_get_code(compiled_step, x, y, captured)
             compile_seconds = time.perf_counter() - started
+            graph = generated_launches(sources)
+            sums = EpochSums()
+            sums.add(*result, y)
+            eager_rest, _ = count_dispatched_ops(
+                partial(eager_rest_of_step, compiled.optimizer, sums, result, y))
             eager_ms, compiled_ms = [], []
             for _ in range(repeats):
                 eager_ms.append(median_step_ms(partial(eager.step, captured=eager_captured),
                                                x, y, rounds))
                 compiled_ms.append(median_step_ms(partial(compiled_step, captured=captured),
                                                   x, y, rounds))
+        fused = graph.pop("fused", 0)
+        aten = sum(graph.values())
+        launches = fused + aten + eager_rest.kernels
+        launches_of[row] = launches
         eager_median, compiled_median = (statistics.median(ms) for ms in (eager_ms, compiled_ms))
-        print(f"| {kind} | {eager_median:.1f} | {compiled_median:.1f} | "
-              f"{eager_median / compiled_median:.2f} | {compile_seconds:.0f} |", flush=True)
+        print(f"| {row} | {eager_median:.1f} | {compiled_median:.1f} | "
+              f"{eager_median / compiled_median:.2f} | {compile_seconds:.0f} | {eager_kernels} | "
+              f"{launches} ({fused} + {aten} + {eager_rest.kernels}) | "
+              f"{launches / launches_of['st']:.2f} |", flush=True)
+        print(f"aten ops {row}'s compiled graph calls: "
+              + ", ".join(f"{n}x {op}" for op, n in graph.most_common()), flush=True)
+    gated = launches_of["st on mwt's model"]
+    print(f"mwt over st on mwt's model, compiled: {launches_of['mwt'] / gated:.2f}x kernels")
 
 
 def main() -> None:
