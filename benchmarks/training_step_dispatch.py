@@ -59,7 +59,8 @@ def trainer_for(arch: str, width: float, kind: str, recipe: Recipe,
     return Trainer.create(model, recipe, get_objective(kind), "cpu")
 
 
-def print_counts(arch: str, width: float, recipe: Recipe, x, y) -> None:
+def print_counts(arch: str, width: float, recipe: Recipe, x, y) -> dict[str, int]:
+    """Prints part 1's table; returns each row's kernels."""
     rows = {kind: count_training_step(trainer_for(arch, width, kind, recipe), x, y)
             for kind in KINDS}
     rows["st on mwt's model"] = count_training_step(
@@ -73,6 +74,7 @@ def print_counts(arch: str, width: float, recipe: Recipe, x, y) -> None:
               f"{count.kernels / rows['st'].kernels:.2f} |")
     gated = rows["st on mwt's model"]
     print(f"mwt over st on mwt's model: {rows['mwt'].kernels / gated.kernels:.2f}x kernels")
+    return {kind: count.kernels for kind, count in rows.items()}
 
 
 def median_step_ms(step, x, y, rounds: int) -> float:
@@ -112,7 +114,8 @@ def eager_rest_of_step(optimizer, sums: EpochSums, result, y) -> None:
 
 
 def compiled_against_eager(arch: str, width: float, recipe: Recipe, x, y, rounds: int,
-                           repeats: int) -> None:
+                           repeats: int, eager_kernels: dict[str, int]) -> None:
+    """Part 2; ``eager_kernels``: part 1's kernels per row, on the same model."""
     print(f"\n{arch} w{width}, batch {len(y)}: eager against compiled step on the CPU "
           f"({torch.get_num_threads()} threads; medians of {repeats} repeats of {rounds} steps; "
           "times under load are noisy). Kernels: eager, the dispatched ops that are no views "
@@ -124,9 +127,7 @@ def compiled_against_eager(arch: str, width: float, recipe: Recipe, x, y, rounds
     launches_of = {}
     for row, kind, gated in (("st", "st", False), ("mwt", "mwt", False),
                              ("moda", "moda", False), ("st on mwt's model", "st", True)):
-        eager, compiled, counted = (trainer_for(arch, width, kind, recipe, gated)
-                                    for _ in range(3))
-        eager_kernels = count_training_step(counted, x, y).kernels
+        eager, compiled = (trainer_for(arch, width, kind, recipe, gated) for _ in range(2))
         backward = torch.compile(compiled.backward, fullgraph=True)
 
         def compiled_step(a, b, captured, backward=backward, optimizer=compiled.optimizer):
@@ -158,7 +159,8 @@ def compiled_against_eager(arch: str, width: float, recipe: Recipe, x, y, rounds
         launches_of[row] = launches
         eager_median, compiled_median = (statistics.median(ms) for ms in (eager_ms, compiled_ms))
         print(f"| {row} | {eager_median:.1f} | {compiled_median:.1f} | "
-              f"{eager_median / compiled_median:.2f} | {compile_seconds:.0f} | {eager_kernels} | "
+              f"{eager_median / compiled_median:.2f} | {compile_seconds:.0f} | "
+              f"{eager_kernels[row]} | "
               f"{launches} ({fused} + {aten} + {eager_rest.kernels}) | "
               f"{launches / launches_of['st']:.2f} |", flush=True)
         print(f"aten ops {row}'s compiled graph calls: "
@@ -188,10 +190,9 @@ def main() -> None:
     y = torch.arange(args.batch_size) % 10
     models = [(arch, float(width)) for arch, width in
               (entry.split(":") for entry in args.models)]
-    for arch, width in models:
-        print_counts(arch, width, recipe, x, y)
+    kernels = [print_counts(arch, width, recipe, x, y) for arch, width in models]
     if args.compile:
-        compiled_against_eager(*models[0], recipe, x, y, args.rounds, args.repeats)
+        compiled_against_eager(*models[0], recipe, x, y, args.rounds, args.repeats, kernels[0])
 
 
 if __name__ == "__main__":

@@ -286,7 +286,7 @@ class SnakemakeThroughSlurm:
                  "--slurm-init-seconds-before-status-checks", "2",
                  "--slurm-no-account", "--slurm-keep-successful-logs", *targets],
                 cwd=project, env={**cluster.env, "DNNMOD_GPU_POOL": str(self.pool)},
-                stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def result(self) -> tuple[str, dict[str, tuple[str, Path]], set[str], set[str]]:
         """Snakemake's output, rule -> (SLURM job id, log) of the submitted jobs, and the rules
