@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from workflow_helpers import BIN, TINY, make_project, snakemake, write_config
 
+from dnnmod.fork_server import USAGE
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.training.model_io import load_model
 
@@ -38,13 +39,17 @@ def results_of(project: Path, seed: int) -> dict:
 
 @pytest.mark.slow
 def test_same_seed_gives_identical_results_and_another_seed_does_not(tiny_study, tmp_path):
-    # TINY trains two epochs with augmentation; the session's run of it is the first run.
-    # The second is a fresh project, data preparation and splits included, run as far as the
+    # TINY trains two epochs with augmentation; the session's run of it is the first run,
+    # its jobs started by the fork server (dnnmod.fork_server). The second is a fresh project,
+    # data preparation and splits included, each job its own process, run as far as the
     # compared results for seeds 0 and 1 at once (one Snakemake run: the two seeds' chains of
     # jobs share the 2 cores).
     second = make_project(tmp_path / "b")
-    run_study(second, {**TINY, "seeds": [0, 1]}, f"{MODULES.format(seed=0)}/metrics.json",
-              f"{MODULES.format(seed=1)}/metrics.json")
+    run_study(second, {**TINY, "seeds": [0, 1], "fork_server": False},
+              f"{MODULES.format(seed=0)}/metrics.json", f"{MODULES.format(seed=1)}/metrics.json")
+    train_log = "results/tiny/logs/train/digits/simcnn/st/seed0.log"
+    assert USAGE.search((tiny_study / train_log).read_text())
+    assert not USAGE.search((second / train_log).read_text())
     assert results_of(tiny_study, 0) == results_of(second, 0)
     assert results_of(tiny_study, 0)["weights"] != results_of(second, 1)["weights"]
     assert (second / MODEL.format(seed=1)).is_file()  # the seed is part of every path

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from workflow_helpers import REPO, TINY, make_project, snakemake, write_config
+
+from dnnmod.fork_server import USAGE
 
 
 @pytest.fixture
@@ -45,6 +49,14 @@ def test_tiny_study_runs_end_to_end(tiny_study):
     # Only GradSplitter and its control: no pair of approaches a paper orders
     orderings = (project / "results/tiny/tables/e2_orderings.csv").read_text().splitlines()
     assert orderings[0].startswith("model,dataset,claim") and len(orderings) == 1
+
+    # Its jobs were started by the fork server, which the run stopped at its end.
+    server_log = (project / "results/tiny/logs/fork_server.log").read_text()
+    socket_path = re.search(r"serving at (\S+) ", server_log).group(1)
+    assert not Path(socket_path).parent.exists()
+    for log in (project / "results/tiny/logs").rglob("*.log"):
+        if log.name != "fork_server.log" and "report" not in log.parts:
+            assert USAGE.search(log.read_text()), log
 
     again = snakemake(project, "--cores", "2", "--configfile", "config/tiny.yaml")
     assert again.returncode == 0

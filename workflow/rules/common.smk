@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from dnnmod.approaches import APPROACHES
+from dnnmod import fork_server
 from dnnmod.devices import check_gpu_slots
 from dnnmod.job_resources import (
     check_resources_config,
@@ -41,6 +42,8 @@ TASKS = {**config["tasks"], **patching.weak_tasks(config)}
 os.environ.update(DNNMOD_DEVICE=config["device"])
 # Jobs without a GPU: local rules (see Snakefile), or jobs on resources.light.partition.
 LIGHT_JOB = light_rule_resources(config)
+# The fork server of this run's local jobs, once the onstart hook has started it.
+FORK_SERVER = []
 
 
 onstart:
@@ -50,6 +53,19 @@ onstart:
     check_gpu_slots(
         gpu_slots.value if gpu_slots is not None else 0, config["device"]
     )
+    # Jobs on this machine start from a process that has imported torch (dnnmod.fork_server).
+    if workflow.local_exec and config["fork_server"]:
+        FORK_SERVER.append(
+            fork_server.start_for_workflow(Path(f"{RESULTS}/logs/fork_server.log"))
+        )
+
+
+onsuccess:
+    fork_server.stop_for_workflow(FORK_SERVER.pop() if FORK_SERVER else None)
+
+
+onerror:
+    fork_server.stop_for_workflow(FORK_SERVER.pop() if FORK_SERVER else None)
 
 
 wildcard_constraints:

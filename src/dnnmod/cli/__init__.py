@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from dnnmod import fork_server
 from dnnmod.cli import data, modularize, reports, reuse, study, train
 from dnnmod.cli.common import Commands
 from dnnmod.errors import DnnmodError
@@ -38,10 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
     commands = Commands(parser.add_subparsers(dest="command", required=True), GROUPS)
     for module in COMMAND_MODULES:
         module.add_commands(commands)
+    server = commands.add("fork-server", "start workflow jobs from one process that has "
+                                         "imported torch (the workflow starts it)", cmd_fork_server)
+    server.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    server.add_argument("--parent", type=int, required=True,
+                        help="serve while this process (the Snakemake run) lives")
     return parser
 
 
+def cmd_fork_server(args: argparse.Namespace) -> int:
+    fork_server.serve(args.socket, args.parent)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and os.environ.get(fork_server.SOCKET_ENV):
+        # a job of a local workflow run: started by the fork server if one answers
+        status = fork_server.delegate(os.environ[fork_server.SOCKET_ENV], sys.argv[1:])
+        if status is not None:
+            return status
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

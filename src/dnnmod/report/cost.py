@@ -3,7 +3,9 @@
 Each rule writes ``results/<study>/benchmarks/<step>/.../<job>.tsv`` (Snakemake's columns ``s``,
 ``max_rss`` in MB, ``cpu_time`` in CPU seconds, ...) and its log at the same relative path
 under ``logs/`` with ``.log``. The device a job ran on is read from its log: a job that claimed
-a GPU says so (``dnnmod.devices``); every other job ran on the CPU.
+a GPU says so (``dnnmod.devices``); every other job ran on the CPU. A job started by the
+fork server (dnnmod.fork_server) ran in a worker outside the process tree Snakemake
+measures: the worker's own CPU time and peak memory, from its log's last line, are added.
 
 Energy follows the Green Algorithms method (Lannelongue, Grealey and Inouye, Advanced Science
 2021, also the basis of the ML CO2 Impact calculator): power drawn by the cores actually busy,
@@ -18,6 +20,7 @@ It is an estimate from nominal power draws (config ``energy``), not a measuremen
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -25,6 +28,7 @@ import pandas as pd
 
 from dnnmod.artifacts import write_json
 from dnnmod.errors import ArtifactError, ConfigError
+from dnnmod.fork_server import USAGE
 from dnnmod.hyperparameters import Range, resolve
 from dnnmod.report.figures import approach_style, pyplot, save_figure
 from dnnmod.report.tables import write_table
@@ -78,8 +82,8 @@ def energy_model(overrides: dict | None) -> dict:
 def read_benchmark(path: Path) -> dict[str, float]:
     """Wall seconds, CPU seconds and peak RSS (MB) of one job (mean over repeats).
 
-    Snakemake writes ``NA`` when a job ended before it could sample the process; such a job
-    counts as one core busy for its wall time and no memory.
+    Snakemake writes ``NA`` when a job ended before it could sample the process: CPU seconds
+    are then NaN (see ``measured_jobs``) and the peak RSS 0.
     """
     try:
         frame = pd.read_csv(path, sep="\t", na_values=["NA", "-"])
@@ -92,17 +96,21 @@ def read_benchmark(path: Path) -> dict[str, float]:
     seconds = float(frame["s"].mean())
     cpu = frame["cpu_time"].mean()
     rss = frame["max_rss"].mean()
-    return {"wall_seconds": seconds, "cpu_seconds": seconds if pd.isna(cpu) else float(cpu),
+    return {"wall_seconds": seconds, "cpu_seconds": float(cpu),
             "max_rss_mb": 0.0 if pd.isna(rss) else float(rss)}
 
 
-def job_device(log_path: Path) -> str:
-    """``cuda:<slot>`` when the job's log says it claimed a GPU, else ``cpu``."""
-    if log_path.is_file():
-        claim = GPU_CLAIM.search(log_path.read_text(errors="replace"))
-        if claim:
-            return f"cuda:{claim.group(1)}"
-    return "cpu"
+def read_job_log(log_path: Path) -> tuple[str, dict[str, float] | None]:
+    """What a job's log adds to its benchmark file: the device (``cuda:<slot>`` when the job
+    says it claimed a GPU, else ``cpu``), and the CPU seconds and peak RSS of a fork-server
+    worker, which ran the job outside the process tree Snakemake measured (the last such line;
+    none when the job ran as its own process)."""
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    claim = GPU_CLAIM.search(text)
+    workers = USAGE.findall(text)
+    usage = ({"cpu_seconds": float(workers[-1][0]), "max_rss_mb": float(workers[-1][1])}
+             if workers else None)
+    return (f"cuda:{claim.group(1)}" if claim else "cpu"), usage
 
 
 def stage_of(job: str, stages: dict[str, list[str]]) -> str:
@@ -112,18 +120,37 @@ def stage_of(job: str, stages: dict[str, list[str]]) -> str:
     return max(matches)[1] if matches else "other"
 
 
+def measured_jobs(results: Path) -> list[tuple[Path, dict[str, float], str]]:
+    """Every benchmarked job under ``results/benchmarks``: its path there (no suffix), its
+    wall seconds, CPU seconds and peak RSS (the benchmark file's, plus a fork-server worker's
+    from the log: the job's process waited while its worker ran, and both count) and device."""
+    benchmarks = results / "benchmarks"
+    jobs = []
+    for path in sorted(benchmarks.rglob("*.tsv")):
+        relative = path.relative_to(benchmarks).with_suffix("")
+        usage = read_benchmark(path)
+        device, worker = read_job_log(results / "logs" / relative.with_suffix(".log"))
+        measured = not math.isnan(usage["cpu_seconds"])
+        if worker is not None:
+            usage = {"wall_seconds": usage["wall_seconds"],
+                     "cpu_seconds": worker["cpu_seconds"] + (usage["cpu_seconds"] if measured
+                                                             else 0.0),
+                     "max_rss_mb": worker["max_rss_mb"] + usage["max_rss_mb"]}
+        elif not measured:  # ended before Snakemake sampled it: one core busy throughout
+            usage = {**usage, "cpu_seconds": usage["wall_seconds"]}
+        jobs.append((relative, usage, device))
+    return jobs
+
+
 def job_costs(results: Path, model: dict) -> pd.DataFrame:
     """One row per benchmarked job under ``results/benchmarks``: stage, device, seconds,
     energy and CO2e."""
-    benchmarks = results / "benchmarks"
-    paths = sorted(benchmarks.rglob("*.tsv"))
-    if not paths:
-        raise ArtifactError(f"{benchmarks}: no benchmark files (*.tsv); run the study first")
+    jobs = measured_jobs(results)
+    if not jobs:
+        raise ArtifactError(f"{results / 'benchmarks'}: no benchmark files (*.tsv); run the "
+                            "study first")
     rows = []
-    for path in paths:
-        relative = path.relative_to(benchmarks).with_suffix("")
-        usage = read_benchmark(path)
-        device = job_device(results / "logs" / relative.with_suffix(".log"))
+    for relative, usage, device in jobs:
         gpu_seconds = usage["wall_seconds"] if device.startswith("cuda") else 0.0
         watt_seconds = (usage["cpu_seconds"] * model["cpu_watts_per_core"]
                         + gpu_seconds * model["gpu_watts"] * model["gpu_utilisation"]

@@ -25,7 +25,7 @@ import yaml
 from dnnmod.artifacts import atomic_write
 from dnnmod.deviations import deviation_table
 from dnnmod.errors import ArtifactError
-from dnnmod.report.cost import job_device, read_benchmark
+from dnnmod.report.cost import measured_jobs
 from dnnmod.report.scorecard import controls_card, reading, scorecard
 from dnnmod.report.tables import without_empty_columns
 
@@ -141,15 +141,10 @@ def _figure(path: Path, captions: Path | None) -> str:
 
 def job_table(results: Path) -> pd.DataFrame:
     """Wall time, CPU time, peak memory and device of every benchmarked job."""
-    benchmarks = results / "benchmarks"
-    rows = []
-    for path in sorted(benchmarks.rglob("*.tsv")):
-        relative = path.relative_to(benchmarks).with_suffix("")
-        usage = read_benchmark(path)
-        rows.append({"step": relative.parts[0], "job": "/".join(relative.parts[1:]),
-                     "wall seconds": usage["wall_seconds"],
-                     "CPU seconds": usage["cpu_seconds"], "peak RSS (MB)": usage["max_rss_mb"],
-                     "device": job_device(results / "logs" / relative.with_suffix(".log"))})
+    rows = [{"step": relative.parts[0], "job": "/".join(relative.parts[1:]),
+             "wall seconds": usage["wall_seconds"], "CPU seconds": usage["cpu_seconds"],
+             "peak RSS (MB)": usage["max_rss_mb"], "device": device}
+            for relative, usage, device in measured_jobs(results)]
     return pd.DataFrame(rows, columns=["step", "job", "wall seconds", "CPU seconds",
                                        "peak RSS (MB)", "device"])
 
