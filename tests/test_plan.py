@@ -13,6 +13,7 @@ from dnnmod.cli import main
 from dnnmod.errors import ConfigError
 from dnnmod.job_resources import GPU_RULES
 from dnnmod.plan import (
+    DATA_RULES,
     QUANTITIES,
     RULE_WORK,
     PlanJob,
@@ -55,6 +56,31 @@ def test_jobs_per_rule_are_snakemakes(project, tiny_plan):
         draws = job.rule == "modularize" and job.wildcards["approach"].startswith("random_")
         assert (job.flops > 0) == (job.gpu and not draws), job
         assert job.seconds > 0 or not job.runs
+
+
+def test_a_local_runs_jobs_pay_the_fork_servers_fixed_costs(project, tiny_plan):
+    # a local run starts its jobs from the fork server; a cluster's, or a study that switches
+    # the server off, each job as its own process: the whole fixed cost
+    root, config = project
+    rates = read_rates()["cpu"]
+    cluster = make_plan(root / config, "cpu", 1, rates, root / "Snakefile", cluster=True)
+    switched_off = make_plan(root / write_config(root, {**TINY, "fork_server": False},
+                                                 "no_fork_server.yaml"),
+                             "cpu", 1, rates, root / "Snakefile")
+    assert tiny_plan.forked and not cluster.forked and not switched_off.forked
+    def by_job(plan):
+        return {(job.rule, tuple(sorted(job.wildcards.items()))): job for job in plan.jobs}
+
+    plans = [by_job(plan) for plan in (tiny_plan, cluster, switched_off)]
+    assert plans[0].keys() == plans[1].keys() == plans[2].keys()
+    for forked, own, off in ([plan[key] for plan in plans] for key in plans[0]):
+        if not own.runs:
+            continue
+        kind = ("gpu_rule" if own.gpu else "data_rule" if own.rule in DATA_RULES
+                else "report_rule")
+        saved = rates.get(f"job_s.{kind}") - rates.get(f"forked_job_s.{kind}")
+        assert own.seconds - forked.seconds == pytest.approx(saved) and saved > 0
+        assert off.seconds == own.seconds
 
 
 def test_every_gpu_rule_has_a_cost_model():

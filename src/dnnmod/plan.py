@@ -9,7 +9,9 @@ dependencies. Each job's time on a device is
 summed over its phases. FLOPs come from the model's analytic forward count
 (:func:`dnnmod.modules.extract.count_flops`) times the images, passes and epochs the rule's
 work takes (:data:`RULE_WORK`); a backward pass counts two forward passes. Rates, step costs
-and fixed costs are per device class in ``reference/device_rates.csv`` (each with its source);
+and fixed costs are per device class in ``reference/device_rates.csv`` (each with its source;
+a local run's jobs, started by the fork server of dnnmod.fork_server, pay ``forked_job_s``, a
+cluster's (``--cluster``) the whole ``job_s``);
 ``--calibrate`` measures this machine's CPU row in under a minute. A modular training kind
 (MwT, MODA) multiplies a step's cost by ``step_launches.<kind>``, its step's kernels over
 standard training's (counted on the CPU: benchmarks/training_step_dispatch.py), and its FLOPs'
@@ -47,7 +49,9 @@ from dnnmod.errors import ConfigError, DnnmodError
 
 RATES_FILE = "device_rates.csv"
 #: Quantities a device row gives, by what they measure.
-QUANTITIES = ("job_s.gpu_rule", "job_s.data_rule", "job_s.report_rule", "flops_per_s.train",
+QUANTITIES = ("job_s.gpu_rule", "job_s.data_rule", "job_s.report_rule",
+              "forked_job_s.gpu_rule", "forked_job_s.data_rule", "forked_job_s.report_rule",
+              "flops_per_s.train",
               "flops_per_s.masked", "flops_per_s.inference", "step_s.train", "step_s.masked",
               "train_slowdown.mwt", "train_slowdown.moda", "step_launches.mwt",
               "step_launches.moda")
@@ -562,13 +566,16 @@ RULE_WORK: dict[str, Callable[[PlanJob, Context], list[Phase]]] = {
 }
 
 
-def job_seconds(job: PlanJob, rates: DeviceRates) -> float:
-    """A job's time alone on one device of the rate table's class."""
+def job_seconds(job: PlanJob, rates: DeviceRates, forked: bool = False) -> float:
+    """A job's time alone on one device of the rate table's class; ``forked``: started by the
+    fork server (dnnmod.fork_server), its fixed cost without the interpreter and imports."""
     if not job.runs:
         return 0.0
+    fixed_cost = "forked_job_s" if forked else "job_s"
     if not job.gpu:
-        return rates.get("job_s.data_rule" if job.rule in DATA_RULES else "job_s.report_rule")
-    fixed = rates.get("job_s.gpu_rule")
+        return rates.get(f"{fixed_cost}.data_rule" if job.rule in DATA_RULES
+                         else f"{fixed_cost}.report_rule")
+    fixed = rates.get(f"{fixed_cost}.gpu_rule")
     # a CPU job's threads each bring a core's rate; a GPU job has one device
     threads = job.threads if rates.device == "cpu" else 1
     seconds = fixed
@@ -660,6 +667,7 @@ class Plan:
     jobs: list[PlanJob]
     wall_seconds: float
     critical_seconds: float
+    forked: bool  # jobs started by the fork server (a local run), not each its own process
 
     def device_hours(self, job: PlanJob) -> float:
         """What a job holds of the devices, in hours: a CPU study's jobs their threads' cores,
@@ -688,10 +696,13 @@ class Plan:
 
 
 def make_plan(configfile: Path, device: str, devices: int, rates: DeviceRates,
-              snakefile: Path = Path("Snakefile")) -> Plan:
+              snakefile: Path = Path("Snakefile"), cluster: bool = False) -> Plan:
+    """The plan of a local run (jobs started by the fork server unless the config switches it
+    off), or with ``cluster`` of a cluster run (each job its own process)."""
     if devices < 1:
         raise ConfigError(f"plan: --devices must be at least 1; got {devices}")
     study = workflow_jobs(configfile, snakefile)
+    forked = not cluster and study.config.get("fork_server", True)
     context = Context(study, Sizes(study))
     for job in study.jobs:
         if job.gpu and job.rule not in RULE_WORK:
@@ -699,10 +710,10 @@ def make_plan(configfile: Path, device: str, devices: int, rates: DeviceRates,
                               "(dnnmod.plan.RULE_WORK)")
         job.phases = RULE_WORK[job.rule](job, context) if job.gpu else []
         job.flops = sum(phase.device_flops(device) for phase in job.phases)
-        job.seconds = job_seconds(job, rates)
+        job.seconds = job_seconds(job, rates, forked)
     cpu_study = device == "cpu"
     return Plan(device, devices, study.jobs, wall_time(study.jobs, devices, cpu_study),
-                critical_path(study.jobs))
+                critical_path(study.jobs), forked)
 
 
 def _duration(seconds: float) -> str:
@@ -723,7 +734,9 @@ def format_plan(plan: Plan, configfile: Path) -> str:
     stages = plan.stages()
     total_hours = sum(plan.device_hours(job) for job in plan.jobs)
     unit = "core-h" if plan.device == "cpu" else f"{plan.device}-h"
-    lines = [f"plan of {configfile} on {plan.devices} x {plan.device}",
+    lines = [f"plan of {configfile} on {plan.devices} x {plan.device}, "
+             + ("jobs started by the fork server" if plan.forked
+                else "each job its own process"),
              f"{'stage (rule)':<28} {'jobs':>6} {'device':>6} {'FLOP':>10} {unit:>10}"]
     shown = {row["rule"] for row in stages if row["approach"] is None
              and row["device_hours"] >= 0.05 * total_hours}
@@ -834,31 +847,49 @@ def _kernel_rates() -> dict[str, float]:
 
 def _job_costs() -> dict[str, float]:
     """Fixed costs of the three kinds of job, each timed as a real ``dnnmod`` process on tiny
-    inputs: splitting digits (data jobs), one epoch of a width-1/16 simcnn (a
-    GPU rule's job: its own work is a fraction of a second) and the E1 table (report jobs)."""
+    inputs, as its own process and started by a fork server: splitting digits (data jobs), one
+    epoch of a width-1/16 simcnn (a GPU rule's job: its own work is a fraction of a second) and
+    the E1 table (report jobs)."""
     import tempfile
 
-    def dnnmod(*args: str) -> float:  # the faster of two runs
+    from dnnmod import fork_server
+
+    command = [sys.executable, "-m", "dnnmod.cli"]
+    own = {key: value for key, value in os.environ.items() if key != fork_server.SOCKET_ENV}
+
+    def dnnmod(*args: str, environment: dict[str, str] = own) -> float:  # the faster of two
         times = []
         for _ in range(2):
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "dnnmod.cli", *args], cwd=folder,
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run([*command, *args], cwd=folder, env=environment, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             times.append(time.perf_counter() - started)
         return min(times)
 
+    costs = {}
     with tempfile.TemporaryDirectory() as folder:
-        subprocess.run([sys.executable, "-m", "dnnmod.cli", "data", "prepare", "--dataset",
-                        "digits", "--root", "data"], cwd=folder, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        data = dnnmod("data", "split", "--dataset", "digits", "--root", "data", "--seed", "0")
-        gpu_rule = dnnmod("train", "--dataset", "digits", "--arch", "simcnn", "--width",
-                          "0.0625", "--recipe", json.dumps(TINY_RECIPE), "--seed", "0",
-                          "--data-root", "data", "--device", "cpu", "--threads", "1",
-                          "--out", "model.safetensors")
-        report = dnnmod("table", "base-models", "--models", "model.safetensors", "--out",
-                        "e1.csv")
-    return {"job_s.data_rule": data, "job_s.gpu_rule": gpu_rule, "job_s.report_rule": report}
+        dnnmod("data", "prepare", "--dataset", "digits", "--root", "data")
+        server = fork_server.start_for_workflow(Path(folder) / "fork_server.log",
+                                                command=command)
+        if server is None:
+            raise DnnmodError(f"plan: could not start a fork server ({command})")
+        forked = {**own, fork_server.SOCKET_ENV: os.environ[fork_server.SOCKET_ENV]}
+        try:
+            for prefix, environment in (("job_s", own), ("forked_job_s", forked)):
+                costs[f"{prefix}.data_rule"] = dnnmod(
+                    "data", "split", "--dataset", "digits", "--root", "data", "--seed", "0",
+                    environment=environment)
+                costs[f"{prefix}.gpu_rule"] = dnnmod(
+                    "train", "--dataset", "digits", "--arch", "simcnn", "--width", "0.0625",
+                    "--recipe", json.dumps(TINY_RECIPE), "--seed", "0", "--data-root", "data",
+                    "--device", "cpu", "--threads", "1", "--out", "model.safetensors",
+                    environment=environment)
+                costs[f"{prefix}.report_rule"] = dnnmod(
+                    "table", "base-models", "--models", "model.safetensors", "--out", "e1.csv",
+                    environment=environment)
+        finally:
+            fork_server.stop_for_workflow(server)
+    return costs
 
 
 def calibrate() -> dict[str, float]:
@@ -884,5 +915,5 @@ def cmd_plan(args) -> None:
               + ", ".join(f"{q} {v:.3g}" for q, v in sorted(measured.items())))
         rates = rates.replace(measured, "dnnmod plan --calibrate")
     plan = make_plan(Path(args.config), args.device_kind, args.devices, rates,
-                     Path(args.snakefile))
+                     Path(args.snakefile), cluster=args.cluster)
     print(format_plan(plan, Path(args.config)))

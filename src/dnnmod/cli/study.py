@@ -57,4 +57,8 @@ def add_commands(commands: Commands) -> None:
     plan.add_argument("--calibrate", action="store_true",
                       help="measure this machine's CPU rates first (under a minute)")
     plan.add_argument("--rates", help="a rate table CSV instead of the package's")
+    plan.add_argument("--cluster", action="store_true",
+                      help="plan a cluster run: each job its own process (a local run starts "
+                           "its jobs from the fork server unless the config says fork_server: "
+                           "false)")
     plan.add_argument("--snakefile", default="Snakefile", help="the workflow's Snakefile")
