@@ -55,7 +55,7 @@ def test_tiny_study_runs_end_to_end(tiny_study):
     socket_path = re.search(r"serving at (\S+) ", server_log).group(1)
     assert not Path(socket_path).parent.exists()
     for log in (project / "results/tiny/logs").rglob("*.log"):
-        if log.name != "fork_server.log" and "report" not in log.parts:
+        if log.name != "fork_server.log":
             assert USAGE.search(log.read_text()), log
 
     again = snakemake(project, "--cores", "2", "--configfile", "config/tiny.yaml")
