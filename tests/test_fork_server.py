@@ -38,13 +38,13 @@ def server(tmp_path_factory):
     assert not os.path.exists(os.path.dirname(path))
 
 
-def run(*args: str, socket_path: str | None, cwd: Path | None = None,
+def run(*args: str, socket_path: str | None, cwd: Path | None = None, umask: int = -1,
         **env: str) -> subprocess.CompletedProcess:
     environment = {key: value for key, value in os.environ.items()
                    if key != fork_server.SOCKET_ENV}
     if socket_path:
         environment[fork_server.SOCKET_ENV] = socket_path
-    return subprocess.run([DNNMOD, *args], cwd=cwd, env={**environment, **env},
+    return subprocess.run([DNNMOD, *args], cwd=cwd, env={**environment, **env}, umask=umask,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -65,10 +65,12 @@ def test_a_started_job_prints_and_exits_as_its_own_process_would(server, args):
 
 def test_a_started_job_has_the_jobs_directory_and_environment(server, tmp_path):
     started = run("data", "prepare", "--dataset", "digits", "--root", "data",
-                  socket_path=server, cwd=tmp_path)
+                  socket_path=server, cwd=tmp_path, umask=0o077)
     assert started.returncode == 0, started.stderr
     assert worker_usage(started.stderr)
-    assert (tmp_path / "data/digits").is_dir()  # relative to the job's directory
+    written = [path for path in (tmp_path / "data/digits").rglob("*") if path.is_file()]
+    assert written  # relative to the job's directory, with the job's umask
+    assert all(path.stat().st_mode & 0o077 == 0 for path in written)
 
     # the job's environment: DNNMOD_DEBUG turns a one-line error into a traceback
     quiet = run("data", "prepare", "--dataset", "nope", "--root", "data", socket_path=server,
@@ -88,6 +90,25 @@ def test_without_a_fitting_server_a_job_runs_itself(server, tmp_path):
     other = run("list", "models", socket_path=server, PYTHONPATH=str(tmp_path / "src"))
     assert other.returncode == 0 and "simcnn" in other.stdout
     assert not worker_usage(other.stderr)
+
+
+def test_a_job_runs_itself_once_dnnmods_source_changed_since_the_server_started(tmp_path):
+    # the code a fresh process would import, not the server's: an edit during a run counts
+    shutil.copytree(REPO / "src/dnnmod", tmp_path / "src/dnnmod")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+        patch.setenv("PYTHONPATH", str(tmp_path / "src"))
+        process = fork_server.start_for_workflow(tmp_path / "log")
+        path = os.environ[fork_server.SOCKET_ENV]
+        try:
+            before = run("list", "models", socket_path=path)
+            with (tmp_path / "src/dnnmod/cli/data.py").open("a") as source:
+                source.write("\n# edited during the run\n")
+            after = run("list", "models", socket_path=path)
+        finally:
+            fork_server.stop_for_workflow(process)
+    assert worker_usage(before.stderr) and not worker_usage(after.stderr)
+    assert after.returncode == 0 and after.stdout == before.stdout
 
 
 def test_a_worker_takes_the_thread_counts_of_its_jobs_environment(monkeypatch):

@@ -33,7 +33,7 @@ from dnnmod.errors import DnnmodError
 log = logging.getLogger(__name__)
 
 POOL_ENV = "DNNMOD_GPU_POOL"
-DEFAULT_POOL_DIR = Path(os.environ.get(POOL_ENV, "/tmp/dnnmod-gpu-pool"))
+DEFAULT_POOL_DIR = Path("/tmp/dnnmod-gpu-pool")
 # Every user claims slots in the same pool: the directory is like /tmp (anyone may add a lock
 # file, nobody may remove another's), the lock files are writable by all.
 POOL_DIR_MODE = 0o1777
@@ -170,7 +170,13 @@ def _try_lock(path: Path) -> IO | None:
     return handle
 
 
-def claim_gpu_slot(gpu_ids: list[str], pool_dir: Path = DEFAULT_POOL_DIR,
+def pool_directory() -> Path:
+    """The pool of this job: ``$DNNMOD_GPU_POOL``, else ``DEFAULT_POOL_DIR``. Read when a job
+    claims a slot, not at import (a fork-server worker imported this in the server)."""
+    return Path(os.environ.get(POOL_ENV, DEFAULT_POOL_DIR))
+
+
+def claim_gpu_slot(gpu_ids: list[str], pool_dir: Path | None = None,
                    wait_seconds: float | None = None, poll_seconds: float = 0.5) -> DeviceClaim:
     """Hold the lock of one free device among ``gpu_ids``, waiting while all are taken.
 
@@ -180,6 +186,7 @@ def claim_gpu_slot(gpu_ids: list[str], pool_dir: Path = DEFAULT_POOL_DIR,
     """
     if not gpu_ids:
         raise DnnmodError("claim_gpu_slot: no GPU ids to choose from")
+    pool_dir = pool_dir or pool_directory()
     _prepare_pool(pool_dir)
     deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
     announced = False
@@ -255,7 +262,7 @@ def check_gpu_slots(slots: int | None, device: str) -> None:
     )
 
 
-def select_device(request: str = "auto", pool_dir: Path = DEFAULT_POOL_DIR) -> DeviceClaim:
+def select_device(request: str = "auto", pool_dir: Path | None = None) -> DeviceClaim:
     """Resolve ``auto``/``cpu``/``cuda`` to a device, claiming a GPU slot when one is used.
 
     ``auto`` takes a free GPU if any is visible, else the CPU with a log line saying so;
@@ -281,6 +288,7 @@ def select_device(request: str = "auto", pool_dir: Path = DEFAULT_POOL_DIR) -> D
         claim = DeviceClaim(device="cuda:0", physical_id=assigned[0])
         origin = f"assigned by SLURM job {os.environ['SLURM_JOB_ID']}"
     else:
+        pool_dir = pool_dir or pool_directory()
         claim = claim_gpu_slot(gpu_ids, pool_dir)
         origin = f"from the pool in {pool_dir}"
     os.environ["CUDA_VISIBLE_DEVICES"] = claim.physical_id

@@ -14,21 +14,28 @@ command as the job's process would have and sends back its exit status. The job'
 forwards signals to the worker (a killed job kills its worker) and exits with the worker's
 status; a worker whose job process dies kills itself.
 
-What stays the same: the command, its inputs, environment, working directory, output files and
-logs; so the results are the same bits (docs/results/fork_server.md: the demo, with and without).
+What stays the same: the command, its inputs, environment, working directory, umask, output
+files and logs, the thread counts Snakemake sets for the rule, fresh random states; so the
+results are the same bits (docs/results/fork_server.md: the demo, with and without). Not
+carried over: resource limits (``ulimit``) and the signals other than SIGTERM, SIGINT and
+SIGHUP (a job stopped with Ctrl-Z leaves its worker running).
 What differs: the worker is the server's child, not the job's, so Snakemake's benchmark files
 measure only the waiting job process. The worker therefore writes its own CPU time and peak
 memory as the last line of its log (``USAGE``), and E8's cost table adds them
-(dnnmod.report.cost).
+(dnnmod.report.cost). A worker killed outright (SIGKILL, the OOM killer) leaves its job to exit
+with status 1 and a line saying so, where a fresh process would die of the signal.
 
-A job falls back to running itself, silently, when there is no server at the socket, or the
-server runs another Python or another copy of dnnmod (a rule run in its own conda
-environment). Cluster jobs never use it: the hook starts no server unless jobs run locally.
+A job falls back to running itself, silently, when no server answers within STARTED_TIMEOUT,
+or the server differs from what the job's own process would be: another Python or copy of
+dnnmod (a rule run in its own conda environment), dnnmod's source files changed since the server
+started, another import path or other PYTHON* variables. Cluster jobs never use it: the hook
+starts no server unless jobs run locally.
 Switch it off with ``fork_server: false`` in the study config.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import importlib
@@ -53,21 +60,34 @@ from typing import Any
 #: The environment variable that names the server's socket, set for the jobs of a local run.
 SOCKET_ENV = "DNNMOD_FORK_SERVER"
 #: The worker's resource line at the end of its log (read by dnnmod.report.cost).
-USAGE = re.compile(r"^dnnmod fork-server worker: cpu_seconds=([0-9.]+) max_rss_mb=([0-9.]+)$",
+#: Not anchored at a line's start: a job's standard error may end without a newline.
+USAGE = re.compile(r"dnnmod fork-server worker: cpu_seconds=([0-9.]+) max_rss_mb=([0-9.]+)$",
                    re.MULTILINE)
 #: Libraries the jobs import inside functions (dnnmod's own modules are all imported).
 PRELOAD_LIBRARIES = ("safetensors.torch", "scipy.io", "sklearn.datasets",
                      "sklearn.model_selection", "threadpoolctl", "torch_pruning")
+FOLDER_PREFIX = "dnnmod-fork-"  # of the private folder of a workflow's server socket
+#: Seconds a job waits for its worker to start before it runs itself (a stopped server).
+STARTED_TIMEOUT = 30.0
 _HEADER = struct.Struct("!I")  # the length of a request's JSON
 _STREAMS = (0, 1, 2)
 
 
-def _identity() -> dict[str, str]:
-    """What must match between a job's process and the server: the Python and the dnnmod."""
+def _identity() -> dict[str, Any]:
+    """What must match between a job's process and the server, or the job runs itself: the
+    Python, the copy of dnnmod and the state of its source files (edited during a run, they are
+    what a fresh process would import), the import path and the interpreter's variables
+    (PYTHON*), all of which a process takes in when it starts."""
     import dnnmod
 
-    return {"executable": os.path.realpath(sys.executable),
-            "source": os.path.realpath(dnnmod.__file__)}
+    package = Path(dnnmod.__file__).resolve().parent
+    files = [entry.stat() for entry in package.rglob("*.py")]
+    return {"executable": os.path.realpath(sys.executable), "source": str(package),
+            "source_state": [len(files), max(stat.st_mtime_ns for stat in files),
+                             sum(stat.st_size for stat in files)],
+            "path": sys.path[1:],  # [0] is the script's folder or the working directory
+            "python_variables": {key: value for key, value in os.environ.items()
+                                 if key.startswith("PYTHON")}}
 
 
 # ---------------------------------------------------------------------------- the job's side
@@ -78,19 +98,23 @@ def delegate(path: str, argv: list[str]) -> int | None:
     try:
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         client.connect(path)
-    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                              "umask": umask, **_identity()}).encode()
+    except OSError:  # no server; or no working directory, which the job reports itself
         return None
     with client:
-        request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
-                              **_identity()}).encode()
         try:
             socket.send_fds(client, [_HEADER.pack(len(request)) + request], list(_STREAMS))
-        except OSError:
+            client.settimeout(STARTED_TIMEOUT)
+            replies = client.makefile("rb")
+            started = _read_reply(replies)
+            client.settimeout(None)
+        except OSError:  # gone, or stuck: a worker that starts later finds the job gone
             return None
-        replies = client.makefile("rb")
-        started = _read_reply(replies)
         if started is None or "pid" not in started:
-            return None  # refused (another Python or dnnmod) or gone: run here
+            return None  # refused (another Python, dnnmod or import path) or gone: run here
         worker, received = started["pid"], []
 
         def forward(signum: int, _frame: Any) -> None:
@@ -137,6 +161,8 @@ def serve(path: str, parent: int) -> None:
 
     started = time.perf_counter()
     preload()
+    if torch.cuda.is_initialized():  # a forked worker cannot use its parent's CUDA
+        raise RuntimeError("CUDA was initialised while importing; the fork server cannot serve")
     identity, threads = _identity(), torch.get_num_threads()
     # Workers share the server's memory until they write to it; a garbage collection in a
     # worker would touch (and so copy) every object the imports made. Frozen, it skips them.
@@ -148,19 +174,24 @@ def serve(path: str, parent: int) -> None:
     listener.settimeout(1.0)  # to notice a dead parent and reap workers
     print(f"dnnmod fork-server: serving at {path} (pid {os.getpid()}); its imports took "
           f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    while os.getppid() == parent:
-        _reap()
-        try:
-            connection, _ = listener.accept()
-        except TimeoutError:
-            continue
-        connection.settimeout(None)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if os.fork() == 0:
-            listener.close()
-            _work(connection, identity, threads)  # never returns
-        connection.close()
+    try:
+        while os.getppid() == parent:
+            _reap()
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connection.settimeout(None)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if os.fork() == 0:
+                listener.close()
+                _work(connection, identity, threads)  # never returns
+            connection.close()
+    finally:  # the workflow's hooks remove the folder; a killed Snakemake runs none
+        os.unlink(path)
+        if os.path.basename(os.path.dirname(path)).startswith(FOLDER_PREFIX):
+            os.rmdir(os.path.dirname(path))
 
 
 def _reap() -> None:
@@ -205,9 +236,11 @@ def _work(connection: socket.socket, identity: dict[str, str], server_threads: i
             os.dup2(fd, target)
             os.close(fd)
         os.chdir(request["cwd"])
+        os.umask(request["umask"])
         os.environ.clear()
         os.environ.update(request["env"])
         _apply_thread_limits(server_threads)
+        _reseed()
         sys.argv = ["dnnmod", *request["argv"]]
         _send(connection, {"pid": os.getpid()})
         threading.Thread(target=_die_with_job, args=(connection,), daemon=True).start()
@@ -239,6 +272,16 @@ def _apply_thread_limits(server_threads: int) -> None:
         threadpool_limits(limits=int(blas), user_api="blas")
 
 
+def _reseed() -> None:
+    """Fresh random states, as a fresh process starts with (Python's ``random`` reseeds itself
+    after a fork); dnnmod seeds what it draws, so only unseeded draws see the difference."""
+    import numpy
+    import torch
+
+    torch.seed()
+    numpy.random.seed()
+
+
 def _die_with_job(connection: socket.socket) -> None:
     """The job's process sends nothing after its request: end of stream means it died."""
     try:
@@ -268,15 +311,23 @@ def _run(argv: list[str]) -> int:
     except KeyboardInterrupt:
         # as Python does: die of SIGINT, so that the job's process reports it
         traceback.print_exc()
-        sys.stderr.flush()
+        _shut_down()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         raise
     except BaseException:  # noqa: BLE001 - an uncaught error: the traceback and status 1
         traceback.print_exc()
         status = 1
-    logging.shutdown()
+    _shut_down()
     return status
+
+
+def _shut_down() -> None:
+    """What a fresh process does when it ends: the exit handlers (logging's flush among them),
+    then its standard streams flushed."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 def _report_usage() -> None:
@@ -303,7 +354,7 @@ def start_for_workflow(log: Path, *, command: list[str] | None = None,
         if executable is None:
             return None
         command = [executable]
-    folder = tempfile.mkdtemp(prefix="dnnmod-fork-")  # private (0700): one user's jobs only
+    folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)  # private (0700): one user's jobs only
     path = os.path.join(folder, "socket")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as output:
