@@ -6,15 +6,16 @@ by input print one line naming the problem and exit with status 2.
 
 from __future__ import annotations
 
-import argparse
-import logging
+import importlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from dnnmod import fork_server
-from dnnmod.cli import data, modularize, reports, reuse, study, train
-from dnnmod.cli.common import Commands
 from dnnmod.errors import DnnmodError
+
+if TYPE_CHECKING:
+    import argparse
 
 #: The command groups and their help (``dnnmod GROUP VERB``); the modules below add the verbs.
 GROUPS = {
@@ -27,18 +28,23 @@ GROUPS = {
     "curves": "training-curve figures from recorded runs",
     "report": "build the study report",
 }
-#: The modules that add commands, in the order ``dnnmod --help`` lists them.
-COMMAND_MODULES = (data, study, train, modularize, reuse, reports)
+#: The modules that add commands, in the order ``dnnmod --help`` lists them. Imported when the
+#: parser is built: a job that the fork server starts only hands its arguments on.
+COMMAND_MODULES = ("data", "study", "train", "modularize", "reuse", "reports")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from dnnmod.cli.common import Commands
+
     parser = argparse.ArgumentParser(prog="dnnmod", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also: DNNMOD_DEBUG=1)")
     commands = Commands(parser.add_subparsers(dest="command", required=True), GROUPS)
-    for module in COMMAND_MODULES:
-        module.add_commands(commands)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"dnnmod.cli.{name}").add_commands(commands)
     server = commands.add("fork-server", "start workflow jobs from one process that has "
                                          "imported torch (the workflow starts it)", cmd_fork_server)
     server.add_argument("--socket", required=True, help="Unix socket path to listen on")
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         status = fork_server.delegate(os.environ[fork_server.SOCKET_ENV], sys.argv[1:])
         if status is not None:
             return status
+    import logging
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
