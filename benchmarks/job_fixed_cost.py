@@ -106,19 +106,14 @@ def main() -> None:
             variants["baseline"] = {"PYTHONPATH": str(Path(args.baseline_src).resolve())}
         if args.fork_server:
             os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-            server = fork_server.start_for_workflow(Path(folder) / "fork_server.log")
+            server = fork_server.start(Path(folder) / "fork_server.log")
             if server is None:
                 sys.exit("could not start the fork server (see its log)")
-            # only the fork-server variant's jobs are pointed at it
-            variants["fork server"] = {fork_server.SOCKET_ENV:
-                                       os.environ.pop(fork_server.SOCKET_ENV)}
+            variants["fork server"] = {fork_server.SOCKET_ENV: server.socket}
         try:
             time_jobs(Path(folder), variants, args.runs)
         finally:
-            if server is not None:
-                os.environ[fork_server.SOCKET_ENV] = variants["fork server"][
-                    fork_server.SOCKET_ENV]
-                fork_server.stop_for_workflow(server)
+            fork_server.stop(server)
 
 
 def time_jobs(folder: Path, variants: dict[str, dict[str, str]], runs: int) -> None:

@@ -27,15 +27,14 @@ def server(tmp_path_factory):
     """A server started as the workflow's onstart hook starts it; the socket path."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
-        process = fork_server.start_for_workflow(tmp_path_factory.mktemp("server") / "log")
-        assert process is not None
-        path = os.environ[fork_server.SOCKET_ENV]
+        server = fork_server.start_for_workflow(tmp_path_factory.mktemp("server") / "log")
+        assert server is not None and os.environ[fork_server.SOCKET_ENV] == server.socket
         try:
-            yield path
+            yield server.socket
         finally:
-            fork_server.stop_for_workflow(process)
+            fork_server.stop_for_workflow(server)
     assert fork_server.SOCKET_ENV not in os.environ
-    assert not os.path.exists(os.path.dirname(path))
+    assert not os.path.exists(os.path.dirname(server.socket))
 
 
 def run(*args: str, socket_path: str | None, cwd: Path | None = None, umask: int = -1,
@@ -98,15 +97,14 @@ def test_a_job_runs_itself_once_dnnmods_source_changed_since_the_server_started(
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
         patch.setenv("PYTHONPATH", str(tmp_path / "src"))
-        process = fork_server.start_for_workflow(tmp_path / "log")
-        path = os.environ[fork_server.SOCKET_ENV]
+        server = fork_server.start(tmp_path / "log")
         try:
-            before = run("list", "models", socket_path=path)
+            before = run("list", "models", socket_path=server.socket)
             with (tmp_path / "src/dnnmod/cli/data.py").open("a") as source:
                 source.write("\n# edited during the run\n")
-            after = run("list", "models", socket_path=path)
+            after = run("list", "models", socket_path=server.socket)
         finally:
-            fork_server.stop_for_workflow(process)
+            fork_server.stop(server)
     assert worker_usage(before.stderr) and not worker_usage(after.stderr)
     assert after.returncode == 0 and after.stdout == before.stdout
 

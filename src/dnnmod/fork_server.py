@@ -54,6 +54,7 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -336,19 +337,26 @@ def _report_usage() -> None:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = sum(usage.ru_utime + usage.ru_stime for usage in (own, children))
     rss_mb = max(own.ru_maxrss, children.ru_maxrss) / 1024  # KiB on Linux
-    sys.stdout.flush()
     print(f"dnnmod fork-server worker: cpu_seconds={cpu:.3f} max_rss_mb={rss_mb:.1f}",
           file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------- the workflow's hooks
 
-def start_for_workflow(log: Path, *, command: list[str] | None = None,
-                       timeout: float = 60.0) -> subprocess.Popen | None:
-    """Start ``dnnmod fork-server`` for this process's jobs and point them at it
-    (``$DNNMOD_FORK_SERVER``); None, and jobs start as their own processes, when it cannot.
-    ``command``: how the jobs call dnnmod (default: the ``dnnmod`` on the PATH, as the
-    workflow's rules do)."""
+@dataclass(frozen=True)
+class Server:
+    """A running ``dnnmod fork-server`` and the socket its jobs connect to."""
+
+    process: subprocess.Popen
+    socket: str
+
+
+def start(log: Path, *, command: list[str] | None = None,
+          timeout: float = 60.0) -> Server | None:
+    """Start ``dnnmod fork-server`` for this process's jobs (they find it through
+    ``$DNNMOD_FORK_SERVER`` = ``Server.socket``); None, and jobs start as their own processes,
+    when it cannot. ``command``: how the jobs call dnnmod (default: the ``dnnmod`` on the PATH,
+    as the workflow's rules do)."""
     if command is None:
         executable = shutil.which("dnnmod")
         if executable is None:
@@ -358,27 +366,39 @@ def start_for_workflow(log: Path, *, command: list[str] | None = None,
     path = os.path.join(folder, "socket")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as output:
-        server = subprocess.Popen([*command, "fork-server", "--socket", path,
-                                   "--parent", str(os.getpid())],
-                                  stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                                  start_new_session=True)  # a terminal's Ctrl-C goes to jobs
+        process = subprocess.Popen([*command, "fork-server", "--socket", path,
+                                    "--parent", str(os.getpid())],
+                                   stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                   start_new_session=True)  # a terminal's Ctrl-C goes to jobs
+    server = Server(process, path)
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if server.poll() is not None or time.monotonic() > deadline:
-            stop_for_workflow(server)
+    while not os.path.exists(server.socket):
+        if server.process.poll() is not None or time.monotonic() > deadline:
+            stop(server)
             return None
         time.sleep(0.05)
-    os.environ[SOCKET_ENV] = path
     return server
 
 
-def stop_for_workflow(server: subprocess.Popen | None) -> None:
-    """Stop the server ``start_for_workflow`` started; remove its socket folder."""
-    path = os.environ.pop(SOCKET_ENV, None)
+def stop(server: Server | None) -> None:
+    """Stop a server ``start`` started; remove its socket folder."""
     if server is None:
         return
-    if server.poll() is None:
-        server.terminate()
-        server.wait()
-    socket_folder = os.path.dirname(path or server.args[server.args.index("--socket") + 1])
-    shutil.rmtree(socket_folder, ignore_errors=True)
+    if server.process.poll() is None:
+        server.process.terminate()
+        server.process.wait()
+    shutil.rmtree(os.path.dirname(server.socket), ignore_errors=True)
+
+
+def start_for_workflow(log: Path) -> Server | None:
+    """``start``, and point this process's jobs (its environment) at the server."""
+    server = start(log)
+    if server is not None:
+        os.environ[SOCKET_ENV] = server.socket
+    return server
+
+
+def stop_for_workflow(server: Server | None) -> None:
+    """``stop``, and this process's jobs start as their own processes again."""
+    os.environ.pop(SOCKET_ENV, None)
+    stop(server)

@@ -869,11 +869,10 @@ def _job_costs() -> dict[str, float]:
     costs = {}
     with tempfile.TemporaryDirectory() as folder:
         dnnmod("data", "prepare", "--dataset", "digits", "--root", "data")
-        server = fork_server.start_for_workflow(Path(folder) / "fork_server.log",
-                                                command=command)
+        server = fork_server.start(Path(folder) / "fork_server.log", command=command)
         if server is None:
             raise DnnmodError(f"plan: could not start a fork server ({command})")
-        forked = {**own, fork_server.SOCKET_ENV: os.environ[fork_server.SOCKET_ENV]}
+        forked = {**own, fork_server.SOCKET_ENV: server.socket}
         try:
             for prefix, environment in (("job_s", own), ("forked_job_s", forked)):
                 costs[f"{prefix}.data_rule"] = dnnmod(
@@ -888,7 +887,7 @@ def _job_costs() -> dict[str, float]:
                     "table", "base-models", "--models", "model.safetensors", "--out", "e1.csv",
                     environment=environment)
         finally:
-            fork_server.stop_for_workflow(server)
+            fork_server.stop(server)
     return costs
 
 
