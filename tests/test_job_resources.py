@@ -112,6 +112,17 @@ def test_a_dry_run_shows_each_job_its_resources(tmp_path):
                      if name == rule and wildcard in wildcards)
         return dict(re.findall(r"(\w+)=([^,\s]+)", re.search(r"resources: (.*)", block)[1]))
 
+    def priority(rule, wildcard=""):
+        block = next(text for (name, wildcards), text in blocks.items()
+                     if name == rule and wildcard in wildcards)
+        found = re.search(r"priority: (\d+)", block)  # Snakemake shows none for 0
+        return int(found[1]) if found else 0
+
+    # Longest first among ready jobs: data, then trainings, then searches, then the rest.
+    assert (priority("prepare_dataset") == priority("split_dataset") > priority("train_base_model")
+            > priority("modularize", "approach=gradsplitter")
+            > priority("evaluate_modules") == 0)
+
     assert resources("train_base_model")["runtime"] == "30"
     assert resources("train_base_model")["gpu"] == "1"
     assert "slurm_partition" not in resources("train_base_model")

@@ -17,6 +17,7 @@ rule cnnsplitter_layer_sensitivity:
         f"{RESULTS}/logs/cnnsplitter_layer_sensitivity/{{dataset}}/{{model}}/seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/cnnsplitter_layer_sensitivity/{{dataset}}/{{model}}/seed{{seed}}.tsv"
+    priority: PRIORITY["search"]
     conda:
         "../../environment.yml"
     threads: gpu_rule_threads(config, "cnnsplitter_layer_sensitivity")

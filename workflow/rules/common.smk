@@ -42,6 +42,11 @@ TASKS = {**config["tasks"], **patching.weak_tasks(config)}
 os.environ.update(DNNMOD_DEVICE=config["device"])
 # Jobs without a GPU: local rules (see Snakefile), or jobs on resources.light.partition.
 LIGHT_JOB = light_rule_resources(config)
+# Which ready jobs start first (Snakemake runs higher priorities first; the rest have 0):
+# the data jobs (seconds each), so that every training is ready early, then the trainings and
+# the searches before the short jobs that fill the cores around them. Longest first: started
+# last, one training would run alone at the end of a run on an otherwise idle machine.
+PRIORITY = {"data": 30, "train": 20, "search": 10}
 # The fork server of this run's local jobs, once the onstart hook has started it.
 FORK_SERVER = []
 

@@ -10,6 +10,7 @@ rule prepare_dataset:
         f"{RESULTS}/benchmarks/data/{{dataset}}/prepare.tsv"
     wildcard_constraints:
         dataset="|".join(config["datasets"]),
+    priority: PRIORITY["data"]
     conda:
         "../../environment.yml"
     resources:
@@ -31,6 +32,7 @@ rule split_dataset:
         f"{RESULTS}/logs/data/{{dataset}}/split_seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/data/{{dataset}}/split_seed{{seed}}.tsv"
+    priority: PRIORITY["data"]
     conda:
         "../../environment.yml"
     resources:
@@ -59,6 +61,7 @@ rule derive_task:
         f"{RESULTS}/benchmarks/data/{{task}}/derive.tsv"
     wildcard_constraints:
         task="|".join(TASKS) or "(?!)",  # no tasks: matches nothing
+    priority: PRIORITY["data"]
     conda:
         "../../environment.yml"
     resources:

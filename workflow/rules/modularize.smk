@@ -15,6 +15,7 @@ rule modularize:
         f"{RESULTS}/logs/modularize/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/modularize/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.tsv"
+    priority: PRIORITY["search"]
     conda:
         "../../environment.yml"
     threads: gpu_rule_threads(config, "modularize")

@@ -16,6 +16,7 @@ rule train_new_task_scratch:
         f"{RESULTS}/benchmarks/new_tasks/scratch/{{task}}/{{model}}/seed{{seed}}.tsv"
     wildcard_constraints:
         task="|".join(NEW_TASK_PAIRS) or "(?!)",
+    priority: PRIORITY["train"]
     conda:
         "../../environment.yml"
     threads: gpu_rule_threads(config, "train_new_task_scratch")

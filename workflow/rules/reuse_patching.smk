@@ -18,6 +18,7 @@ rule train_weak_model:
         setting="|".join(PATCHING["settings"]) if PATCHING else "(?!)",
         weak_type="|".join(patching.WEAK_TYPES),
         target_class=r"\d+",
+    priority: PRIORITY["train"]
     conda:
         "../../environment.yml"
     threads: gpu_rule_threads(config, "train_weak_model")

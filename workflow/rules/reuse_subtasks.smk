@@ -16,6 +16,7 @@ rule reuse_subtasks:
         f"{RESULTS}/logs/subtasks/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/subtasks/{{dataset}}/{{model}}/{{approach}}/seed{{seed}}.tsv"
+    priority: PRIORITY["search"]
     conda:
         "../../environment.yml"
     threads: gpu_rule_threads(config, "reuse_subtasks")

@@ -49,6 +49,7 @@ rule modularize_sensitivity:
         f"{RESULTS}/logs/sensitivity/modularize/{{dataset}}/{{model}}/{{approach}}/{{variant}}/seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/sensitivity/modularize/{{dataset}}/{{model}}/{{approach}}/{{variant}}/seed{{seed}}.tsv"
+    priority: PRIORITY["search"]
     conda:
         "../../environment.yml"
     threads: gpu_rule_threads(config, "modularize_sensitivity")

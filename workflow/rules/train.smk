@@ -11,6 +11,7 @@ rule train_base_model:
         f"{RESULTS}/benchmarks/train/{{dataset}}/{{model}}/{{training}}/seed{{seed}}.tsv"
     wildcard_constraints:
         training="|".join(training_kinds()),
+    priority: PRIORITY["train"]
     conda:
         "../../environment.yml"
     threads: gpu_rule_threads(config, "train_base_model")
