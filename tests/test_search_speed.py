@@ -73,6 +73,27 @@ def test_run_with_the_fast_path_gives_the_masked_logits(arch, width):
     assert len(kept_pass._sliced) == 1
 
 
+def test_modules_with_the_same_masks_run_once(monkeypatch):
+    # GradSplitter's first phase: every module keeps every kernel. Each distinct module runs
+    # once over the images and the copies get its logits, in the modules' order.
+    model = _frozen("simcnn", 0.125)
+    structure = trace_structure(model)
+    kept_pass = kept_channel_pass(model, structure)
+    distinct = {name: (s > 0).float() for name, s in _scores(structure, seed=2).items()}
+    order = [1, 0, 1, 2, 0, 1]
+    masks = {name: mask[order] for name, mask in distinct.items()}
+    images = ImageSet(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8),
+                      torch.zeros(12, dtype=torch.long), ["a", "b", "c"],
+                      torch.full((3,), 0.5), torch.full((3,), 0.25))
+    calls = []
+    logits = kept_pass.logits
+    monkeypatch.setattr(kept_pass, "logits", lambda m, x: calls.append(m) or logits(m, x))
+    fast = run(model, images, structure=structure, masks=masks, kept_pass=kept_pass)
+    assert len(calls) == MODULES  # one batch of images per distinct module
+    one_by_one = run(model, images, structure=structure, masks=distinct, kept_pass=kept_pass)
+    assert torch.equal(fast, one_by_one[order])
+
+
 def test_a_model_with_in_place_relus_gets_the_kept_pass():
     # No mask gradient needs a layer's output kept, so an in-place ReLU (torchvision's) may
     # overwrite it.

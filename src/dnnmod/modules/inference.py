@@ -132,13 +132,19 @@ def run(model: nn.Module, images, *, structure: ModelStructure | None = None,
         if isinstance(kept_pass, KeptChannelPass):  # one module at a time: plain batches
             plan = plan_pass(model, input_shape, None, reference.device, budget)
             masks = {name: mask.to(reference.device) for name, mask in masks.items()}
+            # Modules with the same masks have the same logits (in GradSplitter's first phase
+            # every module is the whole model): each distinct one runs once.
+            distinct, copies = torch.unique(
+                torch.cat([mask.reshape(modules, -1) for mask in masks.values()], dim=1),
+                dim=0, return_inverse=True)
+            firsts = [int((copies == row).nonzero()[0]) for row in range(len(distinct))]
             # Module-outer, so that the pass keeps one module's sliced weights at a time
             # however many modules there are (P candidates of a population, say).
             logits = torch.cat([
                 torch.cat([kept_pass.logits({name: mask[module:module + 1]
                                              for name, mask in masks.items()}, x).float()
                            for x, _ in batches(images, plan.images)], dim=1)
-                for module in range(modules)])
+                for module in firsts])[copies]
             return head(logits) if head is not None else logits
         plan = plan_pass(model, input_shape, modules, reference.device, budget)
         chunk_modules = plan.modules
