@@ -926,14 +926,14 @@ class CNNSplitter(Approach):
                            selection=selection,
                            krr=float(kept.double().mean()))
             entry = logbook[-1]
-            log.info("generation %d/%d: val %.2f%% diff %.3f KRR %.3f (%d new solutions)",
-                     generation, hp["generations"], entry["val_accuracy"], entry["difference"],
-                     entry["krr"], evaluations)
             loop.save(generation, {
                 "populations": populations, "fitness": fitness, "logits": cached,
                 "best_compositions": best_compositions, "best_members": best_members,
                 "accuracy_prev_best": accuracy_prev_best, "logbook": list(logbook),
             }, postfix={"val": f"{entry['val_accuracy']:.1f}%", "krr": f"{entry['krr']:.2f}"})
+            log.info("generation %d/%d: val %.2f%% diff %.3f KRR %.3f (%d new solutions)",
+                     generation, hp["generations"], entry["val_accuracy"], entry["difference"],
+                     entry["krr"], evaluations)
 
         records = list(logbook)
         # As the authors' code (main, `gen_idx > 0`): the generation is selected among the

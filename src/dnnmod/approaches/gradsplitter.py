@@ -222,13 +222,13 @@ class GradSplitter(Approach):
             candidates.append({"masks": {n: m.cpu() for n, m in binary.items()},
                                "head": {n: t.detach().cpu().clone()
                                         for n, t in head.state_dict().items()}})
-            log.info("epoch %d/%d (%s) loss %.4f val %.2f%% KRR %.3f", epoch + 1, len(plan),
-                     phase.kind, record["loss"], val_accuracy, record["krr"])
             loop.save(epoch, {
                 "phase": phase_index, "scores": {n: s.detach().cpu() for n, s in scores.items()},
                 "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                 "history": history, "candidates": candidates,
             }, postfix={"val": f"{val_accuracy:.1f}%", "krr": f"{record['krr']:.2f}"})
+            log.info("epoch %d/%d (%s) loss %.4f val %.2f%% KRR %.3f", epoch + 1, len(plan),
+                     phase.kind, record["loss"], val_accuracy, record["krr"])
 
         chosen = select_epoch(history, base_val_accuracy, hyperparameters["max_loss_pp"])
         head.load_state_dict(candidates[chosen]["head"])

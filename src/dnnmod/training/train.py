@@ -357,16 +357,17 @@ def train(model: nn.Module, data, recipe: Recipe, *, seed: int,
             best_accuracy, best_epoch = val_accuracy, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in
                           model.state_dict().items()}
-        log.info("epoch %d/%d loss %.4f (%s) train %.2f%% val %.2f%% (%.1f s)", record.epoch,
-                 recipe.epochs, record.train_loss,
-                 ", ".join(f"{name} {value:.4f}" for name, value in record.losses.items()),
-                 record.train_accuracy, val_accuracy, record.seconds)
         loop.save(epoch, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
             "history": [asdict(r) for r in history], "best_accuracy": best_accuracy,
             "best_epoch": best_epoch, "best_model": best_state,
         }, postfix={"loss": f"{record.train_loss:.3f}", "val": f"{val_accuracy:.1f}%"})
+        # Logged once saved: a job killed between the two resumes after the epoch it logged.
+        log.info("epoch %d/%d loss %.4f (%s) train %.2f%% val %.2f%% (%.1f s)", record.epoch,
+                 recipe.epochs, record.train_loss,
+                 ", ".join(f"{name} {value:.4f}" for name, value in record.losses.items()),
+                 record.train_accuracy, val_accuracy, record.seconds)
 
     if recipe.selection == "best_val" and best_state is not None:
         model.load_state_dict(best_state)
