@@ -5,6 +5,7 @@ when no server fits. The workflow's use of it: tests/test_workflow.py and tests/
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -196,3 +197,56 @@ def test_the_cost_table_adds_a_workers_usage_to_its_job(tmp_path):
     # not sampled by Snakemake: the worker's numbers alone; with no worker, one busy core
     assert jobs["short"] == {"wall_seconds": 10.0, "cpu_seconds": 9.125, "max_rss_mb": 512.5}
     assert jobs["short_own"] == {"wall_seconds": 10.0, "cpu_seconds": 10.0, "max_rss_mb": 0.0}
+
+
+# What the jobs do that loads libraries on first use: make an optimizer (torch.optim imports
+# torch._dynamo) and a checkpoint, save and load a module set (jsonschema), write a table
+# (pandas' CSV writer and Styler, tabulate) and a figure (the PNG and PDF backends, PIL,
+# fontTools).
+_JOB_WORK = """
+import json, sys, tempfile
+from pathlib import Path
+from dnnmod import fork_server
+fork_server.preload()
+before = set(sys.modules)
+import pandas as pd
+import torch
+from dnnmod.models import build_model
+from dnnmod.modules.heads import OwnLogitHead
+from dnnmod.modules.moduleset import ModuleSet, base_identity
+from dnnmod.modules.structure import trace_structure
+from dnnmod.report.figures import pyplot, save_figure
+from dnnmod.report.tables import write_table
+from dnnmod.resumable import save_checkpoint
+from dnnmod.training.train import Recipe, _make_optimizer
+root = Path(tempfile.mkdtemp())
+model = build_model("lenet5", 10, width=0.25)
+for optimizer in ("sgd", "adam"):
+    _make_optimizer(model, Recipe(epochs=1, batch_size=2, lr=0.1, optimizer=optimizer))
+save_checkpoint(root / "checkpoint.pt", {"weights": model.state_dict()})
+structure = trace_structure(model)
+group = structure.groups[0]
+ModuleSet(approach="test", classes=[0, 1], masks={group.name: torch.ones(2, group.size)},
+          head=OwnLogitHead([0, 1], 10), combination="argmax",
+          base=base_identity({"arch": "lenet5", "num_classes": 10, "width": 0.25}),
+          structure=structure, provenance={"approach": "test", "hyperparameters": {},
+                                           "seed": 0, "wall_seconds": 0.0},
+          ).save(root / "modules.safetensors")
+ModuleSet.load(root / "modules.safetensors")
+write_table(pd.DataFrame({"approach": ["a", "a"], "seed": [0, 1], "accuracy": [0.5, 0.7]}),
+            root / "table.csv", "A table", ["approach"], ["accuracy"])
+figure, axes = pyplot().subplots()
+axes.plot([0, 1], [1, 0], label="a")
+axes.legend()
+save_figure(figure, root / "figure.png")
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_the_server_has_imported_what_jobs_load_on_first_use():
+    """The worker of a training job used to import torch._dynamo (about 1.4 s) when it made
+    its optimizer; what a job imports after the server's preload, it pays for every time."""
+    result = subprocess.run([BIN / "python", "-c", _JOB_WORK], capture_output=True, text=True,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == []

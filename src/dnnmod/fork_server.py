@@ -39,6 +39,7 @@ import atexit
 import contextlib
 import gc
 import importlib
+import io
 import json
 import os
 import pkgutil
@@ -64,9 +65,15 @@ SOCKET_ENV = "DNNMOD_FORK_SERVER"
 #: Not anchored at a line's start: a job's standard error may end without a newline.
 USAGE = re.compile(r"dnnmod fork-server worker: cpu_seconds=([0-9.]+) max_rss_mb=([0-9.]+)$",
                    re.MULTILINE)
-#: Libraries the jobs import inside functions (dnnmod's own modules are all imported).
-PRELOAD_LIBRARIES = ("safetensors.torch", "scipy.io", "sklearn.datasets",
-                     "sklearn.model_selection", "threadpoolctl", "torch_pruning")
+#: Libraries the jobs import inside functions (dnnmod's own modules are all imported), and
+#: those that libraries import on first use: torch.optim's ``Optimizer`` imports
+#: ``torch._dynamo`` when a process makes its first optimizer (about 1.4 s of every training
+#: job), a module set's metadata check jsonschema, the tables pandas' CSV writer, Styler and
+#: tabulate, a checkpoint torch's serialization settings.
+PRELOAD_LIBRARIES = ("jsonschema", "pandas.io.formats.csvs", "pandas.io.formats.style",
+                     "safetensors.torch", "scipy.io", "sklearn.datasets",
+                     "sklearn.model_selection", "tabulate", "threadpoolctl", "torch._dynamo",
+                     "torch.utils.serialization", "torch_pruning")
 FOLDER_PREFIX = "dnnmod-fork-"  # of the private folder of a workflow's server socket
 #: Seconds a job waits for its worker to start before it runs itself (a stopped server).
 STARTED_TIMEOUT = 30.0
@@ -144,7 +151,9 @@ def _read_reply(replies) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------- the server's side
 
 def preload() -> None:
-    """Import every dnnmod module and the libraries its jobs import lazily."""
+    """Import every dnnmod module and the libraries its jobs import lazily, and draw one
+    figure as the figure jobs write theirs (PNG and PDF: the backends, PIL's image plugins,
+    fontTools and the fonts are loaded on the first)."""
     import dnnmod
     from dnnmod.report.figures import pyplot
 
@@ -153,7 +162,14 @@ def preload() -> None:
             importlib.import_module(module.name)
     for name in PRELOAD_LIBRARIES:
         importlib.import_module(name)
-    pyplot()
+    plt = pyplot()
+    figure, axes = plt.subplots()
+    axes.plot([0, 1], [0, 1], label="line")
+    axes.set_title("title")
+    axes.legend()
+    for file_format in ("png", "pdf"):
+        figure.savefig(io.BytesIO(), format=file_format)
+    plt.close(figure)
 
 
 def serve(path: str, parent: int) -> None:
