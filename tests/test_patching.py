@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -77,6 +78,23 @@ def test_patch_on_hand_made_scores():
     patched = patch_scores.target_metrics(labels, predicted, tc_column=2)
     assert patched == pytest.approx({"precision": 200 / 3, "recall": 100.0, "f1": 80.0,
                                      "non_tc_accuracy": 50.0})
+
+
+def test_module_auc_is_the_chance_a_target_image_outscores_another():
+    from sklearn.metrics import roc_auc_score
+
+    # Target images score 3, 2 and 1; the others 2 and 0: of the 6 pairs the target wins 4,
+    # ties 1 (2 against 2) and loses 1 (1 against 2): (4 + 1/2) / 6.
+    scores = torch.tensor([3.0, 2.0, 1.0, 2.0, 0.0])
+    target = torch.tensor([True, True, True, False, False])
+    assert patch_scores.ranking_auc(scores, target) == 4.5 / 6
+    # scikit-learn's, on scores with many ties; NaN without images of one side
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (200,), generator=generator).float()
+    target = torch.rand(200, generator=generator) < 0.3
+    assert patch_scores.ranking_auc(scores, target) == pytest.approx(
+        roc_auc_score(target.numpy(), scores.numpy()), abs=1e-12)
+    assert math.isnan(patch_scores.ranking_auc(scores, torch.zeros(200, dtype=torch.bool)))
 
 
 def test_module_output_of_one_score_and_of_concern_votes():
@@ -384,6 +402,9 @@ def test_patching_workflow_end_to_end(patched_study):
         assert row["tc_test_images"] == 10 and row["calibration"]["strong_val_tc_images"] > 0
         for key in ("weak_precision", "patched_recall", "patched_non_tc_accuracy"):
             assert 0 <= row[key] <= 100
+        assert 0 <= row["module_auc"] <= 1
+    # one module per weak task: every weak model's row has its ranking
+    assert len({row["module_auc"] for row in record["rows"]}) == 1
 
     assert record["protocol"] == "minmax" and "calibration_layer" not in record
     table = pd.read_csv(results / "tables/e3_patching.csv", keep_default_na=False)
@@ -391,6 +412,8 @@ def test_patching_workflow_end_to_end(patched_study):
     table = table[table.setting == "tiny"]
     assert set(table.protocol) == {"minmax"}
     assert sorted(table.target) == ["8"] * 3 + ["average"] * 3
+    assert table.module_auc.astype(float).tolist() == pytest.approx(
+        [record["rows"][0]["module_auc"]] * 6, abs=1e-4)  # the CSV's 4 decimals
     assert (results / "tables/e3_patching.md").read_text().startswith("# E3 patching")
     assert "tiny/simcnn/gradsplitter/overfit/seed0" in json.loads(
         (results / "metrics/e3_patching.json").read_text())
@@ -430,6 +453,7 @@ def test_moda_protocol_workflow_end_to_end(patched_study):
         assert len(calibration["history"]) == 10
         for key in ("weak_recall", "patched_precision", "patched_non_tc_accuracy"):
             assert 0 <= row[key] <= 100
+        assert 0 <= row["module_auc"] <= 1
 
     table = pd.read_csv(results / "tables/e3_patching.csv", keep_default_na=False)
     moda = table[table.setting == "tiny_moda"]

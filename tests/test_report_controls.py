@@ -187,3 +187,21 @@ def test_e5_sets_union_networks_against_the_controls_union_networks(tmp_path):
         "(fine-tuned union network − model's (pp), the same kernel counts drawn at "
         "random): mwt +0.50 vs -5.00; 1 of 1" in text
     )
+
+
+def test_e3_sets_the_modules_ranking_beside_the_patch(tmp_path):
+    """The module's ROC AUC (target class vs the rest, before calibration) is compared with its
+    control's too: a patch's F1 can hide what the module knows."""
+    rows = [
+        {**e3_row(approach, "2", f1, weak), "module_auc": auc}
+        for approach, f1, auc in (("cnnsplitter", -3.0, 1.0), ("random_cnnsplitter", 4.0, 0.9))
+        for weak in ("simple", "overfit")
+    ]
+    write(tmp_path, "e3_patching", rows)
+    card = controls_card(tmp_path).set_index("metric")
+    f1 = card.loc["F1 gain (pp)"]
+    assert f1.verdict == "not above random_cnnsplitter"
+    auc = card.loc["module ROC AUC, target class vs the rest"]
+    assert (auc.approach_value, auc.control_value) == (1.0, 0.9)
+    assert auc.verdict == "above random_cnnsplitter"
+    assert "cnnsplitter +1.00 vs +0.90; 1 of 1 approaches" in reading(tmp_path, "e3")

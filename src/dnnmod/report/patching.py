@@ -27,6 +27,9 @@ KEYS = ["protocol", "setting", "dataset", "model", "approach", "control_of", "we
         "target"]
 VALUES = [f"{stage}_{metric}" for metric in METRICS for stage in ("weak", "patched")]
 GAINS = [f"{metric}_gain_pp" for metric in METRICS]
+#: the TC module's ROC AUC on the weak task's test images, TC against the rest (no patch, no
+#: calibration; NaN in records written before it was measured)
+MODULE_AUC = "module_auc"
 AVERAGE = "average"
 #: published.csv ``setting`` of each protocol's headline gains (ASE/TOSEM abstracts: patch;
 #: MODA's abstract: its module-replacement experiment)
@@ -51,7 +54,8 @@ def patching_rows(metrics_paths: list[Path]) -> pd.DataFrame:
                 "seed": record["seed"], "weak_model": row["weak_model"],
                 "weak_train_accuracy": row["weak_train_accuracy"],
                 "weak_test_accuracy": row["weak_test_accuracy"],
-                **{column: row[column] for column in VALUES}})
+                **{column: row[column] for column in VALUES},
+                MODULE_AUC: row.get(MODULE_AUC, float("nan"))})
     table = pd.DataFrame(rows)
     for metric, gain in zip(METRICS, GAINS, strict=True):
         table[gain] = table[f"patched_{metric}"] - table[f"weak_{metric}"]
@@ -67,7 +71,7 @@ def patching_table(metrics_paths: list[Path]) -> pd.DataFrame:
     group = ["protocol", "setting", "dataset", "source_dataset", "model", "arch", "approach",
              "control_of", "weak_type", "seed"]
     averages = rows.groupby(group, observed=True, as_index=False)[
-        ["weak_train_accuracy", "weak_test_accuracy", *VALUES, *GAINS]].mean()
+        ["weak_train_accuracy", "weak_test_accuracy", *VALUES, MODULE_AUC, *GAINS]].mean()
     averages["target"] = AVERAGE
     reference = published()
     beside = []
@@ -99,7 +103,7 @@ def write_patching_table(metrics_paths: list[Path], csv_path: Path,
     protocols = sorted(set(table.protocol))
     title = "min-max protocol" if protocols == ["minmax"] else f"protocols: {', '.join(protocols)}"
     write_table(table, csv_path, title=f"E3 patching weak models ({title})",
-                keys=KEYS, values=VALUES)
+                keys=KEYS, values=[*VALUES, MODULE_AUC])
     if summary_path:
         averages = table[table.target == AVERAGE]
         reference = published()

@@ -375,6 +375,15 @@ CONTROL_COMPARISONS = [
         "composed accuracy loss (pp)",
     ),
     ("E3", "e3_patching", "f1_gain_pp", True, ["protocol", "setting", "model"], "F1 gain (pp)"),
+    # what the module knows of the target class, before a protocol's calibration
+    (
+        "E3",
+        "e3_patching",
+        "module_auc",
+        True,
+        ["protocol", "setting", "model"],
+        "module ROC AUC, target class vs the rest",
+    ),
     (
         "E4",
         "e4_new_tasks",

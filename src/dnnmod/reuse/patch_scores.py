@@ -1,6 +1,7 @@
 """What both E3 patching protocols (:mod:`dnnmod.reuse.patching`, min-max, and
-:mod:`dnnmod.reuse.patching_moda`) share: the target-class module's score per image, and the
-weak and patched models' metrics on the target class (TC)."""
+:mod:`dnnmod.reuse.patching_moda`) share: the target-class module's score per image, how well
+those scores rank the weak task's target-class images above the rest, and the weak and patched
+models' metrics on the target class (TC)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,20 @@ def strong_module_scores(strong_model, modules, image_sets: Sequence,
                        std=torch.tensor(normalization["std"], device=device))
     scores = module_output(module_scores(strong_model, modules, together))
     return list(scores.split([len(s) for s in image_sets]))
+
+
+def ranking_auc(scores: torch.Tensor, positives: torch.Tensor) -> float:
+    """ROC AUC of ``scores`` ranking the images where ``positives`` (bool) is set above the
+    others: the chance that a positive outscores a negative, ties counting half, over all
+    pairs (scikit-learn's ``roc_auc_score``, without importing it); NaN when either side is
+    empty. E3 reports it for the TC module on the weak task's test images: how well the module
+    tells the TC from the other classes, whatever a protocol's calibration then makes of it."""
+    positive, negative = scores[positives], scores[~positives]
+    if len(positive) == 0 or len(negative) == 0:
+        return float("nan")
+    above = int((positive[:, None] > negative[None, :]).sum())
+    tied = int((positive[:, None] == negative[None, :]).sum())
+    return (2 * above + tied) / (2 * len(positive) * len(negative))
 
 
 def target_metrics(labels: torch.Tensor, predictions: torch.Tensor, tc_column: int

@@ -25,7 +25,11 @@ the count), then replaces the TC column of the weak model's softmax; the predict
 argmax. Deviation from the papers,
 stated: calibrated scores are not clipped to [0, 1] (scores beyond the validation range keep
 their order; the argmax is what counts). Measured, weak vs patched: TC precision, recall and
-F1 (scikit-learn, binary "is it the TC") and accuracy on the non-TC test images.
+F1 (scikit-learn, binary "is it the TC") and accuracy on the non-TC test images. Beside them,
+for either protocol, the module's own ROC AUC on the test images (``module_auc``: TC against
+the rest, no calibration): what the module knows of the TC, which the patched metrics mix with
+where the weak task's TC images fall in the calibration range (an addition of ours; the papers
+report the patched metrics only).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 
 from dnnmod.errors import ArtifactError, ConfigError, UnknownNameError
 from dnnmod.report.patching import WEAK_TYPES
-from dnnmod.reuse.patch_scores import compare_predictions, strong_module_scores
+from dnnmod.reuse.patch_scores import compare_predictions, ranking_auc, strong_module_scores
 
 PROTOCOLS = ("minmax", "moda")
 #: ``calibration_images`` that takes every validation image of the TC, as the authors do
@@ -313,14 +317,17 @@ def weak_vs_patched(weak_model, test, calibrated: torch.Tensor, tc_column: int
 
 class MinmaxPatch:
     """The min-max patch of the weak models of one weak task: the TC module's scores on the
-    test images, calibrated on the strong model's TC images ``calibration`` and computed once;
-    :meth:`patch` compares one weak model and its patch."""
+    test images, calibrated on the strong model's TC images ``calibration`` and computed once,
+    and how well they rank the TC images (``module_auc``); :meth:`patch` compares one weak
+    model and its patch."""
 
     def __init__(self, strong_model, modules, weak_data, normalization: Mapping[str, Any],
                  tc_column: int, calibration) -> None:
         self.test, self.tc_column = weak_data.test, tc_column
         self.calibrated, self.calibration = calibrated_module_scores(
             strong_model, modules, calibration, weak_data.test, normalization)
+        # Calibration is increasing in the raw score: the same ranking.
+        self.module_auc = ranking_auc(self.calibrated, self.test.labels == tc_column)
 
     def patch(self, weak_model, seed: int) -> tuple[dict[str, float], dict[str, Any]]:
         """(weak vs patched metrics, the calibration) of one weak model; the min-max patch
@@ -403,7 +410,7 @@ def patch_weak_models(modules_path: Path, strong_path: Path, weak_paths: Sequenc
                for split in ("train", "val", "test")},
             "calibration": calibration, "test_images": len(test),
             "tc_test_images": int((test.labels == tc_column).sum()),
-            **metrics})
+            "module_auc": tasks[task, seed].module_auc, **metrics})
     # A random control's row names the approach whose kernel counts it matches.
     matched = (modules.provenance.get("matched") or {}).get("approach")
     extra = {"control_of": matched} if matched else {}

@@ -38,7 +38,7 @@ from torch import nn
 
 from dnnmod.errors import ConfigError
 from dnnmod.hyperparameters import OneOf, Range, resolve
-from dnnmod.reuse.patch_scores import compare_predictions, strong_module_scores
+from dnnmod.reuse.patch_scores import compare_predictions, ranking_auc, strong_module_scores
 
 CALIBRATION_SPLITS = ("train", "val")
 #: the calibration layer's training (``reuse.patching.calibration_layer``): MODA's artifact
@@ -112,8 +112,9 @@ def calibrated_predictions(layer: CalibrationLayer, inputs: torch.Tensor) -> tor
 
 class ModaPatch:
     """MODA's patch of the weak models of one weak task: the TC module's scores on the
-    calibration split and the test split, computed once; :meth:`patch` trains one weak model's
-    calibration layer and compares weak vs patched on the test images."""
+    calibration split and the test split, computed once, and how well they rank the test
+    split's TC images (``module_auc``); :meth:`patch` trains one weak model's calibration layer
+    and compares weak vs patched on the test images."""
 
     def __init__(self, strong_model: nn.Module, modules, weak_data,
                  normalization: Mapping[str, Any], tc_column: int,
@@ -128,6 +129,7 @@ class ModaPatch:
         self.test, self.tc_column, self.tc_images = weak_data.test, tc_column, tc_images
         self.calibration_scores, self.test_scores = strong_module_scores(
             strong_model, modules, [self.calibration, self.test], normalization)
+        self.module_auc = ranking_auc(self.test_scores, self.test.labels == tc_column)
 
     def patch(self, weak_model: nn.Module, seed: int) -> tuple[dict[str, float], dict[str, Any]]:
         """(weak vs patched metrics, the calibration record) of one weak model."""
