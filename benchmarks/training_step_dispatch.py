@@ -10,7 +10,9 @@ update and the loop's per-step sums, counted on a second step).
 Part 1, for each model: the ops of a step of ``st``, ``mwt`` and ``moda``, and of ``st`` on the
 MwT-gated model (the mask generators are MwT's model, not its objective): kernels (ops that
 are no views; on a device each launches at least one kernel), views, all ops, the syncing
-ops, and each kind's kernels over standard training's.
+ops, and each kind's kernels over standard training's. Then each kind with channels-last
+feature maps, the memory format training uses on CUDA (on the CPU it is
+contiguous), so that a device's ops are counted too.
 
 Part 2 (``--compile``): the step of ST, MwT, MODA and ST on MwT's gated model, on the first
 model, eager against compiled: ``torch.compile(trainer.backward, fullgraph=True)`` (forward,
@@ -50,13 +52,19 @@ KINDS = ("st", "mwt", "moda")
 
 
 def trainer_for(arch: str, width: float, kind: str, recipe: Recipe,
-                gated_standard: bool = False) -> Trainer:
-    """A fresh seeded trainer; ``gated_standard``: standard training of the MwT-gated model."""
+                gated_standard: bool = False, channels_last: bool = False) -> Trainer:
+    """A fresh seeded trainer; ``gated_standard``: standard training of the MwT-gated model;
+    ``channels_last``: the model and batches in CUDA's memory format (:meth:`Trainer.create`
+    gives it on CUDA only), so that the ops a device dispatches are counted on the CPU."""
     torch.manual_seed(0)
     model = build_model(arch, 10, width=width)
     if gated_standard:
         model = get_objective("mwt").prepare(model)
-    return Trainer.create(model, recipe, get_objective(kind), "cpu")
+    trainer = Trainer.create(model, recipe, get_objective(kind), "cpu")
+    if channels_last:
+        trainer.model.to(memory_format=torch.channels_last)
+        trainer.memory_format = torch.channels_last
+    return trainer
 
 
 def print_counts(arch: str, width: float, recipe: Recipe, x, y) -> dict[str, int]:
@@ -65,6 +73,9 @@ def print_counts(arch: str, width: float, recipe: Recipe, x, y) -> dict[str, int
             for kind in KINDS}
     rows["st on mwt's model"] = count_training_step(
         trainer_for(arch, width, "st", recipe, gated_standard=True), x, y)
+    for kind in KINDS:
+        rows[f"{kind}, channels-last"] = count_training_step(
+            trainer_for(arch, width, kind, recipe, channels_last=True), x, y)
     print(f"\n{arch} w{width}, batch {len(y)}: ops dispatched by one training step")
     print("| kind | kernels | views | all ops | syncing ops | kernels / st |")
     print("|---|---|---|---|---|---|")
@@ -74,6 +85,10 @@ def print_counts(arch: str, width: float, recipe: Recipe, x, y) -> dict[str, int
               f"{count.kernels / rows['st'].kernels:.2f} |")
     gated = rows["st on mwt's model"]
     print(f"mwt over st on mwt's model: {rows['mwt'].kernels / gated.kernels:.2f}x kernels")
+    for kind in ("mwt", "moda"):
+        print(f"{kind} over st, both channels-last (CUDA's layout): "
+              f"{rows[f'{kind}, channels-last'].kernels / rows['st, channels-last'].kernels:.2f}x"
+              " kernels")
     return {kind: count.kernels for kind, count in rows.items()}
 
 

@@ -9,14 +9,14 @@ import torch
 from conftest import train_modular
 
 from dnnmod.approaches import get_approach, run_approach
-from dnnmod.approaches.moda import activation_terms
+from dnnmod.approaches.moda import activation_sums
 from dnnmod.errors import ConfigError
 from dnnmod.modules.activations import activation_statistics
 from dnnmod.modules.masking import masked_logits
 from dnnmod.modules.metrics import evaluate
 from dnnmod.modules.union import union_masks, union_network
 from dnnmod.training.model_io import load_model
-from dnnmod.training.objectives import get_objective
+from dnnmod.training.objectives import get_objective, pair_objective
 
 WIDTH = 0.0625
 
@@ -26,8 +26,10 @@ def test_losses_on_hand_made_activations():
     conv = torch.zeros(4, 3, 2, 2)
     conv[0, 0], conv[1, 0], conv[2, 1], conv[3, 1] = 1.0, 3.0, 2.0, 1.0
     fc = torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0], [0, 2.0]])
-    (affinity, dispersion), present, compactness = activation_terms([conv, fc], labels)
-    assert present.tolist() == [True, True]
+    _, terms = pair_objective(torch.zeros(()), *activation_sums([conv, fc]), labels, 0.0, 0.0,
+                              0.0)
+    (affinity, dispersion), compactness = terms.means, terms.compactness
+    assert terms.present.tolist() == [1.0, 1.0]
     assert affinity.item() == pytest.approx(1.0) and dispersion.item() == pytest.approx(0.0)
     conv_mean = (1 + 3 + 2 + 1) / 12  # channel means per sample, averaged over samples × C
     fc_mean = (1 + 1 + 1 + 2) / 8

@@ -20,7 +20,12 @@ from dnnmod.models import build_model
 from dnnmod.modules.masking import masked_logits
 from dnnmod.modules.union import union_classifier, union_masks, union_network
 from dnnmod.training.model_io import load_model
-from dnnmod.training.objectives import get_objective, pair_similarities, spatial_mean
+from dnnmod.training.objectives import (
+    get_objective,
+    pair_objective,
+    side_by_side,
+    spatial_mean,
+)
 from dnnmod.training.train import Recipe, fine_tune
 
 WIDTH = 0.0625
@@ -61,16 +66,19 @@ def test_gated_conv_scales_the_normalised_output_by_the_mask():
 def test_cohesion_and_coupling_on_hand_made_masks():
     labels = torch.tensor([0, 0, 1, 1])
     aligned = torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 1.0, 0], [0, 3.0, 0]])
-    (cohesion, coupling), present = pair_similarities([aligned], labels)
+    _, terms = pair_objective(torch.zeros(()), *side_by_side([aligned]), labels, 0.0, 0.0)
+    cohesion, coupling = terms.means
     assert cohesion.item() == pytest.approx(1.0) and coupling.item() == pytest.approx(0.0)
-    assert present.tolist() == [True, True]
+    assert terms.present.tolist() == [1.0, 1.0]
     loss, parts = get_objective("mwt").loss(torch.zeros(4, 2), labels, {"a": aligned})
     assert parts["cohesion"] == pytest.approx(1.0)
     assert loss.item() == pytest.approx(math.log(2))  # α(1 − 1) + β·0 adds nothing
 
     # Batch without same-class pairs: no cohesion term (it reads 0), coupling still there.
-    (cohesion, coupling), present = pair_similarities([aligned[[0, 2]]], torch.tensor([0, 1]))
-    assert present.tolist() == [False, True]
+    _, terms = pair_objective(torch.zeros(()), *side_by_side([aligned[[0, 2]]]),
+                              torch.tensor([0, 1]), 0.0, 0.0)
+    cohesion, coupling = terms.means
+    assert terms.present.tolist() == [0.0, 1.0]
     assert cohesion.item() == 0 and coupling.item() == pytest.approx(0.0)
     loss, parts = get_objective("mwt").loss(torch.zeros(2, 2), torch.tensor([0, 1]),
                                             {"a": aligned[[0, 2]]})
@@ -91,14 +99,17 @@ def test_spatial_mean_matches_mean_in_value_and_gradient():
     torch.testing.assert_close(ours, x.grad)
 
 
-def test_pair_similarities_match_the_pairwise_definition():
+def test_pair_objective_matches_the_pairwise_definition():
     # One (batch, batch) product stands for the per-pair cosine similarities: same values and
-    # gradients as the definition, pair by pair.
+    # gradients as the definition, pair by pair. Weights -1 and 2 make the loss
+    # cohesion + 2·coupling − 1.
     generator = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 1, 0, 2, 1, 0])
     layers = [torch.randn(6, k, generator=generator, requires_grad=True) for k in (3, 8)]
-    (cohesion, coupling), _ = pair_similarities(layers, labels)
-    (cohesion + 2 * coupling).backward()
+    loss, terms = pair_objective(torch.zeros(()), *side_by_side(layers), labels, -1.0, 2.0)
+    cohesion, coupling = terms.means
+    assert loss.item() == pytest.approx((cohesion + 2 * coupling - 1).item())
+    loss.backward()
     product_grads = [layer.grad.clone() for layer in layers]
     for layer in layers:
         layer.grad = None

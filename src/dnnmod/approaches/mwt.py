@@ -60,8 +60,8 @@ from dnnmod.modules.metrics import layer_kernel_retention
 from dnnmod.modules.moduleset import ModuleSet
 from dnnmod.training.objectives import (
     Objective,
-    pair_loss,
-    pair_similarities,
+    pair_objective,
+    side_by_side,
     spatial_mean,
 )
 
@@ -167,10 +167,10 @@ class MwTTraining(Objective):
 
     def loss(self, logits, labels, captured):
         cross_entropy = nn.functional.cross_entropy(logits, labels)
-        means, present = pair_similarities(list(captured.values()), labels)
-        loss = pair_loss(cross_entropy, means, present, self.hyperparameters["alpha"],
-                         self.hyperparameters["beta"])
-        cohesion, coupling = means.detach()
+        flat, layout = side_by_side(list(captured.values()))
+        loss, terms = pair_objective(cross_entropy, flat, layout, labels,
+                                     self.hyperparameters["alpha"], self.hyperparameters["beta"])
+        cohesion, coupling = terms.means
         return loss, {"cross_entropy": cross_entropy.detach(), "cohesion": cohesion,
                       "coupling": coupling}
 

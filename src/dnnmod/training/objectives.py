@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -101,70 +101,74 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
 
     Summed, then divided on the small result: the backward pass of ``x.mean((2, 3))`` divides the
     expanded gradient, writing a full-size tensor per call, where a sum's backward is a
-    stride-0 view. MwT calls it on every gated conv's input and MODA on every ReLU's output,
-    in every training step.
+    stride-0 view. MwT calls it on every gated conv's input in every training step.
     """
     return x.sum((2, 3)) / (x.shape[2] * x.shape[3])
 
 
-def pair_similarities(vectors: list[torch.Tensor], labels: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cosine similarity of the vectors of same-class and of different-class sample pairs
-    (i < j) of a batch, averaged over layers. MwT's cohesion/coupling (of masks) and MODA's
-    affinity/dispersion (of activations) both are this.
+def reduction_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the pair terms of ``tensor``'s values are reduced in: float32, also for the
+    float16 of CUDA's autocast; float64 stays (the parity check)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
-    ``vectors``: one (batch, K) tensor per layer. Returns ``(means, present)``, both of shape
-    (2,): ``means`` the same-class and the different-class mean, 0 where the batch has no such
-    pair; ``present`` (bool) whether it has one. The caller weights a term by ``present``
-    rather than testing it, so nothing here reads a value back to the host.
+
+def side_by_side(vectors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, LayerLayout]:
+    """Per-layer (batch, K) vectors (MwT's masks) laid side by side in one (batch, ΣK) tensor
+    of their :func:`reduction_dtype`, and its :class:`LayerLayout`: :func:`pair_objective`'s
+    input."""
+    flat = torch.cat([layer.to(reduction_dtype(layer)) for layer in vectors], dim=1)
+    return flat, layer_layout([layer.shape[1] for layer in vectors], flat.device)
+
+
+@dataclass(frozen=True)
+class PairTerms:
+    """One batch's pair terms, detached (logged, never differentiated).
+
+    ``means``: (2,) the mean cosine similarity of the vectors of same-class and of
+    different-class sample pairs i < j, averaged over layers (MwT's cohesion and coupling of
+    masks, MODA's affinity and dispersion of activations), 0 where the batch has no such pair;
+    ``present``: (2,) 1.0 where the batch has such a pair, else 0.0; ``compactness``: the mean
+    over layers of each layer's mean value (MODA), or None.
     """
-    flat = torch.cat([layer.float() for layer in vectors], dim=1)
-    means, present, _ = pair_terms(flat, layer_layout([layer.shape[1] for layer in vectors],
-                                                      flat.device), labels)
-    return means, present
+
+    means: torch.Tensor
+    present: torch.Tensor
+    compactness: torch.Tensor | None
 
 
-def pair_terms(flat: torch.Tensor, layout: LayerLayout, labels: torch.Tensor,
-               compactness: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`pair_similarities` of the layers' vectors laid side by side in ``flat``
-    (batch, columns), as ``layout`` says, and with ``compactness`` the mean over layers of each
-    layer's mean value (MODA's compactness; the vectors are ReLU outputs, never negative, so
-    this is their mean absolute value). A column of ``flat`` may hold its layer's vector times
-    the layer's ``area`` (a spatial sum rather than mean): the similarities do not see a
-    per-layer scale and the compactness divides it out.
+def pair_objective(base_loss: torch.Tensor, flat: torch.Tensor, layout: LayerLayout,
+                   labels: torch.Tensor, same_weight: float, different_weight: float,
+                   compact_weight: float | None = None) -> tuple[torch.Tensor, PairTerms]:
+    """``base_loss + same_weight·(1 − means[0]) + different_weight·means[1]``, plus
+    ``compact_weight·compactness`` when given (MwT's cohesion and coupling terms, MODA's
+    affinity, dispersion and compactness terms), and the terms (:class:`PairTerms`) of the
+    layers' vectors laid side by side in ``flat`` (batch, columns) as ``layout`` says. A pair
+    term the batch cannot form (no such pair) adds 0, chosen on the device: nothing is read
+    back to the host.
 
-    Returns ``(means, present, compactness)``, ``compactness`` None unless asked for. One
-    autograd node with a backward pass written out (:class:`_PairTerms`): autograd's own
-    derivative of the same ops dispatches about three times as many small kernels, and a
+    A column of ``flat`` may hold its layer's vector times the layer's ``area`` (a spatial sum
+    rather than mean): the similarities do not see a per-layer scale and the compactness
+    divides it out. ``flat`` holds ReLU outputs where compactness is asked for (never negative,
+    so the mean value is the mean absolute value, MODA's L1 term).
+
+    One autograd node with its backward pass written out (:class:`_PairObjective`): autograd's
+    own derivative of the same ops dispatches about three times as many small kernels, and a
     small model's step is bound by their launches.
     """
+    batch_constants = layout.batch_constants(len(labels), compact_weight, flat.dtype)
     # The constants are float32; a float64 ``flat`` (the parity check) takes float64 copies.
-    same_pairs, different_pairs, scaled_indicator, floor, compact_share = (
-        constant.to(flat.dtype) for constant in (*_pair_weights(len(labels), flat.device),
-                                                 layout.scaled_indicator, layout.floor,
-                                                 layout.compact_share))
-    return _PairTerms.apply(flat, labels, scaled_indicator, floor, layout.layer_of_column,
-                            same_pairs, different_pairs, compact_share if compactness else None)
+    constants = [constant.to(flat.dtype) if constant is not None and constant.is_floating_point()
+                 else constant for constant in (
+        _loss_weights(same_weight, different_weight, compact_weight, flat.device),
+        layout.scaled_indicator, layout.floor, layout.layer_of_column,
+        *_pair_weights(len(labels), flat.device), *batch_constants)]
+    loss, means, present, compactness = _PairObjective.apply(base_loss, flat, labels,
+                                                             *constants)
+    return loss, PairTerms(means, present, compactness)
 
 
-
-def pair_loss(cross_entropy: torch.Tensor, means: torch.Tensor, present: torch.Tensor,
-              same_weight: float, different_weight: float) -> torch.Tensor:
-    """``cross_entropy + same_weight·(1 − means[0]) + different_weight·means[1]`` (MwT's
-    cohesion and coupling, MODA's affinity and dispersion), where a term the batch cannot form
-    (``present`` False: no such pair) adds 0, chosen on the device: one product of the present
-    terms' weights with the means less (1, 0)."""
-    key = (same_weight, different_weight, means.device)
-    if key not in _LOSS_CONSTANTS:
-        _LOSS_CONSTANTS[key] = (
-            torch.tensor([-same_weight, different_weight], device=means.device),
-            torch.tensor([1.0, 0.0], device=means.device))
-    weights, offsets = _LOSS_CONSTANTS[key]
-    return cross_entropy + (present * weights) @ (means - offsets)
-
-class _PairTerms(torch.autograd.Function):
-    """Forward and backward of :func:`pair_terms`.
+class _PairObjective(torch.autograd.Function):
+    """Forward and backward of :func:`pair_objective`.
 
     Every layer has the same pairs, so the mean over layers of a pair's cosine similarities is
     the dot product of the pair's per-layer unit vectors, concatenated over layers and scaled by
@@ -173,23 +177,26 @@ class _PairTerms(torch.autograd.Function):
     divided by its area counts as 1e-12); the per-layer squared norms are one product with a 0/1
     (columns, layers) matrix. The pairs weight the whole product, both triangles (the
     similarities are symmetric), rather than select from it: boolean indexing has a
-    data-dependent size, which a device answers only after a sync. The same terms add in
-    another order than a mean over the selected pairs i < j does, and the norms in another
-    order than ``torch.linalg.vector_norm``'s, so values may differ from those in the last bits.
+    data-dependent size, which a device answers only after a sync. The loss is one product of
+    the terms (means, present, compactness) with constant weights: ``same_weight·present[0]``
+    is the 1 of ``1 − means[0]`` where the batch has a same-class pair, and an absent mean is 0.
+    The same terms add in another order than a mean over the selected pairs i < j does, and
+    the norms in another order than ``torch.linalg.vector_norm``'s, so values may differ from
+    those in the last bits.
 
     Backward, for units u = s·r (r = (layers·|s_layer|²)^-1/2 gathered per column) and the
-    similarity-weighted loss: du = 2·(pair weights / pair counts, weighted by the means'
-    gradients) @ u; ds = r·(du − u·layers·Σ_layer du·u), the second term only where the norm
-    was not floored (where it was, the floor does not depend on s); compactness adds its
-    constant per-column weight / batch. That is also its gradient at 0, where the derivative
-    of |x| is 0: the parameters' gradients are the same, because the ReLU's backward zeroes
-    the gradient wherever its output is 0 (a channel's sum is 0 only where all its values are).
+    similarity-weighted loss: du = 2·(pair shares weighted by the means' weights) @ u;
+    ds = r·(du − u·layers·Σ_layer du·u), the second term only where the norm was not floored
+    (where it was, the floor does not depend on s); compactness adds its constant per-column
+    weight. That is also its gradient at 0, where the derivative of |x| is 0: the parameters'
+    gradients are the same, because the ReLU's backward zeroes the gradient wherever its output
+    is 0 (a channel's sum is 0 only where all its values are).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, flat, labels, scaled_indicator, floor, layer_of_column, same_pairs,
-                different_pairs, compact_share):
+    def forward(ctx, base_loss, flat, labels, weights, scaled_indicator, floor, layer_of_column,
+                same_pairs, different_pairs, compact_share, compact_gradient):
         squared = (flat * flat) @ scaled_indicator  # (batch, layers): layers·|s_layer|²
         unfloored = squared >= floor
         scale = squared.clamp_min(floor).rsqrt().index_select(1, layer_of_column)
@@ -199,42 +206,42 @@ class _PairTerms(torch.autograd.Function):
         # (2, batch, batch) float: 1 at the same-class, then at the different-class pairs i != j
         pairs = torch.where(same_class, same_pairs, different_pairs)
         counts = pairs.sum((1, 2))
-        divisors = counts.clamp(min=1)
-        means = (pairs.view(2, -1) @ similarity.view(-1)) / divisors
-        present = counts > 0
-        ctx.mark_non_differentiable(present)
+        # Each pair's share of its mean (all 0 where there is no such pair: its mean reads 0).
+        shares = pairs / counts.clamp(min=1).view(2, 1, 1)
+        means = torch.mv(shares.view(2, -1), similarity.view(-1))
+        present = counts.clamp(max=1)
+        terms = [means, present]
+        compactness = None
+        if compact_share is not None:
+            compactness = torch.dot(flat.view(-1), compact_share)
+            terms.append(compactness.view(1))
+        loss = torch.addmv(base_loss, torch.cat(terms).view(1, -1), weights).view(())
+        ctx.mark_non_differentiable(*(term for term in (means, present, compactness)
+                                      if term is not None))
         # Unused gradients stay None rather than zeros made for them (an op each).
         ctx.set_materialize_grads(False)
-        if compact_share is None:
-            ctx.save_for_backward(units, scale, unfloored, scaled_indicator, layer_of_column,
-                                  pairs, divisors, None)
-            return means, present, None
-        compact_share = compact_share / len(flat)
         ctx.save_for_backward(units, scale, unfloored, scaled_indicator, layer_of_column,
-                              pairs, divisors, compact_share)
-        return means, present, flat.sum(0) @ compact_share
+                              shares, weights, compact_gradient)
+        return loss, means, present, compactness
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_means, _grad_present, grad_compactness):
-        (units, scale, unfloored, scaled_indicator, layer_of_column, pairs, divisors,
-         compact_share) = ctx.saved_tensors
-        # Compactness: a constant weight per column, the same for every sample.
-        compact_grad = (None if compact_share is None or grad_compactness is None
-                        else grad_compactness * compact_share)
-        if grad_means is None:
-            grad_flat = None if compact_grad is None else compact_grad.expand_as(units)
-        else:
-            batch = len(units)
-            pair_grad = torch.mv(pairs.view(2, -1).T, grad_means / divisors).view(batch, batch)
-            # addmm with beta 0 ignores its first argument: one op for 2·(pair_grad @ units).
-            grad_units = torch.addmm(units, pair_grad, units, beta=0, alpha=2)
-            radial = ((grad_units * units) @ scaled_indicator) * unfloored
-            tangent = torch.addcmul(grad_units, units, radial.index_select(1, layer_of_column),
-                                    value=-1)
-            grad_flat = (scale * tangent if compact_grad is None
-                         else torch.addcmul(compact_grad, scale, tangent))
-        return grad_flat, None, None, None, None, None, None, None
+    def backward(ctx, grad_loss, _grad_means, _grad_present, _grad_compactness):
+        if grad_loss is None:
+            return (None,) * 11
+        (units, scale, unfloored, scaled_indicator, layer_of_column, shares, weights,
+         compact_gradient) = ctx.saved_tensors
+        batch = len(units)
+        pair_grad = torch.mv(shares.view(2, -1).T, weights[:2] * grad_loss).view(batch, batch)
+        # addmm with beta 0 ignores its first argument: one op for 2·(pair_grad @ units).
+        grad_units = torch.addmm(units, pair_grad, units, beta=0, alpha=2)
+        radial = ((grad_units * units) @ scaled_indicator) * unfloored
+        tangent = torch.addcmul(grad_units, units, radial.index_select(1, layer_of_column),
+                                value=-1)
+        grad_flat = (scale * tangent if compact_gradient is None
+                     else torch.addcmul((compact_gradient * grad_loss).view_as(units), scale,
+                                        tangent))
+        return grad_loss, grad_flat, *(None,) * 9
 
 
 @dataclass(frozen=True)
@@ -246,8 +253,9 @@ class LayerLayout:
     else 0; ``floor``: (layers,) the least squared norm of a layer's part times ``layers``,
     (1e-12 · area)² · layers, ``area`` the spatial size its vectors were summed over (1 for
     vectors of no spatial extent); ``layer_of_column``: (columns,) each column's layer;
-    ``compact_share``: (columns,) 1 / (layers · its layer's size · area), so that the dot product
-    of a row of per-column sums with it is the mean over layers of each layer's mean.
+    ``compact_share``:
+    (columns,) float64, 1 / (layers · its layer's size · area), so that the dot product of a
+    row of per-column sums with it is the mean over layers of each layer's mean.
     """
 
     layers: int
@@ -255,12 +263,27 @@ class LayerLayout:
     floor: torch.Tensor
     layer_of_column: torch.Tensor
     compact_share: torch.Tensor
+    _per_batch: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def batch_constants(self, batch: int, compact_weight: float | None, dtype: torch.dtype
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For a batch of ``batch`` samples: the compact share over the batch, tiled per sample
+        (flattened, so that the compactness is one dot product with the flattened sums), and
+        the same times ``compact_weight`` (the compactness term's gradient per unit loss
+        gradient), as ``dtype``, computed in float64; both None without ``compact_weight``."""
+        if compact_weight is None:
+            return None, None
+        key = (batch, compact_weight, dtype)
+        if key not in self._per_batch:
+            tiled = (self.compact_share / batch).repeat(batch)
+            self._per_batch[key] = (tiled.to(dtype), (tiled * compact_weight).to(dtype))
+        return self._per_batch[key]
 
 
 # Built once per layer sizes (batch size) and device rather than in every step.
 _LAYOUTS: dict[tuple[tuple[int, ...], tuple[int, ...], torch.device], LayerLayout] = {}
 _PAIRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-_LOSS_CONSTANTS: dict[tuple[float, float, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+_WEIGHTS: dict[tuple[float, float, float | None, torch.device], torch.Tensor] = {}
 
 
 def layer_layout(sizes: Sequence[int], device: torch.device,
@@ -279,8 +302,21 @@ def layer_layout(sizes: Sequence[int], device: torch.device,
             layers,
             (layers * nn.functional.one_hot(layer_of_column, layers)).float().to(device),
             (layers * (1e-12 * area) ** 2).float().to(device), layer_of_column.to(device),
-            share[layer_of_column].float().to(device))
+            share[layer_of_column].to(device))
     return _LAYOUTS[key]
+
+
+def _loss_weights(same_weight: float, different_weight: float, compact_weight: float | None,
+                  device: torch.device) -> torch.Tensor:
+    """The weights of the terms [means, present, compactness] in :func:`pair_objective`'s
+    loss: −same_weight and different_weight on the means, same_weight on the same-class
+    ``present`` (the 1 of 1 − means[0]), 0 on the other, compact_weight on compactness."""
+    key = (same_weight, different_weight, compact_weight, torch.device(device))
+    if key not in _WEIGHTS:
+        weights = [-same_weight, different_weight, same_weight, 0.0]
+        _WEIGHTS[key] = torch.tensor(weights if compact_weight is None
+                                     else [*weights, compact_weight], device=device)
+    return _WEIGHTS[key]
 
 
 def _pair_weights(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
