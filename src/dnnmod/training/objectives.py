@@ -159,7 +159,7 @@ def pair_objective(base_loss: torch.Tensor, flat: torch.Tensor, layout: LayerLay
     # The constants are float32; a float64 ``flat`` (the parity check) takes float64 copies.
     constants = [constant.to(flat.dtype) if constant is not None and constant.is_floating_point()
                  else constant for constant in (
-        _loss_weights(same_weight, different_weight, compact_weight, flat.device),
+        _loss_weights(same_weight, different_weight, compact_weight, flat.device, flat.dtype),
         layout.scaled_indicator, layout.floor, layout.layer_of_column,
         *_pair_weights(len(labels), flat.device), *batch_constants)]
     loss, means, present, compactness = _PairObjective.apply(base_loss, flat, labels,
@@ -283,7 +283,7 @@ class LayerLayout:
 # Built once per layer sizes (batch size) and device rather than in every step.
 _LAYOUTS: dict[tuple[tuple[int, ...], tuple[int, ...], torch.device], LayerLayout] = {}
 _PAIRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-_WEIGHTS: dict[tuple[float, float, float | None, torch.device], torch.Tensor] = {}
+_WEIGHTS: dict[tuple[float, float, float | None, torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def layer_layout(sizes: Sequence[int], device: torch.device,
@@ -307,15 +307,18 @@ def layer_layout(sizes: Sequence[int], device: torch.device,
 
 
 def _loss_weights(same_weight: float, different_weight: float, compact_weight: float | None,
-                  device: torch.device) -> torch.Tensor:
+                  device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The weights of the terms [means, present, compactness] in :func:`pair_objective`'s
     loss: −same_weight and different_weight on the means, same_weight on the same-class
-    ``present`` (the 1 of 1 − means[0]), 0 on the other, compact_weight on compactness."""
-    key = (same_weight, different_weight, compact_weight, torch.device(device))
+    ``present`` (the 1 of 1 − means[0]), 0 on the other, compact_weight on compactness; as
+    ``dtype``, rounded once from the config's values (a float32 copy made float64 would carry
+    float32's rounding of 0.3 into the parity check)."""
+    key = (same_weight, different_weight, compact_weight, torch.device(device), dtype)
     if key not in _WEIGHTS:
         weights = [-same_weight, different_weight, same_weight, 0.0]
         _WEIGHTS[key] = torch.tensor(weights if compact_weight is None
-                                     else [*weights, compact_weight], device=device)
+                                     else [*weights, compact_weight], device=device,
+                                     dtype=dtype)
     return _WEIGHTS[key]
 
 
