@@ -44,7 +44,12 @@ from dnnmod.devices import synchronize
 from dnnmod.models import build_model
 from dnnmod.modules.extract import count_parameters
 from dnnmod.modules.union import union_network
-from dnnmod.training.objectives import get_objective, pair_similarities, spatial_mean
+from dnnmod.training.objectives import (
+    get_objective,
+    pair_objective,
+    side_by_side,
+    spatial_mean,
+)
 from dnnmod.training.train import Recipe, Trainer, train
 
 KINDS = ("st", "mwt", "moda")
@@ -63,7 +68,7 @@ def best_seconds(function, device, repeats: int = 5) -> float:
 
 def gathered_pair_similarities(vectors: list[torch.Tensor], labels: torch.Tensor):
     """The naive way: both vectors of every pair i < j gathered, multiplied and summed; the
-    same-class and different-class means (2,), as ``pair_similarities``' first result."""
+    same-class and different-class means (2,), as :class:`PairTerms`' ``means``."""
     first, second = torch.triu_indices(len(labels), len(labels), 1, device=labels.device)
     same = labels[first] == labels[second]
     cohesions, couplings = [], []
@@ -114,15 +119,26 @@ def captured_vectors(result, kind: str, x: torch.Tensor) -> list[torch.Tensor]:
     return [spatial_mean(v.float()) if v.dim() == 4 else v.float() for v in vectors]
 
 
-def pair_term_seconds(function, vectors: list[torch.Tensor], labels: torch.Tensor) -> float:
-    """Best time of one forward + backward of ``function`` on fresh leaf copies of ``vectors``."""
+def pair_term_seconds(loss, vectors: list[torch.Tensor], labels: torch.Tensor) -> float:
+    """Best time of one forward + backward of ``loss(vectors, labels)`` (coupling − cohesion,
+    up to a constant) on fresh leaf copies of ``vectors``."""
     leaves = [v.detach().clone().requires_grad_(True) for v in vectors]
 
     def step():
-        cohesion, coupling = function(leaves, labels)
-        (coupling - cohesion).backward()
+        loss(leaves, labels).backward()
 
     return best_seconds(step, labels.device)
+
+
+def fused_pair_loss(vectors: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """dnnmod's way, :func:`pair_objective` with weights 1 and 1: 1 − cohesion + coupling."""
+    zero = torch.zeros((), device=labels.device)
+    return pair_objective(zero, *side_by_side(vectors), labels, 1.0, 1.0)[0]
+
+
+def gathered_pair_loss(vectors: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    cohesion, coupling = gathered_pair_similarities(vectors, labels)
+    return coupling - cohesion
 
 
 def main() -> None:
@@ -183,9 +199,8 @@ def main() -> None:
               "images), forward + backward")
         for kind in ("mwt", "moda"):
             vectors = captured_vectors(trained[kind], kind, batch_x)
-            product = pair_term_seconds(lambda v, y: pair_similarities(v, y)[0], vectors,
-                                        batch_labels)
-            naive = pair_term_seconds(gathered_pair_similarities, vectors, batch_labels)
+            product = pair_term_seconds(fused_pair_loss, vectors, batch_labels)
+            naive = pair_term_seconds(gathered_pair_loss, vectors, batch_labels)
             widths = "/".join(str(v.shape[1]) for v in vectors)
             print(f"  {kind:5s} {len(vectors)} layers ({widths}): product "
                   f"{product * 1e3:7.2f} ms | gathered pairs (naive) {naive * 1e3:7.2f} ms"
