@@ -155,15 +155,16 @@ def pair_objective(base_loss: torch.Tensor, flat: torch.Tensor, layout: LayerLay
     own derivative of the same ops dispatches about three times as many small kernels, and a
     small model's step is bound by their launches.
     """
-    batch_constants = layout.batch_constants(len(labels), compact_weight, flat.dtype)
-    # The constants are float32; a float64 ``flat`` (the parity check) takes float64 copies.
-    constants = [constant.to(flat.dtype) if constant is not None and constant.is_floating_point()
-                 else constant for constant in (
+    # The layout's and the pairs' constants are float32; a float64 ``flat`` (the parity check)
+    # takes float64 copies. The weights and compact shares are made in ``flat``'s dtype.
+    scaled_indicator, floor, same_pairs, different_pairs = (
+        constant.to(flat.dtype) for constant in (layout.scaled_indicator, layout.floor,
+                                                 *_pair_weights(len(labels), flat.device)))
+    loss, means, present, compactness = _PairObjective.apply(
+        base_loss, flat, labels,
         _loss_weights(same_weight, different_weight, compact_weight, flat.device, flat.dtype),
-        layout.scaled_indicator, layout.floor, layout.layer_of_column,
-        *_pair_weights(len(labels), flat.device), *batch_constants)]
-    loss, means, present, compactness = _PairObjective.apply(base_loss, flat, labels,
-                                                             *constants)
+        scaled_indicator, floor, layout.layer_of_column, same_pairs, different_pairs,
+        *layout.batch_constants(len(labels), compact_weight, flat.dtype))
     return loss, PairTerms(means, present, compactness)
 
 
