@@ -310,7 +310,11 @@ E2_NOTES = (
     "modules into one union network (the OR of their masks; MwT's without its mask "
     "generators, as its authors reuse it), and union_accuracy, "
     "union_loss_pp and union_size (parameters over the model's) give that network for the "
-    "whole set: the smaller their modules, the less comparable their separate scores.")
+    "whole set as it is, with no training: the smaller their modules, the less comparable "
+    "their separate scores. MODA's authors use union networks so; MwT's always fine-tune one "
+    "(a new ReLU + Linear head, all parameters, 10 epochs: E5's finetuned_accuracy), and "
+    "without that step a model trained under its generators' gating can fall to chance once "
+    "they are removed, so MwT's union_accuracy here is no figure of its paper.")
 
 
 def krr_definitions(metrics_paths: list[Path]) -> str:
