@@ -345,10 +345,10 @@ def evaluate_subtasks(model: nn.Module, modules: ModuleSet, data, settings: Mapp
             record["union_seconds"] = time.perf_counter() - union_started
             union_total += record["union_seconds"]
             finetuned = record["finetuned_accuracy"]
-            log.info("union network %s: %.2f%% without fine-tuning, %s (%.1f s)",
-                     record["subset"], record["union_accuracy"],
-                     "not fine-tuned" if math.isnan(finetuned)
-                     else f"{finetuned:.2f}% with it", record["union_seconds"])
+            log.info("union network %s: %.2f%% %s (%.1f s)", record["subset"],
+                     record["union_accuracy"], "(not fine-tuned)" if math.isnan(finetuned)
+                     else f"without fine-tuning, {finetuned:.2f}% with it",
+                     record["union_seconds"])
         records.append(record)
     loop_seconds = time.perf_counter() - loop_started - union_total
     summary = {"subsets": len(subsets), "exhaustive": exhaustive,
